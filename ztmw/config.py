@@ -1,0 +1,482 @@
+"""The validated, frozen configuration (the TOML shape of DESIGN.md §4.2).
+
+Every table is checked for unknown keys, because a typo in a security setting (`scope = ...` for `scopes`)
+must stop start-up rather than silently allow. No I/O here beyond reading the file `load_config` is given.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping
+from urllib.parse import urlsplit
+
+from .errors import ConfigurationError
+
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "RS256", "RS384", "RS512", "EdDSA", "Ed25519"}
+)
+BINDINGS = ("any", "required", "dpop", "mtls")
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceConfig:
+    identifier: str
+    public_origin: str
+    realm: str = "api"
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerConfig:
+    issuer: str
+    audiences: tuple[str, ...]
+    jwks_uri: str | None = None
+    jwks_file: str | None = None
+    algorithms: tuple[str, ...] = ("ES256", "ES384", "PS256", "EdDSA", "RS256")
+    leeway: float = 30.0
+    refetch_cooldown: float = 30.0
+    profile: Literal["rfc9068", "jwt"] = "rfc9068"
+    kids: tuple[str, ...] = ()
+    fetch_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class DPoPConfig:
+    algorithms: tuple[str, ...] = ("ES256", "EdDSA", "PS256")
+    max_age: float = 60.0
+    clock_skew: float = 5.0
+    require_nonce: bool = False
+    nonce_secret_env: str = "ZTMW_DPOP_NONCE_SECRET"
+    nonce_lifetime: float = 60.0
+    replay_store: str = "memory"
+
+
+@dataclass(frozen=True, slots=True)
+class MTLSConfig:
+    source: Literal["tls", "header"] = "tls"
+    header: str = "Client-Cert"
+    header_format: Literal["rfc9440", "xfcc", "pem-urlencoded"] = "rfc9440"
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1/32",)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    backend: str = "memory"
+    max_entries: int = 100_000
+    max_ttl: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Levels:
+    aal: int = 0
+    ial: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TrustConfig:
+    acr: Mapping[str, Levels] = field(default_factory=dict)
+    amr: Mapping[str, Levels] = field(default_factory=dict)
+    evaluators: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityLink:
+    issuer: str
+    subject: str
+    account: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    enabled: bool = True
+    subject: Literal["hash", "plain", "omit"] = "hash"
+    logger: str = "ztmw.audit"
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_credential_bytes: int = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One `[[rules]]` entry. First match wins; a route no rule covers is denied."""
+
+    id: str
+    path: str
+    methods: frozenset[str] | None = None
+    public: bool = False
+    scopes: tuple[str, ...] = ()
+    owner: str | None = None
+    binding: Literal["any", "required", "dpop", "mtls"] = "any"
+    min_aal: int = 0
+    min_ial: int = 0
+    max_auth_age: int | None = None
+    acr_values: tuple[str, ...] = ()
+    clients: tuple[str, ...] = ()
+    subject_type: Literal["any", "user", "client"] = "any"
+    allow_delegation: bool = True
+
+    def covers(self, method: str) -> bool:
+        if self.methods is None:
+            return True
+        return method in self.methods or (method == "HEAD" and "GET" in self.methods)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    resource: ResourceConfig
+    issuers: tuple[IssuerConfig, ...] = ()
+    verifiers: tuple[str, ...] = ("bearer",)
+    dpop: DPoPConfig = DPoPConfig()
+    mtls: MTLSConfig = MTLSConfig()
+    cache: CacheConfig = CacheConfig()
+    trust: TrustConfig = TrustConfig()
+    identity_links: tuple[IdentityLink, ...] = ()
+    audit: AuditConfig = AuditConfig()
+    metadata_enabled: bool = True
+    limits: LimitsConfig = LimitsConfig()
+    rules: tuple[Rule, ...] = ()
+    plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    @property
+    def metadata_url(self) -> str:
+        """RFC 9728 §3.1: the well-known segment goes between the host and the identifier's path."""
+        parts = urlsplit(self.resource.identifier)
+        path = parts.path if parts.path != "/" else ""
+        return f"{parts.scheme}://{parts.netloc}/.well-known/oauth-protected-resource{path}"
+
+    @property
+    def metadata_path(self) -> str:
+        return urlsplit(self.metadata_url).path
+
+
+def load_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> Config:
+    """Read a TOML file (or a dict of the same shape) into a validated, frozen `Config`."""
+    if isinstance(source, Mapping):
+        data: Mapping[str, Any] = source
+        base = Path.cwd()
+    else:
+        path = Path(source)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigurationError(f"{path}: invalid TOML: {exc}") from None
+        base = path.parent
+    return _Reader(base).config(data)
+
+
+class _Reader:
+    """Walks the raw mapping with the current key path, so every error names the key it is about."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+
+    def config(self, data: Mapping[str, Any]) -> Config:
+        _only(data, "", {"resource", "issuers", "verifiers", "dpop", "mtls", "cache", "trust", "identity",
+                         "audit", "metadata", "limits", "rules", "plugins"})
+        resource = self.resource(_table(data, "resource", required=True))
+        issuers = tuple(
+            self.issuer(item, f"issuers[{i}]", resource) for i, item in enumerate(_array(data, "issuers"))
+        )
+        if len({i.issuer for i in issuers}) != len(issuers):
+            raise ConfigurationError("issuers: the same issuer is configured twice")
+        verifiers_table = _table(data, "verifiers")
+        _only(verifiers_table, "verifiers", {"enabled"})
+        verifiers = _strings(verifiers_table.get("enabled", ["bearer"]), "verifiers.enabled")
+        rules = tuple(self.rule(item, f"rules[{i}]") for i, item in enumerate(_array(data, "rules")))
+        if len({r.id for r in rules}) != len(rules):
+            raise ConfigurationError("rules: two rules share an id")
+        metadata = _table(data, "metadata")
+        _only(metadata, "metadata", {"enabled"})
+        plugins = _table(data, "plugins")
+        for name, section in plugins.items():
+            if not isinstance(section, Mapping):
+                raise ConfigurationError(f"plugins.{name}: must be a table")
+        return Config(
+            resource=resource,
+            issuers=issuers,
+            verifiers=verifiers,
+            dpop=self.dpop(_table(data, "dpop")),
+            mtls=self.mtls(_table(data, "mtls")),
+            cache=self.cache(_table(data, "cache")),
+            trust=self.trust(_table(data, "trust")),
+            identity_links=self.identity(_table(data, "identity")),
+            audit=self.audit(_table(data, "audit")),
+            metadata_enabled=_bool(metadata.get("enabled", True), "metadata.enabled"),
+            limits=self.limits(_table(data, "limits")),
+            rules=rules,
+            plugins={k: dict(v) for k, v in plugins.items()},
+        )
+
+    def resource(self, t: Mapping[str, Any]) -> ResourceConfig:
+        _only(t, "resource", {"identifier", "public_origin", "realm"})
+        identifier = _url(t.get("identifier"), "resource.identifier")
+        origin = t.get("public_origin")
+        if origin is None:
+            parts = urlsplit(identifier)
+            origin = f"{parts.scheme}://{parts.netloc}"
+        origin = _url(origin, "resource.public_origin")
+        parts = urlsplit(origin)
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ConfigurationError("resource.public_origin: must be scheme://host[:port] with no path")
+        realm = _str(t.get("realm", "api"), "resource.realm")
+        if not re.fullmatch(r"[\x20-\x21\x23-\x5b\x5d-\x7e]*", realm):
+            raise ConfigurationError("resource.realm: only printable ASCII without quotes or backslashes")
+        return ResourceConfig(identifier=identifier, public_origin=origin.rstrip("/"), realm=realm)
+
+    def issuer(self, t: Any, key: str, resource: ResourceConfig) -> IssuerConfig:
+        t = _as_table(t, key)
+        _only(t, key, {"issuer", "jwks_uri", "jwks_file", "algorithms", "audiences", "leeway",
+                       "refetch_cooldown", "profile", "kids", "fetch_timeout"})
+        issuer = _str(t.get("issuer"), f"{key}.issuer")
+        jwks_uri, jwks_file = t.get("jwks_uri"), t.get("jwks_file")
+        if (jwks_uri is None) == (jwks_file is None):
+            raise ConfigurationError(f"{key}: set exactly one of jwks_uri and jwks_file")
+        if jwks_uri is not None:
+            jwks_uri = _url(jwks_uri, f"{key}.jwks_uri")
+            if urlsplit(jwks_uri).scheme != "https" and not _is_loopback(urlsplit(jwks_uri).hostname):
+                raise ConfigurationError(f"{key}.jwks_uri: must be https (plain http only on loopback)")
+        if jwks_file is not None:
+            jwks_file = str((self.base / _str(jwks_file, f"{key}.jwks_file")).resolve())
+        algorithms = _strings(t.get("algorithms", list(IssuerConfig.algorithms)), f"{key}.algorithms")
+        bad = [a for a in algorithms if a not in ASYMMETRIC_ALGORITHMS]
+        if bad or not algorithms:
+            raise ConfigurationError(f"{key}.algorithms: unsupported {bad or 'empty list'}; "
+                                     f"allowed: {sorted(ASYMMETRIC_ALGORITHMS)}")
+        audiences = _strings(t.get("audiences", [resource.identifier]), f"{key}.audiences")
+        if not audiences:
+            raise ConfigurationError(f"{key}.audiences: must not be empty")
+        profile = _choice(t.get("profile", "rfc9068"), f"{key}.profile", ("rfc9068", "jwt"))
+        return IssuerConfig(
+            issuer=issuer,
+            audiences=audiences,
+            jwks_uri=jwks_uri,
+            jwks_file=jwks_file,
+            algorithms=algorithms,
+            leeway=_number(t.get("leeway", 30), f"{key}.leeway", 0, 300),
+            refetch_cooldown=_number(t.get("refetch_cooldown", 30), f"{key}.refetch_cooldown", 0, 86400),
+            profile=profile,  # type: ignore[arg-type]
+            kids=_strings(t.get("kids", []), f"{key}.kids"),
+            fetch_timeout=_number(t.get("fetch_timeout", 5), f"{key}.fetch_timeout", 0.1, 60),
+        )
+
+    def dpop(self, t: Mapping[str, Any]) -> DPoPConfig:
+        _only(t, "dpop", set(DPoPConfig.__dataclass_fields__))
+        algorithms = _strings(t.get("algorithms", list(DPoPConfig.algorithms)), "dpop.algorithms")
+        if not algorithms or any(a not in ASYMMETRIC_ALGORITHMS for a in algorithms):
+            raise ConfigurationError(f"dpop.algorithms: only asymmetric algorithms {sorted(ASYMMETRIC_ALGORITHMS)}")
+        store = _str(t.get("replay_store", "memory"), "dpop.replay_store")
+        if store != "memory" and not store.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigurationError("dpop.replay_store: 'memory' or a redis:// URL")
+        return DPoPConfig(
+            algorithms=algorithms,
+            max_age=_number(t.get("max_age", 60), "dpop.max_age", 1, 3600),
+            clock_skew=_number(t.get("clock_skew", 5), "dpop.clock_skew", 0, 300),
+            require_nonce=_bool(t.get("require_nonce", False), "dpop.require_nonce"),
+            nonce_secret_env=_str(t.get("nonce_secret_env", DPoPConfig.nonce_secret_env), "dpop.nonce_secret_env"),
+            nonce_lifetime=_number(t.get("nonce_lifetime", 60), "dpop.nonce_lifetime", 1, 86400),
+            replay_store=store,
+        )
+
+    def mtls(self, t: Mapping[str, Any]) -> MTLSConfig:
+        _only(t, "mtls", set(MTLSConfig.__dataclass_fields__))
+        proxies = _strings(t.get("trusted_proxies", list(MTLSConfig.trusted_proxies)), "mtls.trusted_proxies")
+        for cidr in proxies:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ConfigurationError(f"mtls.trusted_proxies: {cidr!r} is not a CIDR") from None
+        return MTLSConfig(
+            source=_choice(t.get("source", "tls"), "mtls.source", ("tls", "header")),  # type: ignore[arg-type]
+            header=_str(t.get("header", "Client-Cert"), "mtls.header"),
+            header_format=_choice(  # type: ignore[arg-type]
+                t.get("header_format", "rfc9440"), "mtls.header_format", ("rfc9440", "xfcc", "pem-urlencoded")
+            ),
+            trusted_proxies=proxies,
+        )
+
+    def cache(self, t: Mapping[str, Any]) -> CacheConfig:
+        _only(t, "cache", set(CacheConfig.__dataclass_fields__))
+        backend = _str(t.get("backend", "memory"), "cache.backend")
+        if backend != "memory" and not backend.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigurationError("cache.backend: 'memory' or a redis:// URL")
+        return CacheConfig(
+            backend=backend,
+            max_entries=int(_number(t.get("max_entries", 100_000), "cache.max_entries", 0, 100_000_000)),
+            max_ttl=_number(t.get("max_ttl", 300), "cache.max_ttl", 0, 86400),
+        )
+
+    def trust(self, t: Mapping[str, Any]) -> TrustConfig:
+        _only(t, "trust", {"acr", "amr", "evaluators"})
+
+        def levels(table: Mapping[str, Any], key: str) -> dict[str, Levels]:
+            out = {}
+            for name, value in table.items():
+                value = _as_table(value, f"{key}.{name}")
+                _only(value, f"{key}.{name}", {"aal", "ial"})
+                out[name] = Levels(
+                    aal=int(_number(value.get("aal", 0), f"{key}.{name}.aal", 0, 3)),
+                    ial=int(_number(value.get("ial", 0), f"{key}.{name}.ial", 0, 3)),
+                )
+            return out
+
+        return TrustConfig(
+            acr=levels(_table(t, "acr", prefix="trust"), "trust.acr"),
+            amr=levels(_table(t, "amr", prefix="trust"), "trust.amr"),
+            evaluators=_strings(t.get("evaluators", []), "trust.evaluators"),
+        )
+
+    def identity(self, t: Mapping[str, Any]) -> tuple[IdentityLink, ...]:
+        _only(t, "identity", {"links"})
+        links = []
+        for i, item in enumerate(_array(t, "links", prefix="identity")):
+            key = f"identity.links[{i}]"
+            item = _as_table(item, key)
+            _only(item, key, {"issuer", "subject", "account"})
+            links.append(IdentityLink(
+                issuer=_str(item.get("issuer"), f"{key}.issuer"),
+                subject=_str(item.get("subject"), f"{key}.subject"),
+                account=_str(item.get("account"), f"{key}.account"),
+            ))
+        return tuple(links)
+
+    def audit(self, t: Mapping[str, Any]) -> AuditConfig:
+        _only(t, "audit", set(AuditConfig.__dataclass_fields__))
+        return AuditConfig(
+            enabled=_bool(t.get("enabled", True), "audit.enabled"),
+            subject=_choice(t.get("subject", "hash"), "audit.subject", ("hash", "plain", "omit")),  # type: ignore
+            logger=_str(t.get("logger", "ztmw.audit"), "audit.logger"),
+        )
+
+    def limits(self, t: Mapping[str, Any]) -> LimitsConfig:
+        _only(t, "limits", set(LimitsConfig.__dataclass_fields__))
+        return LimitsConfig(
+            max_credential_bytes=int(_number(t.get("max_credential_bytes", 8192),
+                                             "limits.max_credential_bytes", 256, 65536)),
+        )
+
+    def rule(self, t: Any, key: str) -> Rule:
+        t = _as_table(t, key)
+        _only(t, key, set(Rule.__dataclass_fields__))
+        rule_id = _str(t.get("id"), f"{key}.id")
+        key = f"rules[{rule_id!r}]"
+        path = _str(t.get("path"), f"{key}.path")
+        if not path.startswith("/"):
+            raise ConfigurationError(f"{key}.path: an aiohttp route pattern starting with '/'")
+        methods = t.get("methods")
+        public = _bool(t.get("public", False), f"{key}.public")
+        rule = Rule(
+            id=rule_id,
+            path=path,
+            methods=None if methods is None else frozenset(m.upper() for m in _strings(methods, f"{key}.methods")),
+            public=public,
+            scopes=_strings(t.get("scopes", []), f"{key}.scopes"),
+            owner=None if t.get("owner") is None else _str(t["owner"], f"{key}.owner"),
+            binding=_choice(t.get("binding", "any"), f"{key}.binding", BINDINGS),  # type: ignore[arg-type]
+            min_aal=int(_number(t.get("min_aal", 0), f"{key}.min_aal", 0, 3)),
+            min_ial=int(_number(t.get("min_ial", 0), f"{key}.min_ial", 0, 3)),
+            max_auth_age=None if t.get("max_auth_age") is None
+            else int(_number(t["max_auth_age"], f"{key}.max_auth_age", 0, 10**9)),
+            acr_values=_strings(t.get("acr_values", []), f"{key}.acr_values"),
+            clients=_strings(t.get("clients", []), f"{key}.clients"),
+            subject_type=_choice(t.get("subject_type", "any"), f"{key}.subject_type",  # type: ignore[arg-type]
+                                 ("any", "user", "client")),
+            allow_delegation=_bool(t.get("allow_delegation", True), f"{key}.allow_delegation"),
+        )
+        if public and (rule.scopes or rule.owner or rule.binding != "any" or rule.min_aal or rule.min_ial
+                       or rule.max_auth_age is not None or rule.acr_values or rule.clients):
+            raise ConfigurationError(f"{key}: a public rule cannot also carry requirements")
+        for name, value in (("scopes", rule.scopes), ("acr_values", rule.acr_values)):
+            if any(not re.fullmatch(r"[\x21\x23-\x5b\x5d-\x7e]+", v) for v in value):
+                raise ConfigurationError(f"{key}.{name}: values must be printable ASCII without spaces or quotes")
+        return rule
+
+
+# -- small typed readers; each names the key it failed on -------------------------------------------------
+
+def _only(table: Mapping[str, Any], key: str, allowed: Iterable[str]) -> None:
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        where = f"{key}." if key else ""
+        raise ConfigurationError(f"unknown key {where}{unknown[0]} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _table(data: Mapping[str, Any], name: str, *, required: bool = False, prefix: str = "") -> Mapping[str, Any]:
+    key = f"{prefix}.{name}" if prefix else name
+    if name not in data:
+        if required:
+            raise ConfigurationError(f"{key}: required table is missing")
+        return {}
+    return _as_table(data[name], key)
+
+
+def _as_table(value: Any, key: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(f"{key}: must be a table")
+    return value
+
+
+def _array(data: Mapping[str, Any], name: str, prefix: str = "") -> list[Any]:
+    value = data.get(name, [])
+    if not isinstance(value, list):
+        raise ConfigurationError(f"{prefix + '.' if prefix else ''}{name}: must be an array of tables")
+    return value
+
+
+def _str(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigurationError(f"{key}: must be a non-empty string")
+    return value
+
+
+def _strings(value: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigurationError(f"{key}: must be a list of non-empty strings")
+    return tuple(value)
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{key}: must be true or false")
+    return value
+
+
+def _number(value: Any, key: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigurationError(f"{key}: must be a number")
+    if not low <= value <= high:
+        raise ConfigurationError(f"{key}: must be between {low} and {high}")
+    return float(value)
+
+
+def _choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigurationError(f"{key}: must be one of {', '.join(choices)}")
+    return str(value)
+
+
+def _url(value: Any, key: str) -> str:
+    text = _str(value, key)
+    parts = urlsplit(text)
+    if parts.scheme not in ("https", "http") or not parts.netloc:
+        raise ConfigurationError(f"{key}: must be an absolute http(s) URL")
+    return text
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,164 @@
+"""The one exception tree of ztmw.
+
+    ZtmwError
+    +- ConfigurationError        start-up: bad config, unknown plugin name            (never at request time)
+    +- UpstreamUnavailable       503: key server / replay store / introspection down  (fail closed, no challenge)
+    +- AuthError                 request time; carries status, RFC error code, stable reason id
+       +- MissingCredentials             401  no error code, bare challenges        RFC 6750 §3.1
+       +- InvalidRequest                 400  invalid_request                       RFC 6750 §3.1
+       +- InvalidToken                   401  invalid_token                         RFC 6750 §3.1, RFC 9068 §4
+       |  +- TokenBindingMismatch        401  invalid_token (downgrade, cnf mismatch) RFC 9449 §7.2, RFC 8705 §3
+       +- InvalidDPoPProof               401  invalid_dpop_proof                    RFC 9449 §7.1
+       +- UseDPoPNonce                   401  use_dpop_nonce + DPoP-Nonce           RFC 9449 §9
+       +- InsufficientUserAuthentication 401  insufficient_user_authentication      RFC 9470 §3
+       +- InsufficientScope              403  insufficient_scope                    RFC 6750 §3.1
+       +- AccessDenied                   403  policy said no; no challenge
+
+Raising is separate from rendering (`ztmw.challenge`). The human text sent to clients comes from the fixed
+`DESCRIPTIONS` table keyed by reason id, never from exception text or token contents (RFC 6750 §3 charset).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Mapping
+
+
+class ZtmwError(Exception):
+    """Base of every error ztmw raises on purpose."""
+
+
+class ConfigurationError(ZtmwError, ValueError):
+    """The configuration is invalid; raised at start-up, naming the key and the problem."""
+
+
+class UpstreamUnavailable(ZtmwError):
+    """A dependency needed to decide (JWKS, replay store, introspection) did not answer: fail closed with 503."""
+
+    status: ClassVar[int] = 503
+
+    def __init__(self, reason: str = "upstream_unavailable") -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class AuthError(ZtmwError):
+    """A request-time refusal. `scheme` is the auth scheme the client attempted ("bearer"/"dpop"), if any."""
+
+    status: ClassVar[int] = 401
+    error: ClassVar[str | None] = None
+    default_reason: ClassVar[str] = "denied"
+
+    def __init__(
+        self,
+        reason: str | None = None,
+        *,
+        scheme: str | None = None,
+        params: Mapping[str, str] | None = None,
+        security: bool = False,
+    ) -> None:
+        self.reason = reason or self.default_reason
+        super().__init__(self.reason)
+        self.scheme = scheme
+        self.params = dict(params or {})
+        self.security = security
+
+    @property
+    def description(self) -> str | None:
+        return DESCRIPTIONS.get(self.reason, DESCRIPTIONS.get(self.default_reason))
+
+
+class MissingCredentials(AuthError):
+    status = 401
+    error = None
+    default_reason = "no_credentials"
+
+
+class InvalidRequest(AuthError):
+    status = 400
+    error = "invalid_request"
+    default_reason = "malformed_request"
+
+
+class InvalidToken(AuthError):
+    status = 401
+    error = "invalid_token"
+    default_reason = "invalid_token"
+
+
+class TokenBindingMismatch(InvalidToken):
+    default_reason = "binding_mismatch"
+
+
+class InvalidDPoPProof(AuthError):
+    status = 401
+    error = "invalid_dpop_proof"
+    default_reason = "invalid_dpop_proof"
+
+
+class UseDPoPNonce(AuthError):
+    status = 401
+    error = "use_dpop_nonce"
+    default_reason = "dpop_nonce_required"
+
+    def __init__(self, reason: str | None = None, *, nonce: str, **kwargs: object) -> None:
+        super().__init__(reason, **kwargs)  # type: ignore[arg-type]
+        self.nonce = nonce
+
+
+class InsufficientUserAuthentication(AuthError):
+    status = 401
+    error = "insufficient_user_authentication"
+    default_reason = "insufficient_user_authentication"
+
+
+class InsufficientScope(AuthError):
+    status = 403
+    error = "insufficient_scope"
+    default_reason = "insufficient_scope"
+
+
+class AccessDenied(AuthError):
+    status = 403
+    error = None
+    default_reason = "access_denied"
+
+
+# Fixed client-facing texts: RFC 6750 §3 allows only %x20-21 / %x23-5B / %x5D-7E in error_description.
+DESCRIPTIONS: dict[str, str] = {
+    "malformed_request": "Malformed request",
+    "malformed_authorization": "Malformed Authorization header",
+    "multiple_authorization": "Multiple methods used to include access token",
+    "credentials_too_large": "Credentials exceed the size limit",
+    "invalid_token": "Invalid token",
+    "malformed_token": "Malformed token",
+    "token_expired": "Token expired",
+    "token_not_yet_valid": "Token not yet valid",
+    "token_issued_in_future": "Token issued in the future",
+    "unsupported_algorithm": "Unsupported algorithm",
+    "bad_signature": "Invalid token",
+    "unknown_issuer": "Invalid token",
+    "unknown_key": "Invalid token",
+    "audience_mismatch": "Token not meant for this resource",
+    "wrong_token_type": "Wrong token type",
+    "missing_claim": "Token lacks a required claim",
+    "invalid_claim": "Token has an invalid claim",
+    "unsupported_crit": "Unsupported critical header",
+    "binding_mismatch": "Invalid token binding",
+    "dpop_bound_token_as_bearer": "DPoP-bound token presented as Bearer",
+    "unbound_token_as_dpop": "Token is not DPoP-bound",
+    "dpop_key_mismatch": "Invalid DPoP key binding",
+    "certificate_mismatch": "Invalid certificate binding",
+    "certificate_missing": "Certificate-bound token requires the client certificate",
+    "unsupported_binding": "Unsupported token binding",
+    "binding_required": "Sender-constrained token required",
+    "invalid_dpop_proof": "Invalid DPoP proof",
+    "dpop_nonce_required": "Resource server requires nonce in DPoP proof",
+    "insufficient_user_authentication": "A different authentication level is required",
+    "auth_too_old": "More recent authentication is required",
+    "insufficient_scope": "Insufficient scope",
+    "no_credentials": "No credentials",
+    "access_denied": "Access denied",
+    "no_rule": "No rule allows this route",
+    "not_owner": "Access denied",
+    "internal_error": "Invalid token",
+}

@@ -1,0 +1,107 @@
+"""Every contract between ztmw and its plugins, as `typing.Protocol`s.
+
+Implementations never inherit from these; they only have the right shape (as in structlog). Plugins are
+resolved from entry points by name; the object an entry point names is a `PluginFactory`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Protocol, runtime_checkable
+
+from .models import AuditEvent, Credential, Principal, RequestView, TrustAssessment, VerifiedToken
+
+if TYPE_CHECKING:  # pragma: no cover
+    import aiohttp
+
+    from .config import Config
+
+Clock = Callable[[], float]
+"""Seconds since the epoch. Injected everywhere time matters, so tests can move it."""
+
+
+@runtime_checkable
+class TokenVerifier(Protocol):
+    """Checks what depends on the token alone (signature, iss, aud, exp, claims).
+
+    The result is cached by the core keyed by a hash of the token, so `verify_token` must be pure in the token:
+    no request data, no per-request state. Raise `InvalidToken` to refuse, `UpstreamUnavailable` when a key
+    server cannot be reached.
+    """
+
+    name: str
+
+    async def verify_token(self, token: str) -> VerifiedToken: ...
+
+
+@runtime_checkable
+class BindingVerifier(Protocol):
+    """Checks, on every request and never cached, that the caller holds the key a token is bound to.
+
+    `cnf_member` is the RFC 7800 confirmation member it understands (`jkt`, `x5t#S256`); `scheme` is the
+    Authorization scheme that carries tokens of this binding, if it has its own (`dpop`).
+    `confirm` returns the thumbprint it matched, or raises an `AuthError`.
+    """
+
+    name: str
+    cnf_member: str
+    scheme: str | None
+
+    async def confirm(self, verified: VerifiedToken, credential: Credential, request: RequestView) -> str: ...
+
+
+class ResponseDecorator(Protocol):
+    """Optional on a plugin: adds headers to responses (for example a fresh DPoP nonce)."""
+
+    def response_headers(self, request: RequestView, allowed: bool) -> Mapping[str, str]: ...
+
+
+class ReplayStore(Protocol):
+    """Remembers single-use values (DPoP `jti`) across replicas. Returns False when the key was seen already."""
+
+    async def first_seen(self, key: str, ttl: float) -> bool: ...
+
+
+class VerificationCache(Protocol):
+    async def get(self, key: str) -> VerifiedToken | None: ...
+
+    async def set(self, key: str, value: VerifiedToken, ttl: float) -> None: ...
+
+
+class IdentityResolver(Protocol):
+    """Maps an (issuer, subject) pair to one canonical account id, or None when no link applies."""
+
+    async def resolve(self, issuer: str, subject: str) -> str | None: ...
+
+
+class TrustEvaluator(Protocol):
+    def evaluate(self, principal: Principal | None, request: RequestView) -> TrustAssessment: ...
+
+
+class AuditSink(Protocol):
+    """Receives one event per decision. Must not block and must not raise."""
+
+    def emit(self, event: AuditEvent) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PluginDeps:
+    """What a plugin factory is handed, so plugins never reach into globals.
+
+    `http` returns the shared aiohttp ClientSession (owned by the app's cleanup_ctx); `on_startup` and
+    `on_cleanup` let a plugin register its own lifetime hooks; `peers` gives access to other enabled plugins
+    by name (the DPoP plugin reuses the bearer verifier's token check through the core instead).
+    """
+
+    config: "Config"
+    clock: Clock
+    http: Callable[[], "aiohttp.ClientSession"]
+    logger: Any
+    on_startup: Callable[[Callable[[], Awaitable[None]]], None] = field(default=lambda fn: None)
+    on_cleanup: Callable[[Callable[[], Awaitable[None]]], None] = field(default=lambda fn: None)
+
+
+class PluginFactory(Protocol):
+    """What an entry point resolves to: called once at start-up with the plugin's own config section."""
+
+    def __call__(self, settings: Mapping[str, Any], deps: PluginDeps) -> object: ...
