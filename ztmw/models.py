@@ -93,6 +93,8 @@ class VerifiedToken:
     actor: Mapping[str, Any] | None = None
     claims: Mapping[str, Any] = field(default_factory=lambda: _EMPTY, repr=False)
     key_id: str | None = None
+    leeway: float = 0.0
+    """Seconds of clock skew the issuer allows; the per-request expiry re-check uses it too."""
 
 
 @dataclass(frozen=True, slots=True)
