@@ -161,4 +161,10 @@ DESCRIPTIONS: dict[str, str] = {
     "no_rule": "No rule allows this route",
     "not_owner": "Access denied",
     "internal_error": "Invalid token",
+    "client_not_allowed": "Access denied",
+    "user_required": "Access denied",
+    "client_required": "Access denied",
+    "delegation_not_allowed": "Access denied",
+    "verifier_error": "Invalid token",
+    "malformed_client_cert": "Malformed client certificate header",
 }

@@ -1,0 +1,46 @@
+"""Decision -> AuditEvent -> structlog: one event per request, allow or deny, never a token.
+
+The library never calls `structlog.configure()`: the application owns its logging. Events go to a bound
+logger named by `[audit] logger`; security-relevant denials (replay, downgrade, algorithm confusion, forged
+certificate headers) are logged at warning level so they stand out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any, Literal
+
+import structlog
+
+from .models import AuditEvent
+
+
+def hash_subject(subject: str) -> str:
+    """A stable pseudonym: the same subject always maps to the same value, the value does not reveal it."""
+    return "sha256:" + hashlib.sha256(subject.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+
+
+class StructlogAuditSink:
+    """The default sink. Renders nothing itself: the application's structlog processors decide the format."""
+
+    name = "structlog"
+
+    def __init__(self, logger_name: str = "ztmw.audit", logger: Any = None) -> None:
+        self._logger = logger if logger is not None else structlog.get_logger(logger_name)
+
+    def emit(self, event: AuditEvent) -> None:
+        fields = {k: v for k, v in dataclasses.asdict(event).items() if v is not None and k != "security"}
+        try:
+            if event.security:
+                self._logger.warning("ztmw.security", **fields)
+            else:
+                self._logger.info("ztmw.decision", **fields)
+        except Exception:  # an audit sink must never turn a decision into a 500
+            pass
+
+
+def subject_for_audit(subject: str | None, mode: Literal["hash", "plain", "omit"]) -> str | None:
+    if subject is None or mode == "omit":
+        return None
+    return subject if mode == "plain" else hash_subject(subject)

@@ -1,0 +1,125 @@
+"""Credential -> Principal: the cached token check, then the per-request binding checks, then identity.
+
+This is where "a token is not a session" is enforced: the token check may be cached, but whether *this* caller
+holds the bound key (DPoP proof, client certificate) and whether the token is still unexpired is decided again
+on every request. The downgrade rules of RFC 9449 §7.2 live here too, so no plugin can forget them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+from .cache import MemoryVerificationCache, token_key
+from .client_cert import certificate_thumbprint
+from .errors import AuthError, InvalidToken, TokenBindingMismatch, UpstreamUnavailable
+from .models import Binding, Caller, Credential, Principal, RequestView, VerifiedToken
+from .typing import BindingVerifier, Clock, IdentityResolver, TokenVerifier
+
+
+@dataclass(frozen=True, slots=True)
+class Authentication:
+    principal: Principal
+    cache: Literal["hit", "miss"]
+
+
+class Authenticator:
+    def __init__(
+        self,
+        *,
+        token_verifiers: Sequence[TokenVerifier],
+        binding_verifiers: Sequence[BindingVerifier],
+        cache: MemoryVerificationCache,
+        identity: IdentityResolver | None,
+        clock: Clock,
+        logger: object,
+    ) -> None:
+        if not token_verifiers:
+            raise ValueError("at least one token verifier is needed")
+        self._token_verifiers = tuple(token_verifiers)
+        self._bindings = {b.cnf_member: b for b in binding_verifiers}
+        self._cache = cache
+        self._identity = identity
+        self._clock = clock
+        self._log = logger
+
+    @property
+    def schemes(self) -> frozenset[str]:
+        """Authorization schemes we accept: Bearer, plus any binding that has a scheme of its own (DPoP)."""
+        return frozenset({"bearer"} | {b.scheme for b in self._bindings.values() if b.scheme})
+
+    async def authenticate(self, credential: Credential, request: RequestView) -> Authentication:
+        try:
+            verified, cache = await self._verify_token(credential.token)
+            self._check_still_valid(verified)
+            proof, key_thumbprint, cert_thumbprint = await self._confirm_binding(verified, credential, request)
+            subject = verified.subject
+            if self._identity is not None:
+                subject = await self._identity.resolve(verified.issuer, verified.subject) or verified.subject
+        except AuthError as error:
+            if error.scheme is None:
+                error.scheme = credential.scheme
+            raise
+        except UpstreamUnavailable:
+            raise
+        except Exception:  # a plugin bug must deny, never allow and never answer 500 (SEC-07)
+            self._log.exception("ztmw.verifier_error")  # type: ignore[attr-defined]
+            raise InvalidToken("verifier_error", scheme=credential.scheme) from None
+        if cert_thumbprint is None and request.client_certificate is not None:
+            cert_thumbprint = certificate_thumbprint(request.client_certificate.der)
+        caller = Caller(
+            client_id=verified.client_id,
+            proof=proof,
+            key_thumbprint=key_thumbprint,
+            certificate_thumbprint=cert_thumbprint,
+            actor=verified.actor,
+        )
+        principal = Principal(
+            subject=subject, issuer=verified.issuer, token=verified, caller=caller, raw_subject=verified.subject
+        )
+        return Authentication(principal, cache)
+
+    async def _verify_token(self, token: str) -> tuple[VerifiedToken, Literal["hit", "miss"]]:
+        key = token_key(token)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached, "hit"
+        error: AuthError | None = None
+        for verifier in self._token_verifiers:
+            try:
+                verified = await verifier.verify_token(token)
+            except InvalidToken as exc:
+                error = error or exc
+                continue
+            self._cache.set(key, verified)
+            return verified, "miss"
+        assert error is not None
+        raise error
+
+    def _check_still_valid(self, verified: VerifiedToken) -> None:
+        now = self._clock()
+        if now >= verified.expires_at + verified.leeway:
+            raise InvalidToken("token_expired")
+        if verified.auth_time is not None and verified.auth_time > now + verified.leeway:
+            raise InvalidToken("invalid_claim")  # STEP-10: a login in the future is not a login
+
+    async def _confirm_binding(
+        self, verified: VerifiedToken, credential: Credential, request: RequestView
+    ) -> tuple[Binding | None, str | None, str | None]:
+        cnf = verified.cnf
+        if credential.scheme == "bearer" and "jkt" in cnf:  # RFC 9449 §7.2: downgrade of a DPoP-bound token
+            raise TokenBindingMismatch("dpop_bound_token_as_bearer", scheme="bearer", security=True)
+        if credential.scheme == "dpop" and "jkt" not in cnf:  # DPOP-21: the scheme alone proves nothing
+            raise InvalidToken("unbound_token_as_dpop", scheme="dpop")
+        proof: Binding | None = None
+        key_thumbprint = cert_thumbprint = None
+        for member in cnf:  # MTLS-15: every confirmation member must be satisfied, unknown ones fail closed
+            binding = self._bindings.get(member)
+            if binding is None:
+                raise InvalidToken("unsupported_binding")
+            matched = await binding.confirm(verified, credential, request)
+            if member == "jkt":
+                proof, key_thumbprint = "dpop", matched
+            elif member == "x5t#S256":
+                proof, cert_thumbprint = proof or "mtls", matched
+        return proof, key_thumbprint, cert_thumbprint

@@ -1,0 +1,247 @@
+"""The aiohttp adapter: the only module that knows `aiohttp.web`.
+
+It turns a request into a `RequestView`, asks the pipeline, and turns the outcome into either the handler's
+response or an error response with the right challenge. `setup()` installs it all; the stage middlewares
+(`audit_middleware`, `authentication_middleware`, `authorization_middleware`) are there for apps that want
+one stage alone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
+
+from aiohttp import web
+
+from .client_cert import certificate_from_request
+from .config import Config, load_config
+from .errors import AuthError, UpstreamUnavailable
+from .models import Decision, Principal, RequestView, RouteRef, TrustAssessment
+from .pipeline import Outcome, Pipeline
+from .typing import AuditSink, Clock
+
+PRINCIPAL: web.RequestKey[Principal | None] = web.RequestKey("ztmw.principal", Principal)
+TRUST: web.RequestKey[TrustAssessment] = web.RequestKey("ztmw.trust", TrustAssessment)
+DECISION: web.RequestKey[Decision] = web.RequestKey("ztmw.decision", Decision)
+PIPELINE: web.AppKey[Pipeline] = web.AppKey("ztmw.pipeline", Pipeline)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def setup(
+    app: web.Application,
+    config: Config | Mapping[str, Any] | str,
+    *,
+    clock: Clock | None = None,
+    audit_sink: AuditSink | None = None,
+) -> Pipeline:
+    """Protect `app`: every request is denied unless a rule allows it. Returns the pipeline (for tests)."""
+    if not isinstance(config, Config):
+        config = load_config(config)
+    pipeline = Pipeline(config, clock=clock or time.time, audit_sink=audit_sink)
+    app[PIPELINE] = pipeline
+    app.cleanup_ctx.append(_lifetime(pipeline))
+    if config.metadata_enabled:
+        app.router.add_get(config.metadata_path, _metadata_handler(pipeline), name="ztmw-metadata")
+    app.middlewares.append(zero_trust_middleware(pipeline))
+    return pipeline
+
+
+def _lifetime(pipeline: Pipeline) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        await pipeline.start()
+        try:
+            yield
+        finally:
+            await pipeline.close()
+
+    return lifetime
+
+
+def _metadata_handler(pipeline: Pipeline) -> Handler:
+    async def metadata(request: web.Request) -> web.Response:
+        return web.json_response(pipeline.metadata_document())
+
+    return metadata
+
+
+def request_view(request: web.Request, pipeline: Pipeline) -> RequestView:
+    """Everything the pipeline may know about the request; raises InvalidRequest for a malformed cert header."""
+    match_info = request.match_info
+    route = None
+    if match_info.http_exception is None:
+        route = RouteRef(request.method, match_info.route.resource.canonical if match_info.route.resource else "")
+    transport = request.transport
+    peername = transport.get_extra_info("peername") if transport is not None else None
+    peer = peername[0] if isinstance(peername, (tuple, list)) and peername else None
+    certificate = None
+    if pipeline.mtls_enabled:
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        result = certificate_from_request(
+            tls_der=ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None,
+            header_values=request.headers.getall(pipeline.config.mtls.header, []),
+            peer=peer,
+            config=pipeline.config.mtls,
+        )
+        certificate = result.certificate
+        if result.ignored_untrusted_header:
+            pipeline.log.warning("ztmw.security", reason="untrusted_client_cert_header", peer=peer,
+                                 route=route.pattern if route else None)
+    return RequestView(
+        method=request.method,
+        path=request.rel_url.raw_path,
+        route=route,
+        match_info=dict(match_info),
+        authorization=tuple(request.headers.getall("Authorization", ())),
+        dpop=tuple(request.headers.getall("DPoP", ())),
+        peer=peer,
+        client_certificate=certificate,
+        has_query_token="access_token" in request.rel_url.query,
+    )
+
+
+def zero_trust_middleware(pipeline: Pipeline) -> Any:
+    """All stages in one middleware: decide, audit, then call the handler only when allowed."""
+
+    @web.middleware
+    async def zero_trust(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        if request.match_info.http_exception is not None:
+            return await handler(request)  # no such route: aiohttp's own 404/405, untouched
+        view, outcome = await _decide(request, pipeline)
+        if outcome.error is not None:
+            response = _error_response(pipeline, outcome.error)
+            pipeline.audit(view, outcome, response.status, started)
+            return response
+        return await _call_handler(request, handler, pipeline, view, outcome, started)
+
+    return zero_trust
+
+
+async def _decide(request: web.Request, pipeline: Pipeline) -> tuple[RequestView, Outcome]:
+    try:
+        view = request_view(request, pipeline)
+    except AuthError as error:
+        view = _bare_view(request)
+        outcome = Outcome(Decision(False, error.reason, None, error.status), error=error)
+        return view, outcome
+    outcome = await pipeline.evaluate(view)
+    request[PRINCIPAL] = outcome.principal
+    request[TRUST] = outcome.trust
+    request[DECISION] = outcome.decision
+    return view, outcome
+
+
+async def _call_handler(
+    request: web.Request, handler: Handler, pipeline: Pipeline, view: RequestView, outcome: Outcome, started: float
+) -> web.StreamResponse:
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        pipeline.audit(view, outcome, status, started)
+    if not response.prepared:
+        response.headers.update(pipeline.response_headers(view, True))
+        if view.client_certificate is not None and view.client_certificate.source == "header":
+            response.headers.add("Vary", pipeline.config.mtls.header)  # RFC 9440 §2.4
+    return response
+
+
+def _error_response(pipeline: Pipeline, error: AuthError | UpstreamUnavailable) -> web.Response:
+    rendered = pipeline.render(error)
+    body: dict[str, str] = {}
+    if isinstance(error, AuthError) and error.error:
+        body["error"] = error.error
+        if error.description:
+            body["error_description"] = error.description
+    elif isinstance(error, UpstreamUnavailable):
+        body["error"] = "temporarily_unavailable"
+    else:
+        body["error"] = "access_denied"
+    response = web.Response(status=rendered.status, text=json.dumps(body), content_type="application/json")
+    for name, value in rendered.headers:
+        response.headers.add(name, value)
+    return response
+
+
+# -- stages usable alone -----------------------------------------------------------------------------------
+
+def authentication_middleware(pipeline: Pipeline) -> Any:
+    """Verify credentials when present and publish the principal; refuse bad ones. Decides nothing else."""
+
+    @web.middleware
+    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.match_info.http_exception is not None:
+            return await handler(request)
+        try:
+            view = request_view(request, pipeline)
+            authentication = await pipeline.authenticate(view)
+        except (AuthError, UpstreamUnavailable) as error:
+            request[DECISION] = Decision(False, error.reason, None, error.status)
+            return _error_response(pipeline, error)
+        principal = authentication.principal if authentication else None
+        request[PRINCIPAL] = principal
+        request[TRUST] = pipeline.trust.evaluate(principal, view)
+        return await handler(request)
+
+    return authenticate
+
+
+def authorization_middleware(pipeline: Pipeline) -> Any:
+    """Apply the rules to the principal an earlier stage published (none: anonymous)."""
+
+    @web.middleware
+    async def authorize(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.match_info.http_exception is not None:
+            return await handler(request)
+        try:
+            view = request_view(request, pipeline)
+            principal = request.get(PRINCIPAL)
+            trust = request.get(TRUST) or pipeline.trust.evaluate(principal, view)
+            decision = pipeline.authorize(view, principal, trust)
+        except AuthError as error:
+            request[DECISION] = Decision(False, error.reason, None, error.status)
+            return _error_response(pipeline, error)
+        request[DECISION] = decision
+        return await handler(request)
+
+    return authorize
+
+
+def audit_middleware(pipeline: Pipeline) -> Any:
+    """One audit event per request from what the other stages published; put it first in the chain."""
+
+    @web.middleware
+    async def audit(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            if request.match_info.http_exception is None:
+                decision = request.get(DECISION) or Decision(False, "no_decision", None, status)
+                principal = request.get(PRINCIPAL)
+                trust = request.get(TRUST) or pipeline.trust.evaluate(principal, _bare_view(request))
+                outcome = Outcome(decision, principal, trust)
+                pipeline.audit(_bare_view(request), outcome, status, started)
+
+    return audit
+
+
+def _bare_view(request: web.Request) -> RequestView:
+    resource = request.match_info.route.resource
+    return RequestView(
+        method=request.method,
+        path=request.rel_url.raw_path,
+        route=RouteRef(request.method, resource.canonical) if resource else None,
+    )

@@ -1,0 +1,213 @@
+"""The one place that knows the order: route rule -> credential -> principal -> trust -> decision -> audit.
+
+`Pipeline.evaluate` never raises for anything a client sends: every refusal comes back as an `Outcome` with the
+error to render, so the adapter cannot accidentally turn a bad token into a 500 or an allow.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Literal
+
+import aiohttp
+import structlog
+
+from .audit import StructlogAuditSink, subject_for_audit
+from .authenticate import Authentication, Authenticator
+from .cache import MemoryVerificationCache
+from .challenge import ChallengeRenderer, ErrorResponse
+from .config import Config, Rule
+from .errors import AccessDenied, AuthError, ConfigurationError, UpstreamUnavailable
+from .extract import extract_credential
+from .identity import ConfigIdentityResolver
+from .metadata import resource_metadata
+from .models import ANONYMOUS_TRUST, AuditEvent, Decision, Principal, RequestView, TrustAssessment
+from .policy import RulePolicy
+from .registry import LoadedPlugin, load_plugin
+from .trust import MappingTrustEvaluator
+from .typing import AuditSink, BindingVerifier, Clock, PluginDeps, TokenVerifier
+
+METADATA_RULE_ID = "ztmw-metadata"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    decision: Decision
+    principal: Principal | None = None
+    trust: TrustAssessment = ANONYMOUS_TRUST
+    error: AuthError | UpstreamUnavailable | None = None
+    cache: Literal["hit", "miss"] | None = None
+
+
+class Pipeline:
+    """Everything one protected app needs, built from a `Config`. Lifetime: `start()` then `close()`."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock = time.time,
+        audit_sink: AuditSink | None = None,
+        logger: Any = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.log = logger if logger is not None else structlog.get_logger("ztmw")
+        self._startup: list[Callable[[], Awaitable[None]]] = []
+        self._cleanup: list[Callable[[], Awaitable[None]]] = []
+        self._session: aiohttp.ClientSession | None = None
+        deps = PluginDeps(
+            config=config,
+            clock=clock,
+            http=self._http,
+            logger=self.log,
+            on_startup=self._startup.append,
+            on_cleanup=self._cleanup.append,
+        )
+        self.plugins: tuple[LoadedPlugin, ...] = tuple(
+            load_plugin("ztmw.verifiers", name, config.plugins.get(name, {}), deps) for name in config.verifiers
+        )
+        token_verifiers = [p.instance for p in self.plugins if isinstance(p.instance, TokenVerifier)]
+        bindings = [p.instance for p in self.plugins if isinstance(p.instance, BindingVerifier)]
+        if not token_verifiers:
+            raise ConfigurationError("verifiers.enabled: no enabled plugin verifies tokens (add 'bearer')")
+        self.cache = MemoryVerificationCache(
+            max_entries=config.cache.max_entries, max_ttl=config.cache.max_ttl, clock=clock
+        )
+        self.authenticator = Authenticator(
+            token_verifiers=token_verifiers,
+            binding_verifiers=bindings,
+            cache=self.cache,
+            identity=ConfigIdentityResolver(config.identity_links) if config.identity_links else None,
+            clock=clock,
+            logger=self.log,
+        )
+        rules = list(config.rules)
+        if config.metadata_enabled:
+            rules.insert(0, Rule(id=METADATA_RULE_ID, path=config.metadata_path, methods=frozenset({"GET"}),
+                                 public=True))
+        self.policy = RulePolicy(rules, acr_levels=config.trust.acr)
+        self.trust = MappingTrustEvaluator(config.trust, clock)
+        self.audit_sink: AuditSink | None = (
+            (audit_sink or StructlogAuditSink(config.audit.logger)) if config.audit.enabled else None
+        )
+        dpop = next((b for b in bindings if b.scheme == "dpop"), None)
+        self.dpop_algs: tuple[str, ...] | None = tuple(getattr(dpop, "algorithms", ())) or None if dpop else None
+        self.mtls_enabled = any(b.cnf_member == "x5t#S256" for b in bindings)
+        self.renderer = ChallengeRenderer(
+            realm=config.resource.realm,
+            dpop_algs=self.dpop_algs,
+            resource_metadata=config.metadata_url if config.metadata_enabled else None,
+        )
+        self._decorators = [p.instance for p in self.plugins if hasattr(p.instance, "response_headers")]
+
+    # -- lifetime ------------------------------------------------------------------------------------------
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("the pipeline has not been started")
+        return self._session
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        for plugin in self.plugins:
+            self.log.info("ztmw.plugin_loaded", plugin=plugin.name, group=plugin.group,
+                          distribution=plugin.distribution, version=plugin.version)
+        for hook in self._startup:
+            await hook()
+
+    async def close(self) -> None:
+        for hook in reversed(self._cleanup):
+            await hook()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- per request ---------------------------------------------------------------------------------------
+
+    def metadata_document(self) -> dict[str, Any]:
+        return resource_metadata(self.config, dpop_algs=self.dpop_algs, mtls=self.mtls_enabled)
+
+    async def evaluate(self, request: RequestView) -> Outcome:
+        """All stages in order; a route no rule covers is denied before credentials are looked at."""
+        rule = self.rule_for(request)
+        if rule is None:
+            error = AccessDenied("no_rule")
+            return Outcome(Decision(False, error.reason, None, 403), error=error)
+        principal: Principal | None = None
+        trust = ANONYMOUS_TRUST
+        cache: Literal["hit", "miss"] | None = None
+        try:
+            authentication = await self.authenticate(request)
+            if authentication is not None:
+                principal, cache = authentication.principal, authentication.cache
+            trust = self.trust.evaluate(principal, request)
+            decision = self.policy.decide(rule, principal, trust, request)
+            return Outcome(decision, principal, trust, None, cache)
+        except (AuthError, UpstreamUnavailable) as error:
+            decision = Decision(False, error.reason, rule.id, error.status, _requirement(error))
+            return Outcome(decision, principal, trust, error, cache)
+
+    def rule_for(self, request: RequestView) -> Rule | None:
+        return self.policy.rule_for(request.route) if request.route is not None else None
+
+    async def authenticate(self, request: RequestView) -> Authentication | None:
+        """The authentication stage alone: None without credentials; raises for bad ones."""
+        credential = extract_credential(
+            request, schemes=self.authenticator.schemes, max_bytes=self.config.limits.max_credential_bytes
+        )
+        if credential is None:
+            return None
+        return await self.authenticator.authenticate(credential, request)
+
+    def authorize(self, request: RequestView, principal: Principal | None, trust: TrustAssessment) -> Decision:
+        """The authorization stage alone: raises AccessDenied for a route no rule covers."""
+        rule = self.rule_for(request)
+        if rule is None:
+            raise AccessDenied("no_rule")
+        return self.policy.decide(rule, principal, trust, request)
+
+    def render(self, error: AuthError | UpstreamUnavailable) -> ErrorResponse:
+        if isinstance(error, UpstreamUnavailable):
+            return ErrorResponse(503, ())
+        return self.renderer.render(error)
+
+    def response_headers(self, request: RequestView, allowed: bool) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for decorator in self._decorators:
+            headers.update(decorator.response_headers(request, allowed))
+        return headers
+
+    def audit(self, request: RequestView, outcome: Outcome, status: int, started: float) -> None:
+        if self.audit_sink is None:
+            return
+        principal, token = outcome.principal, outcome.principal.token if outcome.principal else None
+        error = outcome.error
+        self.audit_sink.emit(AuditEvent(
+            decision="allow" if outcome.decision.allowed else "deny",
+            reason=outcome.decision.reason,
+            status=status,
+            method=request.method,
+            route=request.route.pattern if request.route else None,
+            rule_id=outcome.decision.rule_id,
+            subject=subject_for_audit(principal.subject if principal else None, self.config.audit.subject),
+            client_id=token.client_id if token else None,
+            issuer=token.issuer if token else None,
+            token_id=token.token_id if token else None,
+            binding=principal.binding if principal else None,
+            verifier=token.verifier if token else None,
+            cache=outcome.cache,
+            aal=outcome.trust.aal if principal else None,
+            ial=outcome.trust.ial if principal else None,
+            failed_requirement=outcome.decision.failed_requirement,
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            security=bool(getattr(error, "security", False)),
+        ))
+
+
+def _requirement(error: AuthError | UpstreamUnavailable) -> str | None:
+    """Which rule requirement a denial is about, for the audit trail."""
+    if isinstance(error, AuthError) and error.params:
+        return " ".join(f"{k}={v}" for k, v in sorted(error.params.items()))
+    return None
