@@ -1,0 +1,193 @@
+"""The `ztmw` command: demo, serve, check, token, bench (DESIGN.md §4.3).
+
+The library never configures logging; this command does, as an application would: JSON lines on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import inspect
+import json
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import structlog
+from aiohttp import web
+
+from .config import Config, load_config
+from .errors import ConfigurationError
+from .middleware import setup
+from .models import RouteRef
+from .pipeline import Pipeline
+
+
+def configure_json_logging() -> None:
+    """The recommended production setup: cheap processors, one JSON line per event."""
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.JSONRenderer(),
+        ],
+        cache_logger_on_first_use=True,
+    )
+
+
+def load_factory(spec: str | None, extra_args: Sequence[str]) -> web.Application:
+    """`module:attr` -> an aiohttp app; the factory may be sync or async, with or without an argv list."""
+    if spec is None:
+        from .sample_app import create_app
+
+        return create_app()
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise SystemExit(f"ztmw: app factory must look like module:function, got {spec!r}")
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise SystemExit(f"ztmw: cannot load app factory {spec!r}: {exc}") from None
+    params = [p for p in inspect.signature(factory).parameters.values()
+              if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    result = factory(list(extra_args)) if params else factory()
+    if inspect.isawaitable(result):
+        result = asyncio.new_event_loop().run_until_complete(result)
+    if not isinstance(result, web.Application):
+        raise SystemExit(f"ztmw: {spec} did not return an aiohttp.web.Application")
+    return result
+
+
+def _config_or_exit(path: str) -> Config:
+    try:
+        return load_config(path)
+    except ConfigurationError as exc:
+        print(f"ztmw: invalid configuration: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_serve(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    configure_json_logging()
+    config = _config_or_exit(args.config)
+    app = load_factory(args.factory, extra)
+    try:
+        setup(app, config)
+    except ConfigurationError as exc:
+        print(f"ztmw: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    ssl_context = None
+    if args.tls_cert:
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
+        if args.tls_client_ca:
+            ssl_context.load_verify_locations(args.tls_client_ca)
+            # ask for a certificate; a missing one is then an HTTP 401 from ztmw, not a failed handshake
+            ssl_context.verify_mode = ssl.CERT_REQUIRED if args.tls_require_client_cert else ssl.CERT_OPTIONAL
+    web.run_app(app, host=args.host, port=args.port, ssl_context=ssl_context, print=None, access_log=None)
+    return 0
+
+
+def route_table(app: web.Application, pipeline: Pipeline) -> list[tuple[str, str, str | None]]:
+    rows = []
+    for resource in app.router.resources():
+        for route in resource:
+            method = route.method
+            if method == "HEAD":
+                continue  # covered by its GET (a rule that lists GET also covers HEAD)
+            methods = ["GET", "POST", "PUT", "PATCH", "DELETE"] if method == "*" else [method]
+            for m in methods:
+                rule = pipeline.policy.rule_for(RouteRef(m, resource.canonical))
+                rows.append((m, resource.canonical, rule.id if rule else None))
+    return rows
+
+
+def cmd_check(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    try:
+        config = load_config(args.config)
+        app = load_factory(args.factory, extra)
+        pipeline = setup(app, config)
+    except ConfigurationError as exc:
+        print(f"ztmw: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    rows = route_table(app, pipeline)
+    width = max((len(f"{m} {p}") for m, p, _ in rows), default=0)
+    for method, pattern, rule_id in rows:
+        print(f"{method + ' ' + pattern:<{width}}  {rule_id or 'DENIED'}")
+    denied = sum(1 for _, _, r in rows if r is None)
+    print(f"configuration valid; {len(rows)} routes, {denied} denied by default", file=sys.stderr)
+    return 1 if args.strict and denied else 0
+
+
+def cmd_token(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from . import devtokens
+
+    return devtokens.main(args)
+
+
+def cmd_demo(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from .demo import run_demo
+
+    return asyncio.run(run_demo(verbose=args.verbose))
+
+
+def cmd_bench(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+    if not script.exists():
+        print("ztmw: benchmarks/run.py not found (run from a source checkout)", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, str(script), *extra])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ztmw", description="Zero-trust security layer for aiohttp servers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the scripted scenarios against a local issuer and sample API")
+    demo.add_argument("--verbose", action="store_true", help="also print the audit events")
+    demo.set_defaults(func=cmd_demo)
+
+    serve = sub.add_parser("serve", help="serve an aiohttp app factory behind the configured pipeline")
+    serve.add_argument("factory", nargs="?", help="module:function returning an aiohttp app (default: sample API)")
+    serve.add_argument("--config", required=True)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--tls-cert")
+    serve.add_argument("--tls-key")
+    serve.add_argument("--tls-client-ca")
+    serve.add_argument("--tls-require-client-cert", action="store_true")
+    serve.set_defaults(func=cmd_serve)
+
+    check = sub.add_parser("check", help="validate the config and show which rule covers each route")
+    check.add_argument("factory", nargs="?")
+    check.add_argument("--config", required=True)
+    check.add_argument("--strict", action="store_true", help="exit 1 when any route would be denied")
+    check.set_defaults(func=cmd_check)
+
+    token = sub.add_parser("token", help="development keys, tokens and DPoP proofs for trying an API with curl")
+    from . import devtokens
+
+    devtokens.add_arguments(token)
+    token.set_defaults(func=cmd_token)
+
+    bench = sub.add_parser("bench", help="run the load scripts in benchmarks/ and print the comparison")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in ("serve", "check", "bench"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "serve" and args.tls_cert and not args.tls_key:
+        parser.error("--tls-cert needs --tls-key")
+    return int(args.func(args, extra) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
