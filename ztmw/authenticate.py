@@ -75,7 +75,8 @@ class Authenticator:
             actor=verified.actor,
         )
         principal = Principal(
-            subject=subject, issuer=verified.issuer, token=verified, caller=caller, raw_subject=verified.subject
+            subject=subject, issuer=verified.issuer, token=verified, caller=caller, raw_subject=verified.subject,
+            scheme=credential.scheme,
         )
         return Authentication(principal, cache)
 

@@ -9,11 +9,10 @@ import argparse
 import asyncio
 import importlib
 import inspect
-import json
+import logging
 import ssl
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -131,6 +130,9 @@ def cmd_token(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 def cmd_demo(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from .demo import run_demo
+
+    if not args.verbose:  # the table tells the story; plugin start-up lines would only bury it
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
     return asyncio.run(run_demo(verbose=args.verbose))
 

@@ -24,6 +24,11 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 BINDINGS = ("any", "required", "dpop", "mtls")
 
 
+def _default(cls: type, name: str) -> Any:
+    """A field's default (slotted dataclasses do not expose defaults as class attributes)."""
+    return cls.__dataclass_fields__[name].default  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True, slots=True)
 class ResourceConfig:
     identifier: str
@@ -246,7 +251,7 @@ class _Reader:
                 raise ConfigurationError(f"{key}.jwks_uri: must be https (plain http only on loopback)")
         if jwks_file is not None:
             jwks_file = str((self.base / _str(jwks_file, f"{key}.jwks_file")).resolve())
-        algorithms = _strings(t.get("algorithms", list(IssuerConfig.algorithms)), f"{key}.algorithms")
+        algorithms = _strings(t.get("algorithms", list(_default(IssuerConfig, "algorithms"))), f"{key}.algorithms")
         bad = [a for a in algorithms if a not in ASYMMETRIC_ALGORITHMS]
         if bad or not algorithms:
             raise ConfigurationError(f"{key}.algorithms: unsupported {bad or 'empty list'}; "
@@ -270,7 +275,7 @@ class _Reader:
 
     def dpop(self, t: Mapping[str, Any]) -> DPoPConfig:
         _only(t, "dpop", set(DPoPConfig.__dataclass_fields__))
-        algorithms = _strings(t.get("algorithms", list(DPoPConfig.algorithms)), "dpop.algorithms")
+        algorithms = _strings(t.get("algorithms", list(_default(DPoPConfig, "algorithms"))), "dpop.algorithms")
         if not algorithms or any(a not in ASYMMETRIC_ALGORITHMS for a in algorithms):
             raise ConfigurationError(f"dpop.algorithms: only asymmetric algorithms {sorted(ASYMMETRIC_ALGORITHMS)}")
         store = _str(t.get("replay_store", "memory"), "dpop.replay_store")
@@ -281,14 +286,14 @@ class _Reader:
             max_age=_number(t.get("max_age", 60), "dpop.max_age", 1, 3600),
             clock_skew=_number(t.get("clock_skew", 5), "dpop.clock_skew", 0, 300),
             require_nonce=_bool(t.get("require_nonce", False), "dpop.require_nonce"),
-            nonce_secret_env=_str(t.get("nonce_secret_env", DPoPConfig.nonce_secret_env), "dpop.nonce_secret_env"),
+            nonce_secret_env=_str(t.get("nonce_secret_env", _default(DPoPConfig, "nonce_secret_env")), "dpop.nonce_secret_env"),
             nonce_lifetime=_number(t.get("nonce_lifetime", 60), "dpop.nonce_lifetime", 1, 86400),
             replay_store=store,
         )
 
     def mtls(self, t: Mapping[str, Any]) -> MTLSConfig:
         _only(t, "mtls", set(MTLSConfig.__dataclass_fields__))
-        proxies = _strings(t.get("trusted_proxies", list(MTLSConfig.trusted_proxies)), "mtls.trusted_proxies")
+        proxies = _strings(t.get("trusted_proxies", list(_default(MTLSConfig, "trusted_proxies"))), "mtls.trusted_proxies")
         for cidr in proxies:
             try:
                 ipaddress.ip_network(cidr, strict=False)

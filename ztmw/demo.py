@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import re
 import socket
-import ssl
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -209,5 +208,3 @@ def _print_table(results: list[Result]) -> None:
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
 
-
-Scenario = Callable[[], Awaitable[None]]

@@ -120,6 +120,8 @@ class Principal:
     token: VerifiedToken = field(repr=False)
     caller: Caller
     raw_subject: str
+    scheme: str = "bearer"
+    """The Authorization scheme the token came with: policy refusals are rendered on that scheme (RFC 9470 §3)."""
 
     @property
     def scopes(self) -> frozenset[str]:
