@@ -1,0 +1,53 @@
+"""The core never imports aiohttp.web: only the adapter (and the CLI/demo/test kit, which run servers) may."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import ztmw
+
+ADAPTERS = {"middleware.py", "cli.py", "demo.py", "sample_app.py", "pytest_plugin.py"}
+PACKAGE = Path(ztmw.__file__).parent
+
+
+def imported_modules(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def core_modules() -> list[Path]:
+    return [p for p in PACKAGE.glob("*.py") if p.name not in ADAPTERS]
+
+
+def test_core_modules_exist() -> None:
+    assert {p.name for p in core_modules()} >= {"pipeline.py", "authenticate.py", "policy.py", "challenge.py"}
+
+
+def test_core_does_not_import_aiohttp_web() -> None:
+    offenders = {
+        p.name: sorted(m for m in imported_modules(p) if m.startswith(("aiohttp.web", "aiohttp.web_")))
+        for p in core_modules()
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_core_does_not_import_the_adapter() -> None:
+    # __init__ re-exports the adapter's public names; nothing else in the core may reach it
+    modules = [p for p in core_modules() if p.name != "__init__.py"]
+    offenders = [p.name for p in modules if {"middleware", "ztmw.middleware"} & imported_modules(p)]
+    assert offenders == []
+
+
+def test_plugins_use_only_public_ztmw_modules() -> None:
+    plugins = Path(ztmw.__file__).parent.parent / "plugins" / "ztmw_plugins"
+    for path in plugins.glob("*.py"):
+        for module in imported_modules(path):
+            assert not module.startswith("ztmw.middleware"), f"{path.name} imports the aiohttp adapter"

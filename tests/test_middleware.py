@@ -1,0 +1,270 @@
+"""End to end through a real aiohttp server and client: the response catalogue (spec-checklist §0) on the wire."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import structlog
+from aiohttp import web
+from structlog.testing import capture_logs
+
+import ztmw
+from ztmw.testing import DevIssuer, FakeClock
+
+from .conftest import AUDIENCE, base_config, items_app
+
+METADATA_URL = "https://api.example.com/.well-known/oauth-protected-resource"
+
+
+def challenges(response: Any) -> dict[str, dict[str, str]]:
+    """Parse WWW-Authenticate field lines (one scheme per line) into {scheme: {param: value}}."""
+    parsed: dict[str, dict[str, str]] = {}
+    for line in response.headers.getall("WWW-Authenticate", []):
+        scheme, _, rest = line.partition(" ")
+        params = {m.group(1): re.sub(r"\\(.)", r"\1", m.group(2))
+                  for m in re.finditer(r'([a-z_]+)="((?:[^"\\]|\\.)*)"', rest)}
+        assert scheme not in parsed, "one field line per scheme"
+        parsed[scheme] = params
+    return parsed
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock) -> Any:
+    app = items_app()
+    ztmw.setup(app, base_config(issuer), clock=clock)
+    return await aiohttp_client(app)
+
+
+async def get(client: Any, path: str = "/items", **headers: str) -> Any:
+    response = await client.get(path, headers=headers)
+    await response.read()
+    return response
+
+
+async def test_valid_bearer_token_reaches_the_handler(client: Any, issuer: DevIssuer) -> None:
+    response = await get(client, Authorization=f"Bearer {issuer.mint(scope='items:read')}")
+    assert response.status == 200
+    assert await response.json() == {"ok": True}
+
+
+async def test_resp_01_no_credentials_gets_bare_challenge(client: Any) -> None:
+    response = await get(client)
+    assert response.status == 401
+    parsed = challenges(response)
+    assert parsed == {"Bearer": {"realm": "api", "resource_metadata": METADATA_URL}}
+
+
+async def test_resp_01_unsupported_scheme_counts_as_no_credentials(client: Any) -> None:
+    response = await get(client, Authorization="Basic YWxpY2U6c2VjcmV0")
+    assert response.status == 401
+    assert "error" not in challenges(response)["Bearer"]
+
+
+async def test_http_08_query_token_is_not_read(client: Any, issuer: DevIssuer) -> None:
+    response = await get(client, f"/items?access_token={issuer.mint(scope='items:read')}")
+    assert response.status == 401
+    assert "error" not in challenges(response)["Bearer"]
+
+
+async def test_resp_04_malformed_header_is_400_invalid_request(client: Any) -> None:
+    response = await get(client, Authorization="Bearer a,b")
+    assert response.status == 400
+    assert challenges(response)["Bearer"]["error"] == "invalid_request"
+
+
+async def test_http_05_two_authorization_lines_are_400(client: Any, issuer: DevIssuer) -> None:
+    token = issuer.mint(scope="items:read")
+    response = await client.get("/items", headers=[("Authorization", f"Bearer {token}"),
+                                                  ("Authorization", f"Bearer {token}")])
+    assert response.status == 400
+    assert challenges(response)["Bearer"]["error"] == "invalid_request"
+
+
+async def test_resp_05_expired_token_is_401_invalid_token(client: Any, issuer: DevIssuer) -> None:
+    response = await get(client, Authorization=f"Bearer {issuer.mint(scope='items:read', lifetime=-60)}")
+    assert response.status == 401
+    bearer = challenges(response)["Bearer"]
+    assert bearer["error"] == "invalid_token"
+    assert bearer["realm"] == "api"
+    assert bearer["resource_metadata"] == METADATA_URL
+
+
+async def test_cached_token_expires_on_the_per_request_recheck(
+    client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    token = issuer.mint(scope="items:read", lifetime=60)
+    assert (await get(client, Authorization=f"Bearer {token}")).status == 200
+    clock.advance(60 + 31)  # past exp + leeway: the cache must not keep it alive
+    response = await get(client, Authorization=f"Bearer {token}")
+    assert response.status == 401
+    assert challenges(response)["Bearer"]["error"] == "invalid_token"
+
+
+async def test_resp_06_missing_scope_is_403_with_scope(client: Any, issuer: DevIssuer) -> None:
+    response = await get(client, Authorization=f"Bearer {issuer.mint(scope='other')}")
+    assert response.status == 403
+    assert challenges(response) == {
+        "Bearer": {"realm": "api", "error": "insufficient_scope", "error_description": "Insufficient scope",
+                   "scope": "items:read"}
+    }
+
+
+async def test_route_without_rule_is_403_before_credentials(client: Any) -> None:
+    response = await get(client, "/admin")
+    assert response.status == 403
+    assert "WWW-Authenticate" not in response.headers
+
+
+async def test_unknown_path_is_aiohttps_own_404(client: Any) -> None:
+    assert (await get(client, "/no/such/path")).status == 404
+
+
+async def test_wrong_method_is_aiohttps_own_405(client: Any) -> None:
+    response = await client.post("/items")
+    assert response.status == 405
+
+
+async def test_public_route_without_credentials_is_allowed(client: Any) -> None:
+    assert (await get(client, "/health")).status == 200
+
+
+async def test_public_route_with_invalid_credentials_is_rejected(client: Any) -> None:
+    response = await get(client, "/health", Authorization="Bearer not.a.token")
+    assert response.status == 401
+    assert challenges(response)["Bearer"]["error"] == "invalid_token"
+
+
+async def test_head_is_covered_by_a_get_rule(client: Any, issuer: DevIssuer) -> None:
+    response = await client.head("/items", headers={"Authorization": f"Bearer {issuer.mint(scope='items:read')}"})
+    assert response.status == 200
+
+
+async def test_owner_rule_compares_canonical_subject(client: Any, issuer: DevIssuer) -> None:
+    token = issuer.mint("alice", scope="items:read")
+    assert (await get(client, "/users/alice/items", Authorization=f"Bearer {token}")).status == 200
+    assert (await get(client, "/users/bob/items", Authorization=f"Bearer {token}")).status == 403
+
+
+async def test_linked_identity_owns_the_account(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock) -> None:
+    app = items_app()
+    config = base_config(issuer, identity={"links": [
+        {"issuer": issuer.issuer, "subject": "google|123", "account": "alice"}]})
+    ztmw.setup(app, config, clock=clock)
+    client = await aiohttp_client(app)
+    token = issuer.mint("google|123", scope="items:read")
+    assert (await get(client, "/users/alice/items", Authorization=f"Bearer {token}")).status == 200
+    assert (await get(client, "/users/google|123/items", Authorization=f"Bearer {token}")).status == 403
+
+
+async def test_principal_and_trust_are_published_to_the_handler(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    seen: dict[str, Any] = {}
+
+    async def handler(request: web.Request) -> web.Response:
+        seen["principal"] = request[ztmw.PRINCIPAL]
+        seen["trust"] = request[ztmw.TRUST]
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/items", handler)
+    ztmw.setup(app, base_config(issuer, trust={"amr": {"otp": {"aal": 2}}}), clock=clock)
+    client = await aiohttp_client(app)
+    await get(client, Authorization=f"Bearer {issuer.mint('alice', scope='items:read', amr=['pwd', 'otp'])}")
+    principal = seen["principal"]
+    assert principal.subject == "alice"
+    assert principal.caller.client_id == "demo-client"
+    assert principal.binding is None
+    assert seen["trust"].aal == 2
+
+
+async def test_metadata_document_is_served_publicly(client: Any, issuer: DevIssuer) -> None:
+    response = await client.get("/.well-known/oauth-protected-resource")
+    assert response.status == 200
+    assert response.content_type == "application/json"
+    document = await response.json()
+    assert document["resource"] == AUDIENCE
+    assert document["authorization_servers"] == [issuer.issuer]
+    assert document["bearer_methods_supported"] == ["header"]
+    assert document["scopes_supported"] == ["items:read"]
+
+
+async def test_jwks_unreachable_is_503_never_500_or_allow(aiohttp_client: Any, clock: FakeClock) -> None:
+    issuer = DevIssuer(audience=AUDIENCE, clock=clock)
+    await issuer.start()
+    config = base_config(issuer)
+    await issuer.close()  # the key server is gone before the app starts
+    app = items_app()
+    ztmw.setup(app, config, clock=clock)
+    client = await aiohttp_client(app)
+    response = await get(client, Authorization=f"Bearer {issuer.mint(scope='items:read')}")
+    assert response.status == 503
+    assert "WWW-Authenticate" not in response.headers
+
+
+async def test_one_audit_event_per_request_and_no_token_in_it(client: Any, issuer: DevIssuer) -> None:
+    token = issuer.mint("alice", scope="items:read")
+    with capture_logs() as events:
+        await get(client, Authorization=f"Bearer {token}")
+        await get(client, Authorization="Bearer x.y.z")
+        await get(client, "/admin", Authorization=f"Bearer {token}")
+    decisions = [e for e in events if e["event"] in ("ztmw.decision", "ztmw.security")]
+    assert [(e["decision"], e["status"], e["reason"]) for e in decisions] == [
+        ("allow", 200, "allowed"), ("deny", 401, "malformed_token"), ("deny", 403, "no_rule")]
+    allowed = decisions[0]
+    assert allowed["rule_id"] == "read" and allowed["route"] == "/items" and allowed["method"] == "GET"
+    assert allowed["subject"].startswith("sha256:") and "alice" not in allowed["subject"]
+    assert allowed["client_id"] == "demo-client" and allowed["issuer"] == issuer.issuer
+    assert allowed["verifier"] == "bearer" and allowed["cache"] in ("hit", "miss")
+    assert "duration_ms" in allowed and allowed["token_id"]
+    for event in events:
+        assert token not in repr(event)
+        assert token.split(".")[2] not in repr(event)
+
+
+async def test_stage_middlewares_work_alone(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock) -> None:
+    pipeline = ztmw.Pipeline(ztmw.load_config(base_config(issuer)), clock=clock)
+
+    async def handler(request: web.Request) -> web.Response:
+        principal = request[ztmw.PRINCIPAL]
+        return web.json_response({"subject": principal.subject if principal else None})
+
+    async def lifetime(app: web.Application) -> Any:
+        await pipeline.start()
+        yield
+        await pipeline.close()
+
+    app = web.Application(middlewares=[ztmw.audit_middleware(pipeline), ztmw.authentication_middleware(pipeline)])
+    app.cleanup_ctx.append(lifetime)
+    app.router.add_get("/anything", handler)
+    client = await aiohttp_client(app)
+    anonymous = await client.get("/anything")
+    assert await anonymous.json() == {"subject": None}
+    authed = await client.get("/anything", headers={"Authorization": f"Bearer {issuer.mint('bob')}"})
+    assert await authed.json() == {"subject": "bob"}
+    bad = await client.get("/anything", headers={"Authorization": "Bearer bad.token.here"})
+    assert bad.status == 401
+
+
+async def test_handler_errors_keep_their_status_and_are_audited(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        raise web.HTTPConflict()
+
+    app = web.Application()
+    app.router.add_get("/items", handler)
+    ztmw.setup(app, base_config(issuer), clock=clock)
+    client = await aiohttp_client(app)
+    with capture_logs() as events:
+        response = await get(client, Authorization=f"Bearer {issuer.mint(scope='items:read')}")
+    assert response.status == 409
+    assert [e["status"] for e in events if e["event"] == "ztmw.decision"] == [409]
+
+
+def test_library_never_configures_structlog() -> None:
+    before = structlog.get_config()
+    ztmw.load_config({"resource": {"identifier": AUDIENCE}})
+    assert structlog.get_config() == before
