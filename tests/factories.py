@@ -1,0 +1,32 @@
+"""App factories for the CLI tests: sync, async, and one that takes the extra command-line arguments."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+
+async def _hello(request: web.Request) -> web.Response:
+    return web.json_response({"hello": request.match_info.get("name", "world")})
+
+
+def create_app() -> web.Application:
+    app = web.Application()
+    app.router.add_get("/hello/{name}", _hello)
+    app.router.add_get("/open", _hello)
+    app.router.add_post("/unruled", _hello)
+    return app
+
+
+async def create_app_async() -> web.Application:
+    return create_app()
+
+
+def create_app_with_args(argv: list[str]) -> web.Application:
+    app = create_app()
+    if "--extra-route" in argv:
+        app.router.add_get("/extra", _hello)
+    return app
+
+
+def not_an_app() -> str:
+    return "nope"

@@ -1,0 +1,197 @@
+"""The `ztmw` command as a user runs it: real subprocesses, real files, a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import aiohttp
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+AUDIENCE = "https://api.example.com"
+
+
+def ztmw(*args: str, cwd: Path = ROOT, check: bool = False) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ztmw", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, check=check)
+
+
+def write_config(path: Path, issuer_table: str, rules: str = "") -> Path:
+    path.write_text(f"""
+[resource]
+identifier = "{AUDIENCE}"
+public_origin = "http://127.0.0.1"
+
+{issuer_table}
+
+[[rules]]
+id = "hello"
+path = "/hello/{{name}}"
+methods = ["GET"]
+scopes = ["hello:read"]
+
+[[rules]]
+id = "open"
+path = "/open"
+public = true
+{rules}
+""", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def keyfile(tmp_path: Path) -> tuple[Path, Path]:
+    key = tmp_path / "issuer-key.json"
+    ztmw("token", "keygen", "--alg", "ES256", "--out", str(key), check=True)
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(ztmw("token", "jwks", "--key", str(key), check=True).stdout, encoding="utf-8")
+    return key, jwks
+
+
+def issuer_table(jwks: Path) -> str:
+    return f'[[issuers]]\nissuer = "https://issuer.test"\njwks_file = "{jwks}"\nalgorithms = ["ES256"]\n'
+
+
+def test_check_lists_every_route_with_its_rule(tmp_path: Path, keyfile: tuple[Path, Path]) -> None:
+    config = write_config(tmp_path / "ztmw.toml", issuer_table(keyfile[1]))
+    result = ztmw("check", "tests.factories:create_app", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    lines = {" ".join(line.split()) for line in result.stdout.splitlines()}
+    assert "GET /hello/{name} hello" in lines
+    assert "GET /open open" in lines
+    assert "POST /unruled DENIED" in lines
+
+
+def test_check_strict_fails_when_a_route_is_denied(tmp_path: Path, keyfile: tuple[Path, Path]) -> None:
+    config = write_config(tmp_path / "ztmw.toml", issuer_table(keyfile[1]))
+    assert ztmw("check", "tests.factories:create_app", "--config", str(config), "--strict").returncode == 1
+    covered = write_config(tmp_path / "all.toml", issuer_table(keyfile[1]),
+                           '[[rules]]\nid = "unruled"\npath = "/unruled"\nscopes = ["x"]\n')
+    assert ztmw("check", "tests.factories:create_app", "--config", str(covered), "--strict").returncode == 0
+
+
+@pytest.mark.parametrize("factory", ["tests.factories:create_app_async", "tests.factories:create_app_with_args"])
+def test_check_accepts_async_and_argv_factories(tmp_path: Path, keyfile: tuple[Path, Path], factory: str) -> None:
+    config = write_config(tmp_path / "ztmw.toml", issuer_table(keyfile[1]))
+    result = ztmw("check", factory, "--config", str(config), "--extra-route")
+    assert result.returncode == 0, result.stderr
+    if factory.endswith("with_args"):
+        assert "GET /extra" in result.stdout
+
+
+def test_check_invalid_config_exits_2_naming_the_key(tmp_path: Path, keyfile: tuple[Path, Path]) -> None:
+    config = write_config(tmp_path / "ztmw.toml", issuer_table(keyfile[1]),
+                          '[[rules]]\nid = "typo"\npath = "/x"\nscope = ["a"]\n')
+    result = ztmw("check", "tests.factories:create_app", "--config", str(config))
+    assert result.returncode == 2
+    assert "scope" in result.stderr and "unknown key" in result.stderr
+
+
+def test_check_rejects_a_factory_that_returns_no_app(tmp_path: Path, keyfile: tuple[Path, Path]) -> None:
+    config = write_config(tmp_path / "ztmw.toml", issuer_table(keyfile[1]))
+    result = ztmw("check", "tests.factories:not_an_app", "--config", str(config))
+    assert result.returncode != 0 and "did not return" in result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def served(tmp_path: Path, keyfile: tuple[Path, Path]) -> Iterator[tuple[str, Path, subprocess.Popen[str]]]:
+    """`ztmw serve tests.factories:create_app` in its own process, with keys made by `ztmw token`."""
+    config = write_config(tmp_path / "ztmw.toml", issuer_table(keyfile[1]))
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ztmw", "serve", "tests.factories:create_app", "--config", str(config),
+         "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"server did not start: {process.stdout.read() if process.stdout else ''}")
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}", keyfile[0], process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.communicate(timeout=30)
+
+
+def mint(key: Path, *extra: str) -> str:
+    return ztmw("token", "mint", "--key", str(key), "--issuer", "https://issuer.test", "--audience", AUDIENCE,
+                *extra, check=True).stdout.strip()
+
+
+def test_serve_protects_an_arbitrary_factory(served: tuple[str, Path, Any]) -> None:
+    base, key, _ = served
+    good = mint(key, "--scope", "hello:read")
+    wrong_scope = mint(key, "--scope", "other")
+
+    async def scenario() -> list[tuple[int, Any]]:
+        async with aiohttp.ClientSession() as session:
+            out = []
+            for path, token in [("/hello/ann", good), ("/hello/ann", wrong_scope), ("/hello/ann", None),
+                                ("/open", None), ("/unruled", good)]:
+                headers = {"Authorization": f"Bearer {token}"} if token else {}
+                method = "POST" if path == "/unruled" else "GET"
+                async with session.request(method, base + path, headers=headers) as response:
+                    out.append((response.status, await response.text()))
+            return out
+
+    results = asyncio.run(scenario())
+    assert [status for status, _ in results] == [200, 403, 401, 200, 403]
+    assert json.loads(results[0][1]) == {"hello": "ann"}
+
+
+def test_serve_logs_json_audit_lines_without_tokens(served: tuple[str, Path, Any]) -> None:
+    base, key, process = served
+    token = mint(key, "--scope", "hello:read")
+
+    async def call() -> None:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(base + "/hello/x", headers={"Authorization": f"Bearer {token}"}) as r:
+                assert r.status == 200
+
+    asyncio.run(call())
+    process.terminate()
+    output = process.communicate(timeout=30)[0]
+    events = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    decisions = [e for e in events if e.get("event") == "ztmw.decision"]
+    assert len(decisions) == 1 and decisions[0]["decision"] == "allow" and decisions[0]["route"] == "/hello/{name}"
+    assert token not in output and token.split(".")[2] not in output
+
+
+def test_token_proof_is_a_dpop_jwt(tmp_path: Path) -> None:
+    key = tmp_path / "dpop.json"
+    ztmw("token", "keygen", "--out", str(key), check=True)
+    assert oct(os.stat(key).st_mode & 0o777) == "0o600"
+    proof = ztmw("token", "proof", "--key", str(key), "--method", "get", "--url", "https://api.example.com/x",
+                 "--token", "abc", check=True).stdout.strip()
+    from ztmw.jws import import_public_jwk, parse_compact, verify_signature
+
+    jws = parse_compact(proof)
+    assert jws.header["typ"] == "dpop+jwt" and "d" not in jws.header["jwk"]
+    assert jws.claims["htm"] == "GET" and jws.claims["htu"] == "https://api.example.com/x"
+    assert verify_signature(jws, import_public_jwk(jws.header["jwk"]), jws.header["alg"])
+
+
+def test_demo_runs_every_scenario_and_exits_0() -> None:
+    result = ztmw("demo")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "scenarios behaved as expected" in result.stdout
+    assert "FAIL" not in result.stdout
