@@ -1,4 +1,4 @@
-"""ztmw.testing.certs: the mTLS test kit gives real, mutually consistent certificates, headers and SSL contexts."""
+"""ztmw.testing.certs: real, mutually consistent certificates, proxy headers and SSL contexts."""
 
 from __future__ import annotations
 
@@ -39,7 +39,9 @@ def test_der_pem_and_key_belong_together(carol: ClientCert) -> None:
     assert carol.pem.startswith("-----BEGIN CERTIFICATE-----\n")
     key = load_pem_private_key(carol.key_pem.encode(), password=None)
     spki = PublicFormat.SubjectPublicKeyInfo
-    assert key.public_key().public_bytes(Encoding.DER, spki) == cert.public_key().public_bytes(Encoding.DER, spki)
+    assert key.public_key().public_bytes(Encoding.DER, spki) == cert.public_key().public_bytes(
+        Encoding.DER, spki
+    )
 
 
 def test_names_become_subject_and_sans(ca: TestCA, carol: ClientCert) -> None:
@@ -52,7 +54,9 @@ def test_names_become_subject_and_sans(ca: TestCA, carol: ClientCert) -> None:
 
 def test_every_call_issues_a_new_certificate(ca: TestCA) -> None:
     first, second = ca.client_cert("same"), ca.client_cert("same")
-    assert first.der != second.der and first.thumbprint != second.thumbprint and first.key_pem != second.key_pem
+    assert (
+        first.der != second.der and first.thumbprint != second.thumbprint and first.key_pem != second.key_pem
+    )
 
 
 def test_certificates_are_signed_by_the_ca(ca: TestCA, carol: ClientCert) -> None:
@@ -68,7 +72,9 @@ def test_rfc9440_header_is_a_byte_sequence_of_the_der(carol: ClientCert) -> None
 
 def test_xfcc_header_has_hash_cert_and_subject(carol: ClientCert) -> None:
     value = carol.xfcc_header(by="spiffe://mesh.test/gw")
-    match = re.fullmatch(r'By=(?P<by>[^;]+);Hash=(?P<hash>[0-9a-f]{64});Cert="(?P<cert>[^"]+)";Subject="(?P<s>.*)"', value)
+    match = re.fullmatch(
+        r'By=(?P<by>[^;]+);Hash=(?P<hash>[0-9a-f]{64});Cert="(?P<cert>[^"]+)";Subject="(?P<s>.*)"', value
+    )
     assert match is not None
     assert match["by"] == "spiffe://mesh.test/gw"
     assert match["hash"] == hashlib.sha256(carol.der).hexdigest()

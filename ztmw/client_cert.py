@@ -46,7 +46,7 @@ MAX_HEADER_BYTES = 16 * 1024
 decoding cost must not be the client's to choose."""
 
 MALFORMED = "malformed_client_cert"
-"""The one reason id for every unusable certificate header: the client cannot fix it, the proxy operator can."""
+"""One reason id for every unusable certificate header: the client cannot fix it, the proxy operator can."""
 
 _IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -87,7 +87,7 @@ class CertificateInfo:
 
     @property
     def san(self) -> tuple[str, ...]:
-        """All subject alternative names in OpenSSL's `TYPE:value` spelling, so policies can match one list."""
+        """All subject alternative names in OpenSSL's `TYPE:value` spelling, so a policy matches one list."""
         return (
             tuple(f"DNS:{v}" for v in self.dns_names)
             + tuple(f"URI:{v}" for v in self.uris)
@@ -267,7 +267,7 @@ def _from_pem(text: str) -> bytes:
 
 
 def _checked_der(der: bytes) -> bytes:
-    """The DER must be one X.509 certificate with parseable extensions (the thumbprint is over these bytes)."""
+    """The DER must be one X.509 certificate with parseable extensions (the thumbprint covers these bytes)."""
     try:
         cert = x509.load_der_x509_certificate(der)
         cert.extensions  # noqa: B018 - parsed lazily; a malformed extension must fail here, not later

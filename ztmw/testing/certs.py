@@ -46,7 +46,7 @@ class ClientCert:
         return ":" + base64.b64encode(self.der).decode("ascii") + ":"
 
     def xfcc_header(self, by: str = "spiffe://proxy.test/envoy") -> str:
-        """One Envoy `X-Forwarded-Client-Cert` element, as a SANITIZE_SET proxy writes it (Cert URL-encoded)."""
+        """An Envoy `X-Forwarded-Client-Cert` element as a SANITIZE_SET proxy writes it (Cert URL-encoded)."""
         subject = x509.load_der_x509_certificate(self.der).subject.rfc4514_string().replace('"', '\\"')
         digest = hashlib.sha256(self.der).hexdigest()
         return f'By={by};Hash={digest};Cert="{quote(self.pem, safe="")}";Subject="{subject}"'
@@ -61,7 +61,7 @@ class ClientCert:
 
 
 class TestCA:
-    """A throw-away certificate authority for one test (or one session): issues client and server certificates.
+    """A throw-away certificate authority for a test (or a session): issues client and server certificates.
 
     Every `client_cert` call issues a new key pair, so two calls with one name give two certificates with
     different thumbprints (which is what a "certificate changed" test needs, RFC 8705 §6.3).
