@@ -17,7 +17,7 @@ from .typing import Clock
 
 def token_key(token: str) -> bytes:
     """The cache key of a token: its SHA-256, so no cache, log or dump ever holds the token."""
-    return hashlib.sha256(token.encode("ascii", "surrogateescape")).digest()
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
 
 class MemoryVerificationCache:
