@@ -21,7 +21,8 @@ def b64d(segment: str) -> bytes:
 
 def decode(proof: str) -> tuple[dict, dict, bytes, bytes]:
     header, payload, signature = proof.split(".")
-    return json.loads(b64d(header)), json.loads(b64d(payload)), f"{header}.{payload}".encode(), b64d(signature)
+    signing_input = f"{header}.{payload}".encode()
+    return json.loads(b64d(header)), json.loads(b64d(payload)), signing_input, b64d(signature)
 
 
 def verify_with_cryptography(jwk: dict, alg: str, signing_input: bytes, signature: bytes) -> None:
@@ -31,7 +32,8 @@ def verify_with_cryptography(jwk: dict, alg: str, signing_input: bytes, signatur
     if alg == "ES256":
         assert len(signature) == 64
         public = ec.EllipticCurvePublicNumbers(num("x"), num("y"), ec.SECP256R1()).public_key()
-        der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
+        r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+        der = encode_dss_signature(r, s)
         public.verify(der, signing_input, ec.ECDSA(hashes.SHA256()))
     elif alg == "EdDSA":
         ed25519.Ed25519PublicKey.from_public_bytes(b64d(jwk["x"])).verify(signature, signing_input)
@@ -48,10 +50,10 @@ def key(request: pytest.FixtureRequest) -> DPoPKey:
 
 def test_vec_7638_1_rsa_thumbprint_ignores_optional_members() -> None:
     jwk = {"kty": "RSA",
-           "n": "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRX"
-                "jBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqz"
-                "s8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-"
-                "G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw",
+           "n": "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tS"
+                "oc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQ"
+                "R0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTW"
+                "hAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw",
            "e": "AQAB", "alg": "RS256", "kid": "2011-04-29"}
     assert jwk_thumbprint(jwk) == "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
 
@@ -111,7 +113,8 @@ def test_ath_nonce_jti_and_overrides() -> None:
 
 def test_fresh_jti_per_proof() -> None:
     key = DPoPKey()
-    assert decode(key.proof("GET", "https://a/"))[1]["jti"] != decode(key.proof("GET", "https://a/"))[1]["jti"]
+    first, second = key.proof("GET", "https://a/"), key.proof("GET", "https://a/")
+    assert decode(first)[1]["jti"] != decode(second)[1]["jti"]
 
 
 def test_unknown_key_kind_is_refused() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ztmw import jws
@@ -87,7 +88,7 @@ class DPoPVerifier:
         return jkt
 
     def response_headers(self, request: RequestView, allowed: bool) -> Mapping[str, str]:
-        """A fresh `DPoP-Nonce` when the client's nonce is from the previous window, so it can move on in time.
+        """A fresh `DPoP-Nonce` when the client's nonce is from the previous window, so it can move on.
 
         A missing or invalid nonce gets its fresh nonce through `UseDPoPNonce` instead; returning one here too
         would send two `DPoP-Nonce` fields (RESP-08).
@@ -132,7 +133,8 @@ class DPoPVerifier:
         try:
             return jws.parse_compact(value, max_bytes=MAX_PROOF_BYTES)
         except jws.MalformedJWS as exc:
-            raise _proof_error("dpop_unsupported_crit" if exc.reason == "unsupported_crit" else "dpop_malformed")
+            crit = exc.reason == "unsupported_crit"
+            raise _proof_error("dpop_unsupported_crit" if crit else "dpop_malformed") from None
 
     def _check_header(self, proof: jws.CompactJWS) -> Any:
         header = proof.header
@@ -150,7 +152,8 @@ class DPoPVerifier:
         try:
             key = jws.import_public_jwk(jwk)
         except jws.MalformedJWS as exc:
-            raise _proof_error("dpop_private_key" if exc.reason == "private_jwk" else "dpop_bad_key") from None
+            private = exc.reason == "private_jwk"
+            raise _proof_error("dpop_private_key" if private else "dpop_bad_key") from None
         if not jws.key_fits_algorithm(key, header["alg"]):
             raise _proof_error("dpop_bad_alg")
         return key
@@ -176,12 +179,12 @@ class DPoPVerifier:
 
     def _check_nonce(self, nonce: Any) -> None:
         if not self._require_nonce or self._nonces is None:
-            return  # we never handed out a nonce, so there is nothing a proof's nonce could match (§4.3 step 10)
+            return  # we never handed out a nonce, so a proof's nonce has nothing to match (§4.3 step 10)
         if self._nonces.check(nonce) is NonceAge.INVALID:
             raise UseDPoPNonce("dpop_nonce_required", nonce=self._nonces.issue(), scheme="dpop")
 
     def _warn_long_lived(self, verified: VerifiedToken) -> None:
-        """DPOP-29: without nonces a stolen proof-plus-token pair works for the whole iat window, so say so once."""
+        """DPOP-29: without nonces a stolen proof-plus-token pair works for the whole window; say so once."""
         if self._require_nonce or self._warned_long_tokens or verified.issued_at is None:
             return
         if verified.expires_at - verified.issued_at > LONG_TOKEN_SECONDS and self._logger is not None:
@@ -192,13 +195,17 @@ class DPoPVerifier:
             )
 
 
+@dataclass(frozen=True, slots=True)
 class _Claims:
     """The proof claims RFC 9449 §4.2 and §7 require at a resource server, type-checked once."""
 
-    __slots__ = ("jti", "htm", "htu", "iat", "ath", "exp", "nonce")
-
-    def __init__(self, jti: str, htm: str, htu: str, iat: float, ath: str, exp: float | None, nonce: Any) -> None:
-        self.jti, self.htm, self.htu, self.iat, self.ath, self.exp, self.nonce = jti, htm, htu, iat, ath, exp, nonce
+    jti: str
+    htm: str
+    htu: str
+    iat: float
+    ath: str
+    exp: float | None
+    nonce: Any
 
     @classmethod
     def read(cls, claims: Mapping[str, Any]) -> "_Claims":
@@ -231,7 +238,7 @@ _DEFAULT_PORTS = {"http": "80", "https": "443"}
 
 
 def normalize_uri(uri: str) -> str | None:
-    """Syntax- and scheme-based normal form of an http(s) URI without query or fragment; None if it is not one.
+    """Syntax- and scheme-based normal form of an http(s) URI without query or fragment, else None.
 
     Scheme and host are lower-cased, a default or empty port is dropped, percent-encoded unreserved characters
     are decoded and other percent-encodings upper-cased, dot segments are removed and an empty path becomes /.
@@ -310,7 +317,9 @@ def create(settings: Mapping[str, Any], deps: PluginDeps) -> DPoPVerifier:
     """Entry point `ztmw.verifiers: dpop`. Optional settings: replay_max_entries, redis_timeout (seconds)."""
     unknown = set(settings) - _SETTINGS
     if unknown:
-        raise ConfigurationError(f"plugins.dpop: unknown keys {sorted(unknown)}; allowed: {sorted(_SETTINGS)}")
+        raise ConfigurationError(
+            f"plugins.dpop: unknown keys {sorted(unknown)}; allowed: {sorted(_SETTINGS)}"
+        )
     max_entries = settings.get("replay_max_entries", DEFAULT_MAX_ENTRIES)
     if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
         raise ConfigurationError("plugins.dpop.replay_max_entries: a positive integer")
@@ -318,7 +327,9 @@ def create(settings: Mapping[str, Any], deps: PluginDeps) -> DPoPVerifier:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 30:
         raise ConfigurationError("plugins.dpop.redis_timeout: a number of seconds in (0, 30]")
     config = deps.config.dpop
-    store = create_replay_store(config.replay_store, deps.clock, max_entries=max_entries, timeout=float(timeout))
+    store = create_replay_store(
+        config.replay_store, deps.clock, max_entries=max_entries, timeout=float(timeout)
+    )
     deps.on_startup(store.start)
     deps.on_cleanup(store.close)
     nonces = None

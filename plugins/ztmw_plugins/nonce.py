@@ -1,8 +1,8 @@
 """Stateless DPoP server nonces (RFC 9449 §9, §8.2).
 
-A nonce is `base64url(window || HMAC-SHA256(secret, label || origin || window))`, where `window` is the current
-time divided by the nonce lifetime. No state is kept, so any replica holding the same secret accepts any
-replica's nonce, and a restart loses nothing. A nonce from the current or the previous window is accepted,
+A nonce is `base64url(window || HMAC-SHA256(secret, label || origin || window))`, where `window` is the
+current time divided by the nonce lifetime. No state is kept, so any replica holding the same secret accepts
+any replica's nonce, and a restart loses nothing. A nonce from the current or the previous window is accepted,
 so a nonce lives between one and two lifetimes. The origin enters the MAC so that a nonce issued by another
 server that happens to share the secret (an AS, another API) is not accepted here (DPOP-24).
 """
@@ -105,7 +105,7 @@ def load_secret(env_name: str, environ: Mapping[str, str] | None = None, logger:
                 f"dpop.nonce_secret_env: the variable {env_name} must hold at least {MIN_SECRET_BYTES} bytes"
             )
         return secret
-    # one preformatted string: deps.logger may be stdlib or structlog, which format positional args differently
+    # one preformatted string: deps.logger may be stdlib or structlog, which treat positional args differently
     (logger or _log).warning(
         f"environment variable {env_name} is not set: DPoP nonces use a random per-process secret, "
         "so only one replica can accept them"

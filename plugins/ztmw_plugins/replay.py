@@ -82,7 +82,7 @@ class MemoryReplayStore:
 
 
 class RedisReplayStore:
-    """Shared store: `SET key 1 NX PX ttl` is one atomic command, so two replicas cannot both see a proof first.
+    """Shared store: `SET key 1 NX PX ttl` is one atomic command, so two replicas cannot both see it first.
 
     Timeouts are short and retries minimal: a slow Redis must turn into a quick 503, not a stalled request.
     The client is opened by `start()` (or lazily on first use) and must be closed with `close()`.
@@ -127,7 +127,8 @@ class RedisReplayStore:
         if self._client is None:
             await self.start()
         try:
-            stored = await self._client.set(REDIS_PREFIX + digest(key), b"1", nx=True, px=math.ceil(ttl * 1000))
+            name = REDIS_PREFIX + digest(key)
+            stored = await self._client.set(name, b"1", nx=True, px=math.ceil(ttl * 1000))
         except Exception:  # any client, connection or server error: we cannot know, so refuse (fail closed)
             raise UpstreamUnavailable("replay_store_unavailable") from None
         return bool(stored)

@@ -1,4 +1,4 @@
-"""The `dpop` binding verifier: one named test per checklist item (§6 JKT, §7 DPOP) plus the RFC vectors (§14).
+"""The `dpop` binding verifier: one named test per checklist item (§6 JKT, §7 DPOP) and the RFC vectors (§14).
 
 Proofs come from `ztmw.testing.dpop`, which signs with `cryptography` directly, so the verifier is never
 tested against itself. Time is a small mutable fake clock; nothing we own is mocked.
@@ -40,40 +40,65 @@ NOW = 1_700_000_000.0
 SECRET_ENV = "ZTMW_TEST_DPOP_NONCE_SECRET"
 LOG = logging.getLogger("ztmw.test.dpop")
 
-# RFC 9449 vectors (checklist §14), verbatim
-VEC_9449_1_JWK = {"kty": "EC", "x": "l8tFrhx-34tV3hRICRDY9zCkDlpBhF42UQUfWVAWBFs",
-                  "y": "9VE4jf_Ok_o64zbTTlcuNJajHmt6v9TDVrU0CdvGRDA", "crv": "P-256"}
-VEC_9449_1_HASH_INPUT = ('{"crv":"P-256","kty":"EC","x":"l8tFrhx-34tV3hRICRDY9zCkDlpBhF42UQUfWVAWBFs",'
-                         '"y":"9VE4jf_Ok_o64zbTTlcuNJajHmt6v9TDVrU0CdvGRDA"}')
+# RFC 9449, 7638 and 8037 vectors (checklist §14), verbatim; long strings are split, never changed
+VEC_9449_1_JWK = {
+    "kty": "EC",
+    "x": "l8tFrhx-34tV3hRICRDY9zCkDlpBhF42UQUfWVAWBFs",
+    "y": "9VE4jf_Ok_o64zbTTlcuNJajHmt6v9TDVrU0CdvGRDA",
+    "crv": "P-256",
+}
+VEC_9449_1_HASH_INPUT = (
+    '{"crv":"P-256","kty":"EC","x":"l8tFrhx-34tV3hRICRDY9zCkDlpBhF42UQUfWVAWBFs","y":"9VE4jf_Ok_o'
+    '64zbTTlcuNJajHmt6v9TDVrU0CdvGRDA"}'
+)
 VEC_9449_1_JKT = "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"
 VEC_9449_2_TOKEN = "Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU"
 VEC_9449_2_ATH = "fUHyO2r2Z3DZ53EsNrWBb0xWXoaNy59IiKCAqksmQEo"
 VEC_9449_5_PROOF = (
-    "eyJ0eXAiOiJkcG9wK2p3dCIsImFsZyI6IkVTMjU2IiwiandrIjp7Imt0eSI6IkVDIiwieCI6Imw4dEZyaHgtMzR0VjNoUklDUkRZOXpDa0Rs"
-    "cEJoRjQyVVFVZldWQVdCRnMiLCJ5IjoiOVZFNGpmX09rX282NHpiVFRsY3VOSmFqSG10NnY5VERWclUwQ2R2R1JEQSIsImNydiI6IlAtMjU2"
-    "In19.eyJqdGkiOiJlMWozVl9iS2ljOC1MQUVCIiwiaHRtIjoiR0VUIiwiaHR1IjoiaHR0cHM6Ly9yZXNvdXJjZS5leGFtcGxlLm9yZy9wcm90"
-    "ZWN0ZWRyZXNvdXJjZSIsImlhdCI6MTU2MjI2MjYxOCwiYXRoIjoiZlVIeU8ycjJaM0RaNTNFc05yV0JiMHhXWG9hTnk1OUlpS0NBcWtzbVFF"
-    "byJ9.2oW9RP35yRqzhrtNP86L-Ey71EOptxRimPPToA1plemAgR6pxHF8y6-yqyVnmcw6Fy1dqd-jfxSYoMxhAJpLjA"
+    "eyJ0eXAiOiJkcG9wK2p3dCIsImFsZyI6IkVTMjU2IiwiandrIjp7Imt0eSI6IkVDIiwieCI6Imw4dEZyaHgtMzR0VjNo"
+    "UklDUkRZOXpDa0RscEJoRjQyVVFVZldWQVdCRnMiLCJ5IjoiOVZFNGpmX09rX282NHpiVFRsY3VOSmFqSG10NnY5VERW"
+    "clUwQ2R2R1JEQSIsImNydiI6IlAtMjU2In19.eyJqdGkiOiJlMWozVl9iS2ljOC1MQUVCIiwiaHRtIjoiR0VUIiwiaHR"
+    "1IjoiaHR0cHM6Ly9yZXNvdXJjZS5leGFtcGxlLm9yZy9wcm90ZWN0ZWRyZXNvdXJjZSIsImlhdCI6MTU2MjI2MjYxOCw"
+    "iYXRoIjoiZlVIeU8ycjJaM0RaNTNFc05yV0JiMHhXWG9hTnk1OUlpS0NBcWtzbVFFbyJ9.2oW9RP35yRqzhrtNP86L-E"
+    "y71EOptxRimPPToA1plemAgR6pxHF8y6-yqyVnmcw6Fy1dqd-jfxSYoMxhAJpLjA"
 )
-VEC_9449_7 = {"active": True, "sub": "someone@example.com", "iss": "https://server.example.com",
-              "nbf": 1562262611, "exp": 1562266216, "cnf": {"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}}
+VEC_9449_7 = {
+    "active": True,
+    "sub": "someone@example.com",
+    "iss": "https://server.example.com",
+    "nbf": 1562262611,
+    "exp": 1562266216,
+    "cnf": {"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"},
+}
 VEC_7638_1_JWK = {
     "kty": "RSA",
-    "n": "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiF"
-         "V4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c"
-         "7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF4"
-         "4-csFCur-kEgU8awapJzKnqDKgw",
-    "e": "AQAB", "alg": "RS256", "kid": "2011-04-29"}
+    "n": (
+        "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_B"
+        "JECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_F"
+        "DW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4"
+        "vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw"
+    ),
+    "e": "AQAB",
+    "alg": "RS256",
+    "kid": "2011-04-29",
+}
 VEC_7638_1_HASH_INPUT = (
-    '{"e":"AQAB","kty":"RSA","n":"0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tS'
-    'oc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaS'
-    'qzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw'
-    '0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw"}'
+    '{"e":"AQAB","kty":"RSA","n":"0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86'
+    "zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6"
+    "Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08"
+    "qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqD"
+    'Kgw"}'
 )
-VEC_7638_1_SHA256 = [55, 54, 203, 177, 120, 124, 184, 48, 156, 119, 238, 140, 55, 5, 197, 225, 111, 251, 158, 133,
-                     151, 21, 144, 31, 30, 76, 89, 177, 17, 130, 245, 123]
+VEC_7638_1_SHA256 = [
+    55, 54, 203, 177, 120, 124, 184, 48, 156, 119, 238, 140, 55, 5, 197, 225, 111, 251, 158, 133, 151,
+    21, 144, 31, 30, 76, 89, 177, 17, 130, 245, 123
+]
 VEC_7638_1_JKT = "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
-VEC_8037_1_JWK = {"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}
+VEC_8037_1_JWK = {
+    "kty": "OKP",
+    "crv": "Ed25519",
+    "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo",
+}
 VEC_8037_1_HASH_INPUT = '{"crv":"Ed25519","kty":"OKP","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}'
 VEC_8037_1_JKT = "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
 
@@ -195,7 +220,7 @@ async def test_ps256_is_accepted(env: Env, rsa_key: DPoPKey) -> None:
     assert await env.confirm(env.proof(key=rsa_key), jkt=rsa_key.thumbprint) == rsa_key.thumbprint
 
 
-# -- §6 JWK thumbprints ------------------------------------------------------------------------------------------
+# -- §6 JWK thumbprints -------------------------------------------------------------------------------------
 
 
 async def test_jkt_01_only_required_members_enter_the_thumbprint(env: Env) -> None:
@@ -258,7 +283,7 @@ async def test_jkt_06_rsa_modulus_with_leading_zero_is_refused(env: Env, rsa_key
                      jkt=rsa_key.thumbprint)
 
 
-# -- §7 DPoP ---------------------------------------------------------------------------------------------------
+# -- §7 DPoP -----------------------------------------------------------------------------------------------
 
 
 async def test_dpop_01_more_than_one_dpop_header_is_invalid_dpop_proof_not_400(env: Env) -> None:
@@ -332,12 +357,13 @@ async def test_dpop_06_signature_must_verify_with_the_header_jwk(env: Env) -> No
 async def test_dpop_06_tampered_payload_fails_the_signature(env: Env) -> None:
     header, _, signature = env.proof().split(".")
     claims = {"jti": "x", "htm": "GET", "htu": URL, "iat": int(NOW), "ath": access_token_hash(TOKEN)}
-    await env.reject(InvalidDPoPProof, "dpop_bad_signature", f"{header}.{b64(json.dumps(claims).encode())}.{signature}")
+    tampered = f"{header}.{b64(json.dumps(claims).encode())}.{signature}"
+    await env.reject(InvalidDPoPProof, "dpop_bad_signature", tampered)
 
 
 @pytest.mark.parametrize("signature", [
-    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",  # VEC-ECDSA-1 r=s=0
-    "MAYCAQACAQA",                                                                             # r=s=0 as DER
+    "A" * 86,                   # VEC-ECDSA-1 r=s=0, raw R||S (86 "A"s)
+    "MAYCAQACAQA",              # VEC-ECDSA-1 r=s=0 as DER
     "_____wAAAAD__________7zm-q2nF56E87nKwvxjJVH_____AAAAAP__________vOb6racXnoTzucrC_GMlUQ",  # r=s=n
 ])
 async def test_dpop_06_degenerate_ecdsa_signatures_are_refused(env: Env, signature: str) -> None:
@@ -347,13 +373,14 @@ async def test_dpop_06_degenerate_ecdsa_signatures_are_refused(env: Env, signatu
 
 async def test_dpop_06_kid_jku_x5u_x5c_are_ignored_as_key_sources(env: Env) -> None:
     # the plugin has no HTTP client (no_http raises), so accepting proves nothing was fetched
-    overrides = {"kid": "attacker", "jku": "https://attacker.example/jwks", "x5u": "https://attacker.example/c",
-                 "x5c": ["MIIB"]}
+    overrides = {"kid": "attacker", "jku": "https://attacker.example/jwks",
+                 "x5u": "https://attacker.example/c", "x5c": ["MIIB"]}
     assert await env.confirm(env.proof(header_overrides=overrides)) == env.key.thumbprint
 
 
 async def test_dpop_06_missing_jwk_is_refused(env: Env) -> None:
-    await env.reject(InvalidDPoPProof, "dpop_missing_jwk", env.proof(header_overrides={"jwk": OMIT, "kid": "k"}))
+    proof = env.proof(header_overrides={"jwk": OMIT, "kid": "k"})
+    await env.reject(InvalidDPoPProof, "dpop_missing_jwk", proof)
 
 
 @pytest.mark.parametrize("kind", ["ES256", "EdDSA"])
@@ -430,7 +457,9 @@ async def test_dpop_10_request_uri_comes_from_the_configured_public_origin() -> 
 
 
 async def test_dpop_11_valid_nonce_accepted_and_wrong_nonce_gets_a_fresh_one(nonce_env: Env) -> None:
-    error = await nonce_env.reject(UseDPoPNonce, "dpop_nonce_required", nonce_env.proof(nonce="eyJ7S_zG.eyJH0-Z.HX4w-7v"))
+    rfc_example_nonce = "eyJ7S_zG.eyJH0-Z.HX4w-7v"  # VEC-9449-9: well-formed, but not one of ours
+    proof = nonce_env.proof(nonce=rfc_example_nonce)
+    error = await nonce_env.reject(UseDPoPNonce, "dpop_nonce_required", proof)
     assert await nonce_env.confirm(nonce_env.proof(nonce=error.nonce)) == nonce_env.key.thumbprint
 
 
@@ -467,7 +496,8 @@ def test_dpop_11_response_headers_never_raise_on_junk(nonce_env: Env) -> None:
 
 @pytest.mark.parametrize("offset,ok", [(-60, True), (-61, False), (5, True), (6, False), (0, True),
                                        (-0.5, True), (-3600, False), (86400, False)])
-async def test_dpop_12_iat_within_max_age_back_and_clock_skew_forward(env: Env, offset: float, ok: bool) -> None:
+async def test_dpop_12_iat_within_max_age_back_and_clock_skew_forward(
+        env: Env, offset: float, ok: bool) -> None:
     proof = env.proof(iat=NOW + offset)
     if ok:
         assert await env.confirm(proof)
@@ -591,12 +621,13 @@ async def test_dpop_23_jti_is_1_to_256_characters(env: Env, jti: Any, ok: bool) 
         await env.reject(InvalidDPoPProof, "dpop_invalid_claim", proof)
 
 
-async def test_dpop_24_nonces_are_nqchar_and_bound_to_this_server(nonce_env: Env, monkeypatch: pytest.MonkeyPatch
-                                                                  ) -> None:
+async def test_dpop_24_nonces_are_nqchar_and_bound_to_this_server(
+        nonce_env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     nonce = (await nonce_env.reject(UseDPoPNonce, "dpop_nonce_required", nonce_env.proof())).nonce
     assert all(c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_" for c in nonce)
     # another server with the same secret (an AS, another API) issues nonces this one does not accept
-    other = make_env(origin="https://as.example.com", require_nonce=True, clock=nonce_env.clock, key=nonce_env.key)
+    other = make_env(origin="https://as.example.com", require_nonce=True, clock=nonce_env.clock,
+                     key=nonce_env.key)
     foreign = (await other.reject(UseDPoPNonce, "dpop_nonce_required",
                                   other.proof(url="https://as.example.com" + PATH))).nonce
     await nonce_env.reject(UseDPoPNonce, "dpop_nonce_required", nonce_env.proof(nonce=foreign))
@@ -641,7 +672,8 @@ async def test_dpop_28_proof_over_8_kib_is_refused_before_decoding(env: Env) -> 
 async def test_dpop_28_rsa_proof_key_over_4096_bits_is_refused(env: Env) -> None:
     modulus = b"\xc5" + os.urandom(575)  # 4608 bits; rejected before any import or signature work
     jwk = {"kty": "RSA", "n": b64(modulus), "e": "AQAB"}
-    await env.reject(InvalidDPoPProof, "dpop_bad_key", env.proof(header_overrides={"jwk": jwk, "alg": "PS256"}))
+    proof = env.proof(header_overrides={"jwk": jwk, "alg": "PS256"})
+    await env.reject(InvalidDPoPProof, "dpop_bad_key", proof)
 
 
 async def test_dpop_29_long_lived_tokens_without_nonces_are_warned_about_once(
@@ -743,7 +775,7 @@ def test_normalize_uri_rejects_non_http_and_garbage() -> None:
     assert normalize_uri("https://[::1]:8443/x") == "https://[::1]:8443/x"
 
 
-# -- scale-out: Redis replay store and shared nonce secret ----------------------------------------------------
+# -- scale-out: Redis replay store and shared nonce secret -------------------------------------------------
 
 
 def _redis_answers() -> bool:
@@ -789,7 +821,8 @@ async def test_redis_replay_is_refused(redis_pair: tuple[Env, Env]) -> None:
 
 
 @pytest.mark.redis
-async def test_redis_proof_accepted_by_one_replica_is_refused_by_the_other(redis_pair: tuple[Env, Env]) -> None:
+async def test_redis_proof_accepted_by_one_replica_is_refused_by_the_other(
+        redis_pair: tuple[Env, Env]) -> None:
     first, second = redis_pair
     proof = first.proof()
     assert await first.confirm(proof)
@@ -813,7 +846,8 @@ async def test_redis_unreachable_fails_closed_never_allows() -> None:
             await hook()
 
 
-async def test_replicas_sharing_the_nonce_secret_accept_each_others_nonces(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_replicas_sharing_the_nonce_secret_accept_each_others_nonces(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(SECRET_ENV, "shared-secret-" * 3)
     first = make_env(require_nonce=True)
     second = make_env(require_nonce=True, clock=first.clock, key=first.key)

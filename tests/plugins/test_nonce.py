@@ -28,7 +28,8 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-def manager(clock: FakeClock, secret: bytes = SECRET, origin: str = ORIGIN, lifetime: float = 60) -> NonceManager:
+def manager(clock: FakeClock, secret: bytes = SECRET, origin: str = ORIGIN, lifetime: float = 60
+            ) -> NonceManager:
     return NonceManager(secret, lifetime=lifetime, origin=origin, clock=clock)
 
 
@@ -70,7 +71,8 @@ def test_other_secret_or_other_origin_rejects(clock: FakeClock) -> None:
     assert manager(clock, origin="https://as.example.com").check(nonce) is NonceAge.INVALID
 
 
-@pytest.mark.parametrize("bad", [None, 1, "", "abc", "eyJ7S_zG.eyJH0-Z.HX4w-7v", "=" * 54, "A" * 54, "é" * 54])
+@pytest.mark.parametrize("bad", [None, 1, "", "abc", "eyJ7S_zG.eyJH0-Z.HX4w-7v", "=" * 54, "A" * 54,
+                                 "é" * 54])
 def test_malformed_nonces_are_invalid(clock: FakeClock, bad: object) -> None:
     assert manager(clock).check(bad) is NonceAge.INVALID
 

@@ -105,7 +105,7 @@ class DPoPKey:
         return jwk_thumbprint(self.jwk)
 
     def sign(self, signing_input: bytes) -> bytes:
-        """A JWS signature over `signing_input` with this key's algorithm (raw R||S for ECDSA, RFC 7518 §3.4)."""
+        """A JWS signature with this key's algorithm (raw R||S for ECDSA, RFC 7518 §3.4)."""
         if isinstance(self._private, ec.EllipticCurvePrivateKey):
             r, s = decode_dss_signature(self._private.sign(signing_input, ec.ECDSA(hashes.SHA256())))
             return r.to_bytes(32, "big") + s.to_bytes(32, "big")
@@ -131,7 +131,7 @@ class DPoPKey:
         extra_claims: Mapping[str, Any] | None = None,
         header_overrides: Mapping[str, Any] | None = None,
     ) -> str:
-        """A DPoP proof for `method url`; `ath` is added when `access_token` is given (required at a resource).
+        """A DPoP proof for `method url`; `ath` is added when `access_token` is given (a resource needs it).
 
         `url` goes into `htu` as given, so pass it without query and fragment. Values in `extra_claims` and
         `header_overrides` replace or add members; the value `OMIT` removes one.
