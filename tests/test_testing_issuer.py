@@ -7,17 +7,10 @@ import pytest
 
 from ztmw.config import load_config
 from ztmw.jws import import_public_jwk, media_type_is, parse_compact, verify_signature
+from ztmw.testing.clock import FakeClock
 from ztmw.testing.issuer import DevIssuer
 
 ALGORITHMS = ["ES256", "ES384", "PS256", "RS256", "EdDSA"]
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_750_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _verifies(issuer: DevIssuer, token: str) -> bool:
@@ -54,6 +47,8 @@ async def test_issuer_defaults_to_its_loopback_origin() -> None:
     with pytest.raises(RuntimeError):
         issuer.jwks_uri
     async with issuer:
+        with pytest.raises(RuntimeError):
+            await issuer.start()
         assert issuer.issuer.startswith("http://127.0.0.1:")
         assert issuer.jwks_uri == issuer.issuer + "/jwks"
 
@@ -65,7 +60,7 @@ async def test_explicit_issuer_works_without_a_server() -> None:
 
 
 async def test_default_claims_follow_rfc9068() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1_750_000_000.0)
     issuer = DevIssuer("https://as.example.com", clock=clock, audience="https://rs.example.com")
     jws = parse_compact(issuer.mint("bob", scope="read write", lifetime=60))
     assert media_type_is(jws.header["typ"], "at+jwt")
@@ -116,8 +111,6 @@ async def test_add_key_publishes_and_signs_with_an_extra_key() -> None:
     assert _verifies(issuer, token)
 
 
-@pytest.mark.xfail(raises=TypeError, strict=False,
-                   reason="ztmw.config.load_config reads slots-dataclass defaults as class attributes (lead to fix)")
 async def test_issuer_config_is_a_valid_issuers_table() -> None:
     async with DevIssuer() as issuer:
         issuer.add_key("EdDSA")

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import socket
+from dataclasses import replace
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -14,19 +15,12 @@ import structlog
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from ztmw.config import Config, IssuerConfig, ResourceConfig
+from ztmw.config import Config, IssuerConfig, load_config
 from ztmw.errors import ConfigurationError, InvalidToken, UpstreamUnavailable
+from ztmw.testing.clock import FakeClock
 from ztmw.testing.issuer import DevIssuer
 from ztmw.typing import PluginDeps
 from ztmw_plugins.jwks import MAX_JWKS_BYTES, MAX_KEYS, JWKSRejected, KeySet, parse_jwks
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_750_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Hooks:
@@ -66,15 +60,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def issuer_config(**fields: Any) -> IssuerConfig:
-    fields.setdefault("issuer", "https://as.example.com")
-    fields.setdefault("audiences", ("https://api.example.com",))
-    return IssuerConfig(**fields)
+BASE = load_config({"resource": {"identifier": "https://api.example.com"}})
+
+
+def load(**table: Any) -> Config:
+    table.setdefault("issuer", "https://as.example.com")
+    return load_config({"resource": {"identifier": "https://api.example.com"},
+                        "issuers": [{k: list(v) if isinstance(v, tuple) else v for k, v in table.items()}]})
+
+
+def issuer_config(**table: Any) -> IssuerConfig:
+    """One validated `[[issuers]]` table, through the same loader the app uses."""
+    return load(**table).issuers[0]
 
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(1_750_000_000.0)
 
 
 @pytest.fixture
@@ -91,8 +93,7 @@ async def make_keyset(
 
     async def make(cfg: IssuerConfig, *, start: bool = True, **options: Any) -> KeySet:
         hooks = Hooks()
-        config = Config(resource=ResourceConfig("https://api.example.com", "https://api.example.com"), issuers=(cfg,))
-        deps = PluginDeps(config=config, clock=clock, http=lambda: session, logger=structlog.get_logger(),
+        deps = PluginDeps(config=replace(BASE, issuers=(cfg,)), clock=clock, http=lambda: session, logger=structlog.get_logger(),
                           on_startup=hooks.startup.append, on_cleanup=hooks.cleanup.append)
         keyset = KeySet(cfg, deps, **options)
         started.append(hooks)
@@ -401,8 +402,8 @@ async def test_unreachable_key_server_does_not_stop_start_up_and_recovers_by_its
 
 async def test_cleanup_cancels_the_background_retry(make_keyset: Any, session: Any, clock: FakeClock) -> None:
     hooks = Hooks()
-    cfg = issuer_config(jwks_uri=f"http://127.0.0.1:{free_port()}/jwks")
-    config = Config(resource=ResourceConfig("https://api.example.com", "https://api.example.com"), issuers=(cfg,))
+    config = load(jwks_uri=f"http://127.0.0.1:{free_port()}/jwks")
+    cfg = config.issuers[0]
     deps = PluginDeps(config=config, clock=clock, http=lambda: session, logger=structlog.get_logger(),
                       on_startup=hooks.startup.append, on_cleanup=hooks.cleanup.append)
     keyset = KeySet(cfg, deps, retry_initial=30)

@@ -95,6 +95,8 @@ class DevIssuer:
         return f"{self._base}/jwks"
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> DevIssuer:
+        if self._runner is not None:
+            raise RuntimeError("DevIssuer is already started")
         app = web.Application()
         app.router.add_get("/jwks", self._serve_jwks)
         runner = web.AppRunner(app, access_log=None)

@@ -1,0 +1,257 @@
+"""The `bearer` verifier: JWT access tokens (RFC 9068, RFC 8725) checked against each issuer's own JWKS.
+
+`verify_token` depends on the token alone, so the core may cache its result; the per-request expiry re-check
+and any `cnf` binding are the core's business. The order of checks is chosen so that an audit reason about
+claims (expired, wrong audience) is only ever given for a token whose signature verified: cheap structure
+first, then issuer, algorithm and type, then the key and signature, then the claims.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from ztmw.config import IssuerConfig
+from ztmw.errors import ConfigurationError, InvalidToken, UpstreamUnavailable
+from ztmw.jws import (
+    MalformedJWS,
+    b64url_decode,
+    key_fits_algorithm,
+    media_type_is,
+    numeric_date,
+    parse_compact,
+    strict_json_object,
+    verify_signature,
+)
+from ztmw.models import VerifiedToken, frozen_mapping
+from ztmw.typing import PluginDeps
+
+from .jwks import KeySet
+
+_SETTINGS: frozenset[str] = frozenset()
+_PRINTABLE_ID = re.compile(r"[\x21-\x7e]{1,128}")
+_RFC9068_REQUIRED = ("sub", "client_id", "iat", "jti")
+
+
+def create(settings: Mapping[str, Any], deps: PluginDeps) -> BearerVerifier:
+    """Entry point `ztmw.verifiers: bearer`. The plugin has no settings of its own; issuers come from config."""
+    unknown = sorted(set(settings) - _SETTINGS)
+    if unknown:
+        raise ConfigurationError(f"unknown key plugins.bearer.{unknown[0]} (the bearer plugin takes no settings)")
+    if not deps.config.issuers:
+        raise ConfigurationError("issuers: the bearer verifier needs at least one [[issuers]] table")
+    return BearerVerifier(deps)
+
+
+@dataclass(frozen=True, slots=True)
+class _Issuer:
+    """Per-issuer settings precomputed once, so a request does set lookups only."""
+
+    config: IssuerConfig
+    keys: KeySet
+    algorithms: frozenset[str]
+    audiences: frozenset[str]
+    strict: bool  # profile "rfc9068"
+
+
+class BearerVerifier:
+    """Verifies JWT access tokens; raises only `InvalidToken` (stable reason) or `UpstreamUnavailable`."""
+
+    name = "bearer"
+
+    def __init__(self, deps: PluginDeps) -> None:
+        self._clock = deps.clock
+        self._log = deps.logger
+        self._issuers = {
+            cfg.issuer: _Issuer(cfg, KeySet(cfg, deps), frozenset(cfg.algorithms), frozenset(cfg.audiences),
+                                cfg.profile == "rfc9068")
+            for cfg in deps.config.issuers
+        }
+
+    async def verify_token(self, token: str) -> VerifiedToken:
+        try:
+            return await self._verify(token)
+        except (InvalidToken, UpstreamUnavailable):
+            raise
+        except Exception as exc:  # a client must never cause anything but invalid_token; a bug here still fails closed
+            self._log.error("bearer_unexpected_error", error=type(exc).__name__)
+            raise InvalidToken("malformed_token") from None
+
+    async def _verify(self, token: str) -> VerifiedToken:
+        try:
+            jws = parse_compact(token)  # JOSE-01..06, 09, 19: strict segments, base64url, JSON; JWE/crit/nested refused
+        except MalformedJWS as exc:
+            if exc.reason == "unsupported_crit":
+                raise InvalidToken("unsupported_crit") from None
+            if _unsecured(token):
+                raise InvalidToken("unsupported_algorithm", security=True) from None
+            raise InvalidToken("malformed_token") from None
+        header, claims = jws.header, jws.claims
+        alg: str = header["alg"]
+        if _never_allowed(alg):  # JOSE-08, JOSE-13, AT-09: never, whatever the config says
+            raise InvalidToken("unsupported_algorithm", security=True)
+
+        iss = _required(claims, "iss", str)
+        issuer = self._issuers.get(iss)  # exact string match (JOSE-18, AT-03)
+        if issuer is None:
+            raise InvalidToken("unknown_issuer")
+        if alg not in issuer.algorithms:  # case-sensitive allowlist (JOSE-07, JOSE-20, BCP-01)
+            raise InvalidToken("unsupported_algorithm")
+        _check_type(header.get("typ"), issuer.strict)
+
+        kid = header.get("kid")
+        if kid is not None and (not isinstance(kid, str) or not kid):
+            raise InvalidToken("malformed_token")
+        # keys come only from the JWKS of the issuer the token names; jwk/jku/x5u/x5c in the header are never
+        # read (AT-05, BCP-07, BCP-10)
+        try:
+            found = await issuer.keys.key_for(kid, alg)
+        except InvalidToken:
+            if kid is not None and self._known_elsewhere(kid, issuer):
+                raise InvalidToken("unknown_key", security=True) from None
+            raise
+        if alg not in found.algorithms or not key_fits_algorithm(found.key, alg):  # algorithm confusion (BCP-01)
+            raise InvalidToken("unsupported_algorithm", security=True)
+        if not verify_signature(jws, found.key, alg):
+            raise InvalidToken("bad_signature")
+        return self._claims(token, claims, issuer, iss, kid)
+
+    def _known_elsewhere(self, kid: str, issuer: _Issuer) -> bool:
+        """A kid of another configured issuer under this `iss`: a cross-issuer substitution attempt (BCP-07)."""
+        return any(other.keys.knows(kid) for other in self._issuers.values() if other is not issuer)
+
+    def _claims(self, token: str, claims: Mapping[str, Any], issuer: _Issuer, iss: str,
+                kid: str | None) -> VerifiedToken:
+        cfg = issuer.config
+        now, leeway = self._clock(), cfg.leeway
+        if issuer.strict:
+            for name in _RFC9068_REQUIRED:  # AT-08
+                if name not in claims:
+                    raise InvalidToken("missing_claim")
+
+        exp = _date(claims, "exp", required=True)
+        assert exp is not None
+        if exp <= now - leeway:  # JOSE-15, AT-06
+            raise InvalidToken("token_expired")
+        nbf = _date(claims, "nbf")
+        if nbf is not None and nbf > now + leeway:  # JOSE-16
+            raise InvalidToken("token_not_yet_valid")
+        iat = _date(claims, "iat")
+        if iat is not None and iat > now + leeway:
+            raise InvalidToken("token_issued_in_future")
+
+        audience = _audience(claims)
+        if issuer.audiences.isdisjoint(audience):  # JOSE-17, AT-04, BCP-09: exact strings only
+            raise InvalidToken("audience_mismatch")
+
+        subject = _required(claims, "sub", str)
+        client_id = _optional(claims, "client_id", str)
+        if client_id is None and not issuer.strict:
+            client_id = _optional(claims, "azp", str)
+        jti = _optional(claims, "jti", str)
+        scope = claims.get("scope", "")
+        if not isinstance(scope, str):  # AT-10: the space-delimited string form only
+            raise InvalidToken("invalid_claim")
+        amr = _optional(claims, "amr", list)
+        if amr is not None and not all(isinstance(m, str) for m in amr):
+            raise InvalidToken("invalid_claim")
+        cnf = _optional(claims, "cnf", dict)
+        actor = _optional(claims, "act", dict)
+        return VerifiedToken(
+            issuer=iss,
+            subject=subject,
+            audience=audience,
+            expires_at=exp,
+            token_id=jti if jti is not None and _PRINTABLE_ID.fullmatch(jti) else _token_hash(token),
+            verifier="bearer",
+            client_id=client_id,
+            scopes=frozenset(s for s in scope.split(" ") if s),
+            issued_at=iat,
+            not_before=nbf,
+            auth_time=_date(claims, "auth_time"),
+            acr=_optional(claims, "acr", str),
+            amr=tuple(amr or ()),
+            cnf=frozen_mapping(cnf),
+            actor=frozen_mapping(actor) if actor is not None else None,
+            claims=frozen_mapping(claims),
+            key_id=kid,
+            leeway=leeway,
+        )
+
+
+def _never_allowed(alg: Any) -> bool:
+    """`none` and HMAC in any spelling: an access token from an AS is never unsigned or MAC'd (AT-09, JOSE-13)."""
+    return isinstance(alg, str) and (alg.lower() == "none" or alg.upper().startswith("HS"))
+
+
+def _unsecured(token: str) -> bool:
+    """Whether a token that failed to parse is an unsecured JWS (empty signature, alg none): a security signal.
+
+    `parse_compact` refuses the empty signature segment before anyone looks at `alg`; this second look runs
+    only on that failure path, so audit can tell an attack from garbage.
+    """
+    if token.count(".") != 2 or not token.endswith("."):
+        return False
+    head = token.partition(".")[0]
+    try:
+        return _never_allowed(strict_json_object(b64url_decode(head)).get("alg"))
+    except MalformedJWS:
+        return False
+
+
+def _check_type(typ: Any, strict: bool) -> None:
+    """AT-01/AT-13/BCP-11: rfc9068 wants at+jwt; the legacy profile also takes JWT or no typ, never another type."""
+    if media_type_is(typ, "at+jwt"):
+        return
+    if not strict and (typ is None or media_type_is(typ, "jwt")):
+        return
+    raise InvalidToken("wrong_token_type")
+
+
+def _required(claims: Mapping[str, Any], name: str, kind: type) -> Any:
+    if name not in claims:
+        raise InvalidToken("missing_claim")
+    return _optional(claims, name, kind)
+
+
+def _optional(claims: Mapping[str, Any], name: str, kind: type) -> Any:
+    """The claim if present and of `kind` (`str` must also be non-empty); None if absent; else invalid_claim."""
+    value = claims.get(name)
+    if value is None:
+        if name in claims:
+            raise InvalidToken("invalid_claim")
+        return None
+    if not isinstance(value, kind) or (kind is str and not value):
+        raise InvalidToken("invalid_claim")
+    return value
+
+
+def _date(claims: Mapping[str, Any], name: str, *, required: bool = False) -> float | None:
+    """A NumericDate claim (JOSE-14: booleans, strings, NaN and huge values refused)."""
+    if name not in claims:
+        if required:
+            raise InvalidToken("missing_claim")
+        return None
+    value = numeric_date(claims[name])
+    if value is None:
+        raise InvalidToken("invalid_claim")
+    return value
+
+
+def _audience(claims: Mapping[str, Any]) -> tuple[str, ...]:
+    """`aud` as a tuple: a string, or a non-empty array of strings (JOSE-17); anything else is invalid."""
+    if "aud" not in claims:
+        raise InvalidToken("missing_claim")
+    aud = claims["aud"]
+    if isinstance(aud, str):
+        return (aud,)
+    if isinstance(aud, list) and aud and all(isinstance(a, str) for a in aud):
+        return tuple(aud)
+    raise InvalidToken("invalid_claim")
+
+
+def _token_hash(token: str) -> str:
+    """A log-safe id for a token without a usable jti: never the token, only a short hash of it."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()[:16]
