@@ -1,0 +1,128 @@
+"""Audit: one structlog event per decision, security events at warning, subjects pseudonymised, never raises."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from ztmw.audit import StructlogAuditSink, hash_subject, subject_for_audit
+from ztmw.models import AuditEvent
+
+
+def allow_event(**overrides: Any) -> AuditEvent:
+    fields: dict[str, Any] = dict(
+        decision="allow", reason="allowed", status=200, method="GET", route="/users/{user}/transactions",
+        rule_id="own-transactions", subject=hash_subject("john"), client_id="app",
+        issuer="https://as.example.com", token_id="jti-1", binding="dpop", verifier="bearer", cache="hit",
+        aal=2, ial=1, duration_ms=0.25,
+    )
+    fields.update(overrides)
+    return AuditEvent(**fields)
+
+
+def deny_security_event() -> AuditEvent:
+    return AuditEvent(decision="deny", reason="dpop_bound_token_as_bearer", status=401, method="GET",
+                      route="/payments", rule_id="payments", security=True)
+
+
+class TestStructlogAuditSink:
+    def test_allow_is_one_info_event_named_ztmw_decision(self) -> None:
+        sink = StructlogAuditSink()
+        with capture_logs() as logs:
+            sink.emit(allow_event())
+        assert len(logs) == 1
+        entry = logs[0]
+        assert entry["event"] == "ztmw.decision"
+        assert entry["log_level"] == "info"
+        assert entry["decision"] == "allow"
+        assert entry["rule_id"] == "own-transactions"
+        assert entry["status"] == 200
+        assert entry["aal"] == 2 and entry["ial"] == 1
+        assert entry["binding"] == "dpop" and entry["cache"] == "hit"
+        assert entry["subject"] == hash_subject("john")
+
+    def test_plain_deny_is_info_too(self) -> None:
+        with capture_logs() as logs:
+            StructlogAuditSink().emit(AuditEvent(decision="deny", reason="no_rule", status=403, method="GET",
+                                                 route="/x"))
+        assert [(e["event"], e["log_level"], e["reason"]) for e in logs] == [("ztmw.decision", "info", "no_rule")]
+
+    def test_security_event_is_a_warning_named_ztmw_security(self) -> None:
+        with capture_logs() as logs:
+            StructlogAuditSink().emit(deny_security_event())
+        assert len(logs) == 1
+        assert logs[0]["event"] == "ztmw.security"
+        assert logs[0]["log_level"] == "warning"
+        assert logs[0]["reason"] == "dpop_bound_token_as_bearer"
+        assert logs[0]["decision"] == "deny"
+
+    def test_none_fields_and_the_security_flag_are_left_out(self) -> None:
+        with capture_logs() as logs:
+            StructlogAuditSink().emit(deny_security_event())
+        entry = logs[0]
+        assert "security" not in entry
+        assert not [k for k, v in entry.items() if v is None]
+        assert "subject" not in entry and "token_id" not in entry
+
+    def test_a_given_logger_is_used(self) -> None:
+        with capture_logs() as logs:
+            StructlogAuditSink(logger=structlog.get_logger("custom").bind(app="shop")).emit(allow_event())
+        assert logs[0]["app"] == "shop"
+
+    def test_a_sink_whose_logger_raises_does_not_raise(self) -> None:
+        class Broken:
+            def info(self, *args: object, **kwargs: object) -> None:
+                raise RuntimeError("disk full")
+
+            def warning(self, *args: object, **kwargs: object) -> None:
+                raise OSError("socket closed")
+
+        sink = StructlogAuditSink(logger=Broken())
+        sink.emit(allow_event())
+        sink.emit(deny_security_event())
+
+    def test_sink_has_a_plugin_name(self) -> None:
+        assert StructlogAuditSink.name == "structlog"
+
+
+def test_sec_03_audit_events_have_no_field_for_a_token_or_proof() -> None:
+    names = {f.name for f in dataclasses.fields(AuditEvent)}
+    assert not {"token", "access_token", "proof", "dpop", "authorization", "query", "claims"} & names
+
+
+class TestSubjectForAudit:
+    def test_hash_is_a_stable_pseudonym(self) -> None:
+        first, second = subject_for_audit("john", "hash"), subject_for_audit("john", "hash")
+        assert first == second == hash_subject("john")
+        assert first is not None and "john" not in first
+        assert first.startswith("sha256:")
+
+    def test_hash_differs_per_subject(self) -> None:
+        assert subject_for_audit("john", "hash") != subject_for_audit("jane", "hash")
+
+    def test_plain_keeps_the_subject(self) -> None:
+        assert subject_for_audit("john", "plain") == "john"
+
+    def test_omit_drops_the_subject(self) -> None:
+        assert subject_for_audit("john", "omit") is None
+
+    @pytest.mark.parametrize("mode", ["hash", "plain", "omit"])
+    def test_no_subject_stays_none(self, mode: Any) -> None:
+        assert subject_for_audit(None, mode) is None
+
+    @pytest.mark.parametrize("subject", ["", "é", "\U0001f600", "x" * 10_000, "\udcff"])
+    def test_hash_of_odd_subjects(self, subject: str) -> None:
+        assert hash_subject(subject).startswith("sha256:")
+
+    @pytest.mark.xfail(
+        strict=True,
+        reason="BUG (latent: JWT claims are surrogate-free after ztmw.jws, other verifiers' claims may not be): "
+        "ztmw/audit.py hash_subject encodes with utf-8/surrogateescape, which only maps U+DC80..U+DCFF, so "
+        "hash_subject('\\ud800') raises UnicodeEncodeError inside Pipeline.audit",
+    )
+    def test_hash_never_raises_on_a_lone_high_surrogate(self) -> None:
+        assert hash_subject("\ud800").startswith("sha256:")
