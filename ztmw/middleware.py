@@ -146,7 +146,10 @@ async def _call_handler(
     finally:
         pipeline.audit(view, outcome, status, started)
     if not response.prepared:
-        response.headers.update(pipeline.response_headers(view, True))
+        extra = pipeline.response_headers(view, True)
+        response.headers.update(extra)
+        if "DPoP-Nonce" in extra:
+            response.headers["Cache-Control"] = "no-store"  # RFC 9449 §8.2: a nonce must not be cached
         if view.client_certificate is not None and view.client_certificate.source == "header":
             response.headers.add("Vary", pipeline.config.mtls.header)  # RFC 9440 §2.4
     return response
