@@ -161,7 +161,6 @@ async def test_valid_token_fills_every_field(issuer: DevIssuer, verifier: Bearer
         auth_time=clock.now - 10, acr="urn:acr:2", amr=("pwd", "otp"), cnf={"jkt": "x" * 43},
         actor={"sub": "svc"}, claims=decode(token)[1], key_id=issuer.kid, leeway=30.0,
     )
-    assert result.claims["groups"] == ["g"]  # AT-12: authorization claims reach the policy
 
 
 async def test_verifier_shape_and_result_depends_only_on_the_token(issuer: DevIssuer,
@@ -443,10 +442,10 @@ async def test_jwks_04_token_alg_must_equal_the_jwk_alg(clock: FakeClock, make_v
     assert (await verifier.verify_token(good)).key_id == "ps"
 
 
-async def test_bcp_02_only_asymmetric_algorithms_can_be_configured() -> None:
-    from ztmw.config import ASYMMETRIC_ALGORITHMS
-
-    assert not {"none", "HS256", "HS384", "HS512"} & ASYMMETRIC_ALGORITHMS
+@pytest.mark.parametrize("alg", ["none", "HS256", "HS512", "es256"])
+async def test_bcp_02_only_current_asymmetric_algorithms_can_be_configured(alg: str) -> None:
+    with pytest.raises(ConfigurationError):
+        make_config(table("https://as.example.com/jwks", algorithms=["ES256", alg]))
 
 
 async def test_bcp_03_any_cryptographic_failure_rejects(issuer: DevIssuer, verifier: BearerVerifier) -> None:
@@ -507,6 +506,12 @@ async def test_bcp_13_id_token_is_stopped_by_typ_and_aud(issuer: DevIssuer, make
     await rejects(strict, id_token, "wrong_token_type")
     legacy = await make_verifier(issuer.issuer_config(profile="jwt"))
     await rejects(legacy, id_token, "audience_mismatch")
+
+
+async def test_at_12_authorization_claims_reach_the_policy(issuer: DevIssuer, verifier: BearerVerifier) -> None:
+    extra = {"groups": ["admins"], "roles": ["r"], "entitlements": ["e"]}
+    result = await verifier.verify_token(issuer.mint(scope="a", claims=extra))
+    assert {k: result.claims[k] for k in extra} == extra and result.scopes == {"a"}
 
 
 async def test_at_13_id_token_is_never_accepted(issuer: DevIssuer, make_verifier: Any) -> None:
@@ -844,8 +849,11 @@ async def test_mutated_tokens_only_ever_raise_invalid_token(issuer: DevIssuer, v
         chars = list(token)
         for _ in range(rng.randint(1, 3)):
             chars[rng.randrange(len(chars))] = rng.choice(alphabet)
+        mutated = "".join(chars)
+        if mutated == token:  # the random character happened to be the one already there
+            continue
         with pytest.raises(InvalidToken):
-            await verifier.verify_token("".join(chars))
+            await verifier.verify_token(mutated)
 
 
 @pytest.mark.parametrize("value", ["", ".", "..", "...", "\x00", "é.é.é", "a" * 20000, None, 5, b"a.b.c"])

@@ -284,6 +284,13 @@ async def test_missing_jwks_file_stops_start_up(tmp_path: Any, make_keyset: Any)
 
 # -- KeySet from a URI ------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("uri", ["http://as.example.com/jwks", "http://10.0.0.1/jwks", "ftp://127.0.0.1/jwks"])
+def test_jwks_09_jwks_uri_must_be_https_except_on_loopback(uri: str) -> None:
+    with pytest.raises(ConfigurationError):
+        issuer_config(jwks_uri=uri)
+    assert issuer_config(jwks_uri="http://localhost:8080/jwks").jwks_uri == "http://localhost:8080/jwks"
+
+
 async def test_jwks_09_keys_are_fetched_at_start_up(make_keyset: Any) -> None:
     async with DevIssuer() as issuer:
         keyset = await make_keyset(issuer_config(jwks_uri=issuer.jwks_uri))
