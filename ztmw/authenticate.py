@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 from .cache import MemoryVerificationCache, token_key
-from .client_cert import certificate_thumbprint
+from .client_cert import describe_certificate
 from .errors import AuthError, InvalidToken, TokenBindingMismatch, UpstreamUnavailable
 from .models import Binding, Caller, Credential, Principal, RequestView, VerifiedToken
 from .typing import BindingVerifier, Clock, IdentityResolver, TokenVerifier
@@ -65,14 +65,20 @@ class Authenticator:
         except Exception:  # a plugin bug must deny, never allow and never answer 500 (SEC-07)
             self._log.exception("ztmw.verifier_error")  # type: ignore[attr-defined]
             raise InvalidToken("verifier_error", scheme=credential.scheme) from None
-        if cert_thumbprint is None and request.client_certificate is not None:
-            cert_thumbprint = certificate_thumbprint(request.client_certificate.der)
+        certificate = None
+        if request.client_certificate is not None:
+            try:
+                certificate = describe_certificate(request.client_certificate.der)
+                cert_thumbprint = cert_thumbprint or certificate.thumbprint
+            except ValueError:  # the TLS layer handed over something that is not X.509: no caller certificate
+                certificate = None
         caller = Caller(
             client_id=verified.client_id,
             proof=proof,
             key_thumbprint=key_thumbprint,
             certificate_thumbprint=cert_thumbprint,
             actor=verified.actor,
+            certificate=certificate,
         )
         principal = Principal(
             subject=subject, issuer=verified.issuer, token=verified, caller=caller, raw_subject=verified.subject,

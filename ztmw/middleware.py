@@ -150,9 +150,14 @@ async def _call_handler(
         response.headers.update(extra)
         if "DPoP-Nonce" in extra:
             response.headers["Cache-Control"] = "no-store"  # RFC 9449 §8.2: a nonce must not be cached
-        if view.client_certificate is not None and view.client_certificate.source == "header":
-            response.headers.add("Vary", pipeline.config.mtls.header)  # RFC 9440 §2.4
+        _vary_on_certificate_header(pipeline, response)
     return response
+
+
+def _vary_on_certificate_header(pipeline: Pipeline, response: web.StreamResponse) -> None:
+    """RFC 9440 §2.4: any response may depend on a forwarded certificate, so caches must key on it."""
+    if pipeline.mtls_enabled and pipeline.config.mtls.source == "header":
+        response.headers.add("Vary", pipeline.config.mtls.header)
 
 
 def _error_response(pipeline: Pipeline, error: AuthError | UpstreamUnavailable) -> web.Response:
@@ -169,6 +174,7 @@ def _error_response(pipeline: Pipeline, error: AuthError | UpstreamUnavailable) 
     response = web.Response(status=rendered.status, text=json.dumps(body), content_type="application/json")
     for name, value in rendered.headers:
         response.headers.add(name, value)
+    _vary_on_certificate_header(pipeline, response)
     return response
 
 

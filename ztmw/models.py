@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Mapping
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .client_cert import CertificateInfo
 
 Binding = Literal["dpop", "mtls"]
 """How a caller proved possession of the key a token is bound to."""
@@ -109,6 +112,8 @@ class Caller:
     key_thumbprint: str | None = None
     certificate_thumbprint: str | None = None
     actor: Mapping[str, Any] | None = None
+    certificate: "CertificateInfo | None" = None
+    """The certificate the caller presented (subject, SANs), even when the token is not bound to it."""
 
 
 @dataclass(frozen=True, slots=True)
