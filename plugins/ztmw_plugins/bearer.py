@@ -18,7 +18,6 @@ from ztmw.errors import ConfigurationError, InvalidToken, UpstreamUnavailable
 from ztmw.jws import (
     MalformedJWS,
     b64url_decode,
-    key_fits_algorithm,
     media_type_is,
     numeric_date,
     parse_compact,
@@ -36,10 +35,10 @@ _RFC9068_REQUIRED = ("sub", "client_id", "iat", "jti")
 
 
 def create(settings: Mapping[str, Any], deps: PluginDeps) -> BearerVerifier:
-    """Entry point `ztmw.verifiers: bearer`. The plugin has no settings of its own; issuers come from config."""
+    """Entry point `ztmw.verifiers: bearer`. No settings of its own: issuers come from the shared config."""
     unknown = sorted(set(settings) - _SETTINGS)
     if unknown:
-        raise ConfigurationError(f"unknown key plugins.bearer.{unknown[0]} (the bearer plugin takes no settings)")
+        raise ConfigurationError(f"unknown key plugins.bearer.{unknown[0]} (bearer takes no settings)")
     if not deps.config.issuers:
         raise ConfigurationError("issuers: the bearer verifier needs at least one [[issuers]] table")
     return BearerVerifier(deps)
@@ -75,13 +74,13 @@ class BearerVerifier:
             return await self._verify(token)
         except (InvalidToken, UpstreamUnavailable):
             raise
-        except Exception as exc:  # a client must never cause anything but invalid_token; a bug here still fails closed
+        except Exception as exc:  # no client input may become a 500; a bug here still fails closed
             self._log.error("bearer_unexpected_error", error=type(exc).__name__)
             raise InvalidToken("malformed_token") from None
 
     async def _verify(self, token: str) -> VerifiedToken:
         try:
-            jws = parse_compact(token)  # JOSE-01..06, 09, 19: strict segments, base64url, JSON; JWE/crit/nested refused
+            jws = parse_compact(token)  # JOSE-01..06, 09, 19; JWE, crit and nested JWTs refused
         except MalformedJWS as exc:
             if exc.reason == "unsupported_crit":
                 raise InvalidToken("unsupported_crit") from None
@@ -112,14 +111,14 @@ class BearerVerifier:
             if kid is not None and self._known_elsewhere(kid, issuer):
                 raise InvalidToken("unknown_key", security=True) from None
             raise
-        if alg not in found.algorithms or not key_fits_algorithm(found.key, alg):  # algorithm confusion (BCP-01)
+        if alg not in found.algorithms:  # kid names a key of another type or JWK alg (BCP-01, JWKS-04)
             raise InvalidToken("unsupported_algorithm", security=True)
         if not verify_signature(jws, found.key, alg):
             raise InvalidToken("bad_signature")
         return self._claims(token, claims, issuer, iss, kid)
 
     def _known_elsewhere(self, kid: str, issuer: _Issuer) -> bool:
-        """A kid of another configured issuer under this `iss`: a cross-issuer substitution attempt (BCP-07)."""
+        """A kid of another configured issuer under this `iss`: a cross-issuer substitution (BCP-07)."""
         return any(other.keys.knows(kid) for other in self._issuers.values() if other is not issuer)
 
     def _claims(self, token: str, claims: Mapping[str, Any], issuer: _Issuer, iss: str,
@@ -131,8 +130,9 @@ class BearerVerifier:
                 if name not in claims:
                     raise InvalidToken("missing_claim")
 
-        exp = _date(claims, "exp", required=True)
-        assert exp is not None
+        exp = _date(claims, "exp")
+        if exp is None:
+            raise InvalidToken("missing_claim")
         if exp <= now - leeway:  # JOSE-15, AT-06
             raise InvalidToken("token_expired")
         nbf = _date(claims, "nbf")
@@ -182,12 +182,12 @@ class BearerVerifier:
 
 
 def _never_allowed(alg: Any) -> bool:
-    """`none` and HMAC in any spelling: an access token from an AS is never unsigned or MAC'd (AT-09, JOSE-13)."""
+    """`none` and HMAC in any spelling: an access token is never unsigned or MAC'd (AT-09, JOSE-13)."""
     return isinstance(alg, str) and (alg.lower() == "none" or alg.upper().startswith("HS"))
 
 
 def _unsecured(token: str) -> bool:
-    """Whether a token that failed to parse is an unsecured JWS (empty signature, alg none): a security signal.
+    """Whether a token that failed to parse is an unsecured JWS (empty signature, alg none).
 
     `parse_compact` refuses the empty signature segment before anyone looks at `alg`; this second look runs
     only on that failure path, so audit can tell an attack from garbage.
@@ -202,7 +202,7 @@ def _unsecured(token: str) -> bool:
 
 
 def _check_type(typ: Any, strict: bool) -> None:
-    """AT-01/AT-13/BCP-11: rfc9068 wants at+jwt; the legacy profile also takes JWT or no typ, never another type."""
+    """AT-01/AT-13/BCP-11: rfc9068 wants at+jwt; the legacy profile also takes JWT or no typ, nothing else."""
     if media_type_is(typ, "at+jwt"):
         return
     if not strict and (typ is None or media_type_is(typ, "jwt")):
@@ -217,7 +217,7 @@ def _required(claims: Mapping[str, Any], name: str, kind: type) -> Any:
 
 
 def _optional(claims: Mapping[str, Any], name: str, kind: type) -> Any:
-    """The claim if present and of `kind` (`str` must also be non-empty); None if absent; else invalid_claim."""
+    """The claim if present and of `kind` (a `str` non-empty); None if absent; else invalid_claim."""
     value = claims.get(name)
     if value is None:
         if name in claims:
@@ -228,11 +228,9 @@ def _optional(claims: Mapping[str, Any], name: str, kind: type) -> Any:
     return value
 
 
-def _date(claims: Mapping[str, Any], name: str, *, required: bool = False) -> float | None:
-    """A NumericDate claim (JOSE-14: booleans, strings, NaN and huge values refused)."""
+def _date(claims: Mapping[str, Any], name: str) -> float | None:
+    """A NumericDate claim, None when absent (JOSE-14: booleans, strings, null, NaN, huge values refused)."""
     if name not in claims:
-        if required:
-            raise InvalidToken("missing_claim")
         return None
     value = numeric_date(claims[name])
     if value is None:

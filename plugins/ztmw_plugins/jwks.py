@@ -2,10 +2,10 @@
 
 A `KeySet` holds the keys of exactly one issuer (RFC 8725 §3.8: a key is only ever looked up in the set of the
 issuer the token names). Keys are imported into joserfc key objects once per fetch, so the hot path is a dict
-lookup. Fetching is defensive because the key server is a network peer like any other: no redirects, a size cap,
-a key-count cap, a timeout, and every key that is not an unambiguous, canonical, verification-only asymmetric
-key is dropped (checklist JWKS-01..13). A failed fetch never throws keys away (stale-if-error), and an unknown
-`kid` can cause at most one fetch per cooldown, shared by every request that is waiting for it (JWKS-10).
+lookup. Fetching is defensive because the key server is a network peer like any other: no redirects, a size
+cap, a key-count cap, a timeout, and every key that is not an unambiguous, canonical, verification-only
+asymmetric key is dropped (checklist JWKS-01..13). A failed fetch never throws keys away (stale-if-error),
+and an unknown `kid` can cause at most one fetch per cooldown, shared by every request waiting for it (JWKS-10).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def parse_jwks(document: Any, *, pins: tuple[str, ...] = ()) -> KeyIndex:
 
 def _usable_key(entry: Any) -> PublicKey | None:
     """One JWK, or None when it is not an asymmetric verification key in canonical form (JWKS-01..07, 11)."""
-    if not isinstance(entry, Mapping) or entry.get("kty") not in _KEY_TYPES:  # unknown kty and `oct` (JWKS-07)
+    if not isinstance(entry, Mapping) or entry.get("kty") not in _KEY_TYPES:  # unknown kty, `oct` (JWKS-07)
         return None
     if "use" in entry and entry["use"] != "sig":
         return None
@@ -177,7 +177,7 @@ class KeySet:
         raise InvalidToken("unknown_key")
 
     async def start(self) -> None:
-        """Start-up hook: first fetch; on failure, keep retrying in the background instead of failing start-up."""
+        """Start-up hook: first fetch; on failure, retry in the background instead of failing start-up."""
         if not await self._refresh():
             self._retry_task = asyncio.create_task(self._retry_until_loaded())
 

@@ -55,7 +55,8 @@ class DevIssuer:
     """A development issuer: `async with DevIssuer() as issuer: token = issuer.mint(scope="read")`.
 
     `issuer` defaults to the loopback origin it listens on; pass one explicitly to use the issuer without a
-    server (for a `jwks_file`, say). `clock` sets iat/nbf/exp, so tests can share a fake clock with the verifier.
+    server (for a `jwks_file`, say). `clock` sets iat/nbf/exp, so a test can share its fake clock with a
+    verifier.
     """
 
     def __init__(
