@@ -5,7 +5,7 @@ issuer the token names). Keys are imported into joserfc key objects once per fet
 lookup. Fetching is defensive because the key server is a network peer like any other: no redirects, a size
 cap, a key-count cap, a timeout, and every key that is not an unambiguous, canonical, verification-only
 asymmetric key is dropped (checklist JWKS-01..13). A failed fetch never throws keys away (stale-if-error),
-and an unknown `kid` can cause at most one fetch per cooldown, shared by all requests waiting for it (JWKS-10).
+and an unknown `kid` can cause at most one fetch per cooldown, shared by all requests that wait (JWKS-10).
 """
 
 from __future__ import annotations
