@@ -1,4 +1,4 @@
-"""The verification cache: bounded LRU, never past exp or max_ttl, keyed by SHA-256 (INTRO-06, INTRO-09, SEC-03)."""
+"""The verification cache: bounded LRU, never past exp or max_ttl, keyed by SHA-256 (INTRO-06/09, SEC-03)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ def verified(exp: float = NOW + 3600, *, issuer: str = "https://as", key_id: str
                          claims={"sub": subject, "exp": exp, "scope": "a b"})
 
 
-def make(max_entries: int = 10, max_ttl: float = 300, clock: FakeClock | None = None) -> MemoryVerificationCache:
+def make(
+    max_entries: int = 10, max_ttl: float = 300, clock: FakeClock | None = None
+) -> MemoryVerificationCache:
     return MemoryVerificationCache(max_entries=max_entries, max_ttl=max_ttl, clock=clock or FakeClock())
 
 

@@ -1,4 +1,4 @@
-"""Challenge rendering: every row of the response catalogue (spec-checklist §0), parsed back field by field."""
+"""Challenge rendering: every row of the response catalogue (checklist §0), parsed back field by field."""
 
 from __future__ import annotations
 
@@ -77,7 +77,8 @@ def header_values(response: ErrorResponse, name: str) -> list[str]:
 
 
 def renderer(*, dpop: bool = True, prm: bool = False, realm: str = REALM) -> ChallengeRenderer:
-    return ChallengeRenderer(realm=realm, dpop_algs=ALGS if dpop else None, resource_metadata=PRM if prm else None)
+    return ChallengeRenderer(realm=realm, dpop_algs=ALGS if dpop else None,
+                             resource_metadata=PRM if prm else None)
 
 
 class TestParser:
@@ -214,7 +215,8 @@ class TestDPoPProof:
         response = renderer().render(InvalidDPoPProof("invalid_dpop_proof", scheme="dpop"))
         assert response.status == 401
         assert challenges(response) == {
-            "dpop": {"algs": "ES256 PS256", "error": "invalid_dpop_proof", "error_description": "Invalid DPoP proof"}}
+            "dpop": {"algs": "ES256 PS256", "error": "invalid_dpop_proof",
+                     "error_description": "Invalid DPoP proof"}}
 
     def test_resp_07_invalid_proof_names_dpop_even_without_a_scheme(self) -> None:
         response = renderer().render(InvalidDPoPProof())
@@ -256,7 +258,8 @@ class TestDPoPProof:
 
 class TestInsufficientScope:
     def test_resp_06_insufficient_scope_is_403_with_scope(self) -> None:
-        response = renderer().render(InsufficientScope(scheme="bearer", params={"scope": "payments:write a:b"}))
+        error = InsufficientScope(scheme="bearer", params={"scope": "payments:write a:b"})
+        response = renderer().render(error)
         assert response.status == 403
         assert challenges(response) == {"bearer": {
             "realm": REALM, "error": "insufficient_scope", "error_description": "Insufficient scope",
@@ -284,7 +287,8 @@ class TestInsufficientScope:
 class TestStepUp:
     def test_step_02_acr_values_challenge(self) -> None:
         # VEC-9470-1, first example
-        response = renderer().render(InsufficientUserAuthentication(scheme="bearer", params={"acr_values": "myACR"}))
+        error = InsufficientUserAuthentication(scheme="bearer", params={"acr_values": "myACR"})
+        response = renderer().render(error)
         assert response.status == 401
         found = challenges(response)
         assert found["bearer"] == {
@@ -329,8 +333,8 @@ class TestAccessDenied:
     @pytest.mark.parametrize("reason", ["no_rule", "not_owner", "client_not_allowed", "access_denied"])
     @pytest.mark.parametrize("dpop", [True, False])
     def test_access_denied_is_403_without_a_challenge(self, reason: str, dpop: bool) -> None:
-        response = ChallengeRenderer(realm=REALM, dpop_algs=ALGS if dpop else None, resource_metadata=PRM).render(
-            AccessDenied(reason, scheme="bearer"))
+        rendering = ChallengeRenderer(realm=REALM, dpop_algs=ALGS if dpop else None, resource_metadata=PRM)
+        response = rendering.render(AccessDenied(reason, scheme="bearer"))
         assert response.status == 403
         assert response.headers == ()
 
@@ -375,7 +379,9 @@ class TestCatalogueInvariants:
                 if name in params:
                     assert DESCRIPTION_CHARSET.fullmatch(params[name])
 
-    def test_resp_15_at_most_one_scheme_carries_the_error_unless_ambiguous(self, error: AuthError, prm: bool) -> None:
+    def test_resp_15_at_most_one_scheme_carries_the_error_unless_ambiguous(
+        self, error: AuthError, prm: bool
+    ) -> None:
         carriers = [s for s, p in challenges(renderer(prm=prm).render(error)).items() if "error" in p]
         if error.error is None:
             assert carriers == []
@@ -416,7 +422,8 @@ def test_resp_16_descriptions_table_is_in_the_charset() -> None:
     "renders the parameter twice in one challenge (RESP-16 MUST NOT)",
 )
 @pytest.mark.parametrize(("name", "scheme"), [
-    ("realm", "bearer"), ("error", "bearer"), ("error_description", "bearer"), ("resource_metadata", "bearer"),
+    ("realm", "bearer"), ("error", "bearer"), ("error_description", "bearer"),
+    ("resource_metadata", "bearer"),
     ("algs", "dpop"), ("error", "dpop"),
 ])
 def test_resp_16_error_params_cannot_repeat_a_standard_parameter(name: str, scheme: str) -> None:
@@ -434,7 +441,8 @@ class TestQuoting:
     def test_realm_with_quote_and_backslash_round_trips(self) -> None:
         realm = 'my "special" realm \\ here'
         response = renderer(realm=realm).render(MissingCredentials())
-        assert header_values(response, "WWW-Authenticate")[0] == 'Bearer realm="my \\"special\\" realm \\\\ here"'
+        expected = 'Bearer realm="my \\"special\\" realm \\\\ here"'
+        assert header_values(response, "WWW-Authenticate")[0] == expected
         assert challenges(response)["bearer"] == {"realm": realm}
 
 

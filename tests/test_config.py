@@ -357,7 +357,8 @@ OUT_OF_RANGE: list[tuple[dict[str, Any], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("data", "key"), OUT_OF_RANGE, ids=[o[1] + str(i) for i, o in enumerate(OUT_OF_RANGE)])
+@pytest.mark.parametrize(("data", "key"), OUT_OF_RANGE,
+                         ids=[o[1] + str(i) for i, o in enumerate(OUT_OF_RANGE)])
 def test_out_of_range_number_is_refused_naming_the_key(data: dict[str, Any], key: str) -> None:
     refuses(data, key, "between")
 
@@ -454,8 +455,9 @@ class TestRules:
 
     @pytest.mark.xfail(
         strict=True,
-        reason="BUG: ztmw/config.py _Reader.rule's public-rule check omits subject_type and allow_delegation, "
-        "so `public = true, subject_type = \"user\"` loads and the requirement is silently ignored "
+        reason="BUG: ztmw/config.py _Reader.rule's public-rule check omits subject_type and "
+        "allow_delegation, so `public = true, subject_type = \"user\"` loads and the requirement is "
+        "silently ignored "
         "(RulePolicy.decide returns 'public' before looking at it)",
     )
     @pytest.mark.parametrize("requirement", [{"subject_type": "user"}, {"subject_type": "client"},
@@ -489,7 +491,8 @@ class TestRules:
     ("identifier", "url"),
     [
         ("https://resource.example.com", "https://resource.example.com/.well-known/oauth-protected-resource"),
-        ("https://resource.example.com/", "https://resource.example.com/.well-known/oauth-protected-resource"),
+        ("https://resource.example.com/",
+         "https://resource.example.com/.well-known/oauth-protected-resource"),
         ("https://resource.example.com/resource1",
          "https://resource.example.com/.well-known/oauth-protected-resource/resource1"),
         ("https://resource.example.com/a/b/",
@@ -498,7 +501,9 @@ class TestRules:
          "https://resource.example.com:8443/.well-known/oauth-protected-resource/api"),
     ],
 )
-def test_prm_01_metadata_url_inserts_the_well_known_segment_before_the_path(identifier: str, url: str) -> None:
+def test_prm_01_metadata_url_inserts_the_well_known_segment_before_the_path(
+    identifier: str, url: str
+) -> None:
     config = load_config({"resource": {"identifier": identifier}})
     assert config.metadata_url == url
     assert config.metadata_path == url.split("example.com", 1)[1].split(":8443", 1)[-1]
@@ -539,7 +544,8 @@ def test_public_origin_defaults_to_the_origin_of_the_identifier(identifier: str,
 
 
 def test_explicit_public_origin_is_kept_without_a_trailing_slash() -> None:
-    config = load_config({"resource": {"identifier": IDENTIFIER, "public_origin": "https://edge.example.com/"}})
+    config = load_config(
+        {"resource": {"identifier": IDENTIFIER, "public_origin": "https://edge.example.com/"}})
     assert config.resource.public_origin == "https://edge.example.com"
 
 

@@ -47,7 +47,9 @@ def _all_subclasses(cls: type) -> set[type]:
 
 
 @pytest.mark.parametrize(("cls", "status", "error"), CATALOGUE, ids=lambda v: getattr(v, "__name__", str(v)))
-def test_status_and_error_code_follow_the_catalogue(cls: type[AuthError], status: int, error: str | None) -> None:
+def test_status_and_error_code_follow_the_catalogue(
+    cls: type[AuthError], status: int, error: str | None
+) -> None:
     instance = cls(nonce="n") if cls is UseDPoPNonce else cls()
     assert instance.status == status
     assert instance.error == error

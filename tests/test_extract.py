@@ -1,4 +1,4 @@
-"""Credential extraction: the strict RFC 6750 §2.1 / RFC 9449 §7.1 Authorization grammar (spec-checklist §1)."""
+"""Credential extraction: the strict RFC 6750 §2.1 / RFC 9449 §7.1 Authorization grammar (checklist §1)."""
 
 from __future__ import annotations
 
@@ -163,7 +163,7 @@ def test_http_07_dpop_header_alone_is_no_credentials() -> None:
 
 # -- RESP-01: unsupported schemes are "no credentials" ----------------------------------------------------
 
-@pytest.mark.parametrize("value", ["Basic dXNlcjpwYXNz", "Digest username=\"x\"", "Negotiate abc", "MAC id=x"])
+@pytest.mark.parametrize("value", ["Basic dXNlcjpwYXNz", 'Digest username="x"', "Negotiate abc", "MAC id=x"])
 def test_resp_01_unsupported_scheme_is_no_credentials(value: str) -> None:
     assert extract(value) is None
 

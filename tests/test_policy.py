@@ -1,4 +1,4 @@
-"""Deny-by-default rules (DESIGN.md §4.5): matching, and every requirement a rule can carry (STEP-*, AMR-04)."""
+"""Deny-by-default rules (DESIGN.md §4.5): matching, and every requirement a rule can carry (STEP, AMR)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ def principal(
         actor=actor,
     )
     caller = Caller(client_id=client_id, proof=binding, actor=actor)
-    return Principal(subject=subject, issuer=ISSUER, token=token, caller=caller, raw_subject=raw_subject or subject)
+    return Principal(subject=subject, issuer=ISSUER, token=token, caller=caller,
+                     raw_subject=raw_subject or subject)
 
 
 def request(pattern: str = "/things", method: str = "GET", **match_info: str) -> RequestView:
@@ -268,10 +269,12 @@ class TestCaller:
         assert info.value.reason == "user_required"
 
     def test_user_route_allows_a_user_token(self) -> None:
-        assert decide(Rule(id="u", path="/u", subject_type="user"), principal("john", client_id="app")).allowed
+        rule = Rule(id="u", path="/u", subject_type="user")
+        assert decide(rule, principal("john", client_id="app")).allowed
 
     def test_client_route_allows_a_client_token(self) -> None:
-        assert decide(Rule(id="c", path="/c", subject_type="client"), principal("svc", client_id="svc")).allowed
+        rule = Rule(id="c", path="/c", subject_type="client")
+        assert decide(rule, principal("svc", client_id="svc")).allowed
 
     def test_client_route_refuses_a_user_token(self) -> None:
         with pytest.raises(AccessDenied) as info:
@@ -341,7 +344,8 @@ class TestStepUp:
         assert info.value.params["acr_values"] == "urn:a urn:b"
 
     def test_step_02_acr_in_the_rule_list_allows(self) -> None:
-        assert decide(Rule(id="s", path="/s", acr_values=("urn:a", "urn:b")), principal(), trust(acr="urn:b")).allowed
+        rule = Rule(id="s", path="/s", acr_values=("urn:a", "urn:b"))
+        assert decide(rule, principal(), trust(acr="urn:b")).allowed
 
     def test_step_02_missing_acr_on_an_acr_route_is_step_up(self) -> None:
         with pytest.raises(InsufficientUserAuthentication):
@@ -349,7 +353,8 @@ class TestStepUp:
 
     def test_step_11_acr_is_compared_exactly_and_case_sensitively(self) -> None:
         rule = Rule(id="s", path="/s", acr_values=("urn:example:acr:BankID",))
-        for acr in ("urn:example:acr:bankid", "urn:example:acr:BankID ", "urn:example:acr:Bank", "URN:example:acr:BankID"):
+        for acr in ("urn:example:acr:bankid", "urn:example:acr:BankID ", "urn:example:acr:Bank",
+                    "URN:example:acr:BankID"):
             with pytest.raises(InsufficientUserAuthentication):
                 decide(rule, principal(), trust(aal=3, ial=3, acr=acr))
 

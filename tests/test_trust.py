@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from ztmw import load_config
 from ztmw.config import Levels, TrustConfig
-from ztmw.models import ANONYMOUS_TRUST, Binding, Caller, Principal, RequestView, RouteRef, VerifiedToken
+from ztmw.models import (
+    ANONYMOUS_TRUST,
+    Binding,
+    Caller,
+    Principal,
+    RequestView,
+    RouteRef,
+    TrustAssessment,
+    VerifiedToken,
+)
 from ztmw.trust import MappingTrustEvaluator
 
 NOW = 1_700_000_000.0
@@ -37,8 +48,8 @@ def principal(*, acr: str | None = None, amr: tuple[str, ...] = (), auth_time: f
                      caller=Caller(client_id="app", proof=binding), raw_subject="john")
 
 
-def evaluate(config: TrustConfig = CONFIG, clock: FakeClock | None = None, **claims: object):  # type: ignore[no-untyped-def]
-    return MappingTrustEvaluator(config, clock or FakeClock()).evaluate(principal(**claims), REQUEST)  # type: ignore
+def evaluate(config: TrustConfig = CONFIG, clock: FakeClock | None = None, **claims: Any) -> TrustAssessment:
+    return MappingTrustEvaluator(config, clock or FakeClock()).evaluate(principal(**claims), REQUEST)
 
 
 @pytest.mark.parametrize(
