@@ -1,0 +1,495 @@
+"""DPoP end to end (RFC 9449; checklist §0 and §7): `ztmw.setup` on a real aiohttp server, a real client.
+
+The server listens on a fixed free loopback port so that `resource.public_origin` (what `htu` is compared
+with, DPOP-10) can be configured before `setup()`; every test checks that the origin really is the one the
+client talks to. Proofs are made by `ztmw.testing.DPoPKey`, which shares no code with the verifier. The
+FakeClock drives the issuer, the verifier and the proofs' `iat`, so nonce windows move only when a test
+says so.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from structlog.testing import capture_logs
+
+import ztmw
+from ztmw.testing import DevIssuer, DPoPKey, FakeClock
+
+from .conftest import base_config, items_app
+
+METADATA_URL = "https://api.example.com/.well-known/oauth-protected-resource"
+DEFAULT_ALGS = "ES256 EdDSA PS256"
+NONCE_SECRET_ENV = "ZTMW_TEST_E2E_DPOP_NONCE_SECRET"
+NONCE_LIFETIME = 60
+
+
+_PARAM = r'([A-Za-z_]+)="((?:[^"\\]|\\.)*)"'
+
+
+def challenges(response: Any) -> dict[str, dict[str, str]]:
+    """Parse WWW-Authenticate field lines (one scheme per line) into {scheme: {param: value}}."""
+    parsed: dict[str, dict[str, str]] = {}
+    for line in response.headers.getall("WWW-Authenticate", []):
+        scheme, _, rest = line.partition(" ")
+        assert re.fullmatch(rf"{_PARAM}(?:\s*,\s*{_PARAM})*", rest), f"not a list of auth-params: {line!r}"
+        params: dict[str, str] = {}
+        for match in re.finditer(_PARAM, rest):
+            assert match.group(1) not in params, f"parameter repeated in {line!r} (RESP-16)"
+            params[match.group(1)] = re.sub(r"\\(.)", r"\1", match.group(2))
+        assert scheme not in parsed, "one field line per scheme (RESP-03)"
+        parsed[scheme] = params
+    return parsed
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Api:
+    """A protected app on a real server, and what a client needs to talk to it."""
+
+    client: Any
+    origin: str
+    clock: FakeClock
+    last_audit: dict[str, Any] | None = None
+    """The audit event of the last request: which check refused it (a test cannot pass for another reason)."""
+    events: list[dict[str, Any]] = field(default_factory=list)
+    """Every structlog event of every request so far."""
+
+    def url(self, path: str) -> str:
+        return self.origin + path
+
+    def proof(self, key: DPoPKey, method: str, path: str, token: str | None, **kwargs: Any) -> str:
+        kwargs.setdefault("iat", int(self.clock()))
+        return key.proof(method, self.url(path), access_token=token, **kwargs)
+
+    async def request(self, method: str, path: str, headers: Any = None) -> Any:
+        with capture_logs() as events:
+            response = await self.client.request(method, path, headers=headers or {})
+            await response.read()
+        self.events.extend(events)
+        audit = [e for e in events if e["event"] in ("ztmw.decision", "ztmw.security")]
+        assert len(audit) == 1, "one audit event per request"
+        self.last_audit = audit[0]
+        return response
+
+    @property
+    def reason(self) -> str:
+        assert self.last_audit is not None
+        return str(self.last_audit["reason"])
+
+    async def get(self, path: str, headers: Any = None) -> Any:
+        return await self.request("GET", path, headers)
+
+    async def dpop_get(self, path: str, token: str, proof: str) -> Any:
+        return await self.get(path, {"Authorization": f"DPoP {token}", "DPoP": proof})
+
+
+async def _whoami(request: web.Request) -> web.Response:
+    principal = request[ztmw.PRINCIPAL]
+    assert principal is not None
+    return web.json_response({"subject": principal.subject, "binding": principal.binding,
+                              "jkt": principal.caller.key_thumbprint})
+
+
+RULES = [
+    {"id": "me", "path": "/me", "methods": ["GET"], "scopes": ["items:read"]},
+    {"id": "bound", "path": "/bound", "methods": ["GET"], "scopes": ["items:read"], "binding": "dpop"},
+]
+
+
+async def start_api(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, **dpop: Any) -> Api:
+    port = free_port()
+    origin = f"http://127.0.0.1:{port}"
+    config = base_config(issuer, verifiers={"enabled": ["bearer", "dpop"]})
+    config["resource"]["public_origin"] = origin
+    config["rules"] = config["rules"] + RULES
+    if dpop:
+        config["dpop"] = dpop
+    app = items_app()
+    app.router.add_get("/me", _whoami)
+    app.router.add_get("/bound", _whoami)
+    ztmw.setup(app, config, clock=clock)
+    client = await aiohttp_client(TestServer(app, host="127.0.0.1", port=port))
+    served = client.make_url("/")
+    assert f"{served.scheme}://{served.host}:{served.port}" == origin  # htu is built from what we talk to
+    return Api(client, origin, clock)
+
+
+@pytest.fixture
+async def api(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock) -> Api:
+    return await start_api(aiohttp_client, issuer, clock)
+
+
+@pytest.fixture
+async def nonce_api(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, monkeypatch: Any) -> Api:
+    monkeypatch.setenv(NONCE_SECRET_ENV, "e2e-test-secret-of-32-bytes-long")
+    return await start_api(aiohttp_client, issuer, clock, require_nonce=True,
+                           nonce_secret_env=NONCE_SECRET_ENV, nonce_lifetime=NONCE_LIFETIME)
+
+
+@pytest.fixture
+def key() -> DPoPKey:
+    return DPoPKey()
+
+
+def bound_token(issuer: DevIssuer, key: DPoPKey, scope: str = "items:read") -> str:
+    return issuer.mint("alice", scope=scope, cnf={"jkt": key.thumbprint})
+
+
+def assert_proof_error(api: Api, response: Any, reason: str) -> None:
+    """R-PROOF: 401, the DPoP challenge alone carries invalid_dpop_proof (RESP-07, RESP-15), for `reason`."""
+    assert api.reason == reason
+    assert response.status == 401
+    assert challenges(response) == {"DPoP": {
+        "algs": DEFAULT_ALGS, "error": "invalid_dpop_proof", "error_description": "Invalid DPoP proof",
+        "resource_metadata": METADATA_URL}}
+    assert "DPoP-Nonce" not in response.headers
+
+
+# -- the positive path ------------------------------------------------------------------------------------
+
+async def test_rfc9449_client_with_bound_token_and_proof_reaches_the_handler(
+    api: Api, issuer: DevIssuer, key: DPoPKey
+) -> None:
+    token = bound_token(issuer, key)
+    response = await api.dpop_get("/me", token, api.proof(key, "GET", "/me", token))
+    assert response.status == 200
+    assert await response.json() == {"subject": "alice", "binding": "dpop", "jkt": key.thumbprint}
+    assert "WWW-Authenticate" not in response.headers
+    assert "DPoP-Nonce" not in response.headers  # nonces are off: nothing to hand out (RESP-18 is a MAY)
+
+
+@pytest.mark.parametrize("kind", ["EdDSA", "PS256"])
+async def test_every_advertised_algorithm_works(api: Api, issuer: DevIssuer, kind: Any) -> None:
+    key = DPoPKey(kind)
+    token = bound_token(issuer, key)
+    response = await api.dpop_get("/me", token, api.proof(key, "GET", "/me", token))
+    assert response.status == 200
+    assert (await response.json())["binding"] == "dpop"
+
+
+# -- bad proofs: R-PROOF ----------------------------------------------------------------------------------
+
+async def test_dpop_22_replayed_proof_is_invalid_dpop_proof(
+    api: Api, issuer: DevIssuer, key: DPoPKey
+) -> None:
+    token = bound_token(issuer, key)
+    proof = api.proof(key, "GET", "/me", token)
+    assert (await api.dpop_get("/me", token, proof)).status == 200
+    assert_proof_error(api, await api.dpop_get("/me", token, proof), "dpop_replay")
+    fresh = api.proof(key, "GET", "/me", token)  # control: the token and key are still good
+    assert (await api.dpop_get("/me", token, fresh)).status == 200
+
+
+async def test_dpop_22_replay_on_another_route_is_still_a_replay(
+    api: Api, issuer: DevIssuer, key: DPoPKey
+) -> None:
+    token = bound_token(issuer, key)
+    jti = "one-jti-for-two-uris"
+    assert (await api.dpop_get("/me", token, api.proof(key, "GET", "/me", token, jti=jti))).status == 200
+    # same key and jti, other htu: the store is keyed by (jkt, jti), so a reused jti never passes twice
+    proof = api.proof(key, "GET", "/bound", token, jti=jti)
+    assert_proof_error(api, await api.dpop_get("/bound", token, proof), "dpop_replay")
+
+
+async def test_dpop_09_wrong_htu_is_invalid_dpop_proof(api: Api, issuer: DevIssuer, key: DPoPKey) -> None:
+    token = bound_token(issuer, key)
+    for htu in (api.url("/items"), "https://api.example.com/me", api.origin.replace("127.0.0.1", "localhost")
+                + "/me"):
+        proof = key.proof("GET", htu, access_token=token, iat=api.clock())
+        response = await api.dpop_get("/me", token, proof)
+        assert_proof_error(api, response, "dpop_htu_mismatch")
+
+
+async def test_dpop_09_normalised_htu_is_accepted(api: Api, issuer: DevIssuer, key: DPoPKey) -> None:
+    token = bound_token(issuer, key)
+    htu = api.origin.replace("http://", "HTTP://") + "/./%6De"  # scheme case, dot segment, %6D = "m"
+    response = await api.dpop_get("/me", token, key.proof("GET", htu, access_token=token, iat=api.clock()))
+    assert response.status == 200
+
+
+async def test_dpop_09_query_is_not_part_of_htu(api: Api, issuer: DevIssuer, key: DPoPKey) -> None:
+    token = bound_token(issuer, key)
+    response = await api.dpop_get("/me?page=2", token, api.proof(key, "GET", "/me", token))
+    assert response.status == 200
+    proof = api.proof(key, "GET", "/me?page=2", token)  # DPOP-10: htu is "without query and fragment parts"
+    assert_proof_error(api, await api.dpop_get("/me?page=2", token, proof), "dpop_htu_mismatch")
+
+
+async def test_http_01_dpop_scheme_is_case_insensitive(api: Api, issuer: DevIssuer, key: DPoPKey) -> None:
+    token = bound_token(issuer, key)
+    for scheme in ("dpop", "DPOP"):
+        headers = {"Authorization": f"{scheme} {token}", "DPoP": api.proof(key, "GET", "/me", token)}
+        response = await api.get("/me", headers)
+        assert response.status == 200 and (await response.json())["binding"] == "dpop"
+
+
+async def test_dpop_08_wrong_htm_is_invalid_dpop_proof(api: Api, issuer: DevIssuer, key: DPoPKey) -> None:
+    token = bound_token(issuer, key)
+    for htm in ("POST", "get"):  # RFC 9110 §9.1: methods are case-sensitive
+        assert_proof_error(api, await api.dpop_get("/me", token, api.proof(key, htm, "/me", token)),
+                           "dpop_htm_mismatch")
+
+
+async def test_dpop_17_missing_proof_is_invalid_dpop_proof(api: Api, issuer: DevIssuer, key: DPoPKey) -> None:
+    token = bound_token(issuer, key)
+    assert_proof_error(api, await api.get("/me", {"Authorization": f"DPoP {token}"}), "dpop_proof_missing")
+
+
+async def test_dpop_01_two_dpop_headers_are_invalid_dpop_proof(
+    api: Api, issuer: DevIssuer, key: DPoPKey
+) -> None:
+    token = bound_token(issuer, key)
+    headers = [("Authorization", f"DPoP {token}"), ("DPoP", api.proof(key, "GET", "/me", token)),
+               ("DPoP", api.proof(key, "GET", "/me", token))]
+    assert_proof_error(api, await api.get("/me", headers), "dpop_multiple_proofs")
+
+
+async def test_dpop_02_comma_joined_proofs_are_invalid_dpop_proof(
+    api: Api, issuer: DevIssuer, key: DPoPKey
+) -> None:
+    token = bound_token(issuer, key)
+    joined = api.proof(key, "GET", "/me", token) + ", " + api.proof(key, "GET", "/me", token)
+    assert_proof_error(api, await api.dpop_get("/me", token, joined), "dpop_malformed")
+
+
+async def test_dpop_13_proof_for_another_token_is_invalid_dpop_proof(
+    api: Api, issuer: DevIssuer, key: DPoPKey
+) -> None:
+    token = bound_token(issuer, key)
+    other = bound_token(issuer, key)  # same key, another token: only `ath` tells them apart
+    assert other != token
+    proof = api.proof(key, "GET", "/me", other)
+    assert_proof_error(api, await api.dpop_get("/me", token, proof), "dpop_ath_mismatch")
+    assert_proof_error(api, await api.dpop_get("/me", token, api.proof(key, "GET", "/me", None)),
+                       "dpop_missing_claim")  # no ath at all
+
+
+async def test_dpop_12_stale_proof_is_invalid_dpop_proof(api: Api, issuer: DevIssuer, key: DPoPKey) -> None:
+    token = bound_token(issuer, key)
+    proof = api.proof(key, "GET", "/me", token)
+    api.clock.advance(61)  # past dpop.max_age (60 s); the token itself is still valid
+    assert_proof_error(api, await api.dpop_get("/me", token, proof), "dpop_iat_out_of_window")
+
+
+# -- token and binding errors -----------------------------------------------------------------------------
+
+async def test_resp_09_proof_signed_by_another_key_is_invalid_token_on_dpop(
+    api: Api, issuer: DevIssuer, key: DPoPKey
+) -> None:
+    token = bound_token(issuer, key)
+    thief = DPoPKey()
+    response = await api.dpop_get("/me", token, api.proof(thief, "GET", "/me", token))
+    assert response.status == 401 and api.reason == "dpop_key_mismatch"
+    parsed = challenges(response)
+    assert parsed["DPoP"] == {"algs": DEFAULT_ALGS, "error": "invalid_token",
+                              "error_description": "Invalid DPoP key binding",
+                              "resource_metadata": METADATA_URL}
+    assert "error" not in parsed.get("Bearer", {})  # only the attempted scheme carries the error (RESP-15)
+
+
+async def test_resp_10_bound_token_presented_as_bearer_is_refused(
+    api: Api, issuer: DevIssuer, key: DPoPKey
+) -> None:
+    token = bound_token(issuer, key)
+    for headers in ({"Authorization": f"Bearer {token}"},
+                    {"Authorization": f"Bearer {token}", "DPoP": api.proof(key, "GET", "/me", token)}):
+        response = await api.get("/me", headers)
+        assert response.status == 401
+        assert api.reason == "dpop_bound_token_as_bearer"
+        assert api.last_audit is not None
+        assert api.last_audit["event"] == "ztmw.security"  # a downgrade attempt
+        assert challenges(response) == {
+            "Bearer": {"realm": "api", "error": "invalid_token",
+                       "error_description": "DPoP-bound token presented as Bearer",
+                       "resource_metadata": METADATA_URL},
+            "DPoP": {"algs": DEFAULT_ALGS, "resource_metadata": METADATA_URL},
+        }
+
+
+async def test_dpop_21_unbound_token_with_dpop_scheme_is_r_tok_d(
+    api: Api, issuer: DevIssuer, key: DPoPKey
+) -> None:
+    token = issuer.mint("alice", scope="items:read")  # no cnf
+    response = await api.dpop_get("/me", token, api.proof(key, "GET", "/me", token))  # a valid proof
+    assert response.status == 401 and api.reason == "unbound_token_as_dpop"
+    assert challenges(response) == {
+        "Bearer": {"realm": "api", "resource_metadata": METADATA_URL},
+        "DPoP": {"algs": DEFAULT_ALGS, "error": "invalid_token",
+                 "error_description": "Token is not DPoP-bound",
+                 "resource_metadata": METADATA_URL},
+    }
+    assert (await api.get("/me", {"Authorization": f"Bearer {token}"})).status == 200  # control
+
+
+async def test_http_05_bearer_and_dpop_authorization_lines_are_400_invalid_request(
+    api: Api, issuer: DevIssuer, key: DPoPKey
+) -> None:
+    token = bound_token(issuer, key)
+    headers = [("Authorization", f"Bearer {token}"), ("Authorization", f"DPoP {token}"),
+               ("DPoP", api.proof(key, "GET", "/me", token))]
+    response = await api.get("/me", headers)
+    assert response.status == 400 and api.reason == "multiple_authorization"
+    parsed = challenges(response)
+    assert set(parsed) == {"Bearer", "DPoP"}
+    # ambiguous: both schemes carry the error (R-REQ, RESP-15)
+    assert parsed["Bearer"]["error"] == parsed["DPoP"]["error"] == "invalid_request"
+    assert parsed["Bearer"]["realm"] == "api" and parsed["DPoP"]["algs"] == DEFAULT_ALGS
+
+
+async def test_resp_01_no_credentials_gets_bare_bearer_and_dpop_challenges(api: Api) -> None:
+    response = await api.get("/me")
+    assert response.status == 401
+    assert challenges(response) == {
+        "Bearer": {"realm": "api", "resource_metadata": METADATA_URL},
+        "DPoP": {"algs": DEFAULT_ALGS, "resource_metadata": METADATA_URL},
+    }
+
+
+async def test_dpop_26_algs_equals_the_metadata_document(api: Api) -> None:
+    metadata = await api.get("/.well-known/oauth-protected-resource")
+    assert metadata.status == 200
+    document = await metadata.json()
+    challenge = challenges(await api.get("/me"))["DPoP"]
+    assert challenge["algs"] == " ".join(document["dpop_signing_alg_values_supported"]) == DEFAULT_ALGS
+
+
+async def test_binding_dpop_rule_refuses_an_unbound_bearer_token(
+    api: Api, issuer: DevIssuer, key: DPoPKey
+) -> None:
+    unbound = issuer.mint("alice", scope="items:read")
+    # control: the same token passes where the rule says binding = "any"
+    assert (await api.get("/me", {"Authorization": f"Bearer {unbound}"})).status == 200
+    response = await api.get("/bound", {"Authorization": f"Bearer {unbound}"})
+    assert response.status == 401 and api.reason == "binding_required"
+    parsed = challenges(response)
+    assert parsed["Bearer"]["error"] == "invalid_token"
+    assert parsed["Bearer"]["error_description"] == "Sender-constrained token required"
+    assert parsed["DPoP"] == {"algs": DEFAULT_ALGS, "resource_metadata": METADATA_URL}
+    token = bound_token(issuer, key)
+    response = await api.dpop_get("/bound", token, api.proof(key, "GET", "/bound", token))
+    assert response.status == 200 and (await response.json())["binding"] == "dpop"
+
+
+async def test_resp_15_missing_scope_of_a_dpop_token_is_said_on_the_dpop_scheme(
+    api: Api, issuer: DevIssuer, key: DPoPKey
+) -> None:
+    token = bound_token(issuer, key, scope="other")
+    response = await api.dpop_get("/me", token, api.proof(key, "GET", "/me", token))
+    assert response.status == 403 and api.reason == "insufficient_scope"
+    assert challenges(response) == {"DPoP": {
+        "algs": DEFAULT_ALGS, "error": "insufficient_scope", "error_description": "Insufficient scope",
+        "scope": "items:read"}}
+
+
+# -- server nonces (RFC 9449 §9) ----------------------------------------------------------------------------
+
+def nonce_of(response: Any) -> str:
+    """R-NONCE: 401 use_dpop_nonce on DPoP only, exactly one DPoP-Nonce, Cache-Control: no-store."""
+    assert response.status == 401
+    assert challenges(response) == {"DPoP": {
+        "algs": DEFAULT_ALGS, "error": "use_dpop_nonce",
+        "error_description": "Resource server requires nonce in DPoP proof",
+        "resource_metadata": METADATA_URL}}
+    nonces = response.headers.getall("DPoP-Nonce", [])
+    assert len(nonces) == 1
+    assert re.fullmatch(r"[\x21\x23-\x5b\x5d-\x7e]+", nonces[0])  # 1*NQCHAR (DPOP-24)
+    assert response.headers.getall("Cache-Control") == ["no-store"]
+    return str(nonces[0])
+
+
+async def test_dpop_11_nonce_round_trip(nonce_api: Api, issuer: DevIssuer, key: DPoPKey) -> None:
+    api = nonce_api
+    token = bound_token(issuer, key)
+    nonce = nonce_of(await api.dpop_get("/me", token, api.proof(key, "GET", "/me", token)))
+    response = await api.dpop_get("/me", token, api.proof(key, "GET", "/me", token, nonce=nonce))
+    assert response.status == 200
+    assert (await response.json())["binding"] == "dpop"
+    assert "DPoP-Nonce" not in response.headers  # the nonce is current: nothing new to hand out
+    # DPOP-25: the nonce may be reused while it is current, with a new jti each time
+    again = await api.dpop_get("/me", token, api.proof(key, "GET", "/me", token, nonce=nonce))
+    assert again.status == 200
+
+
+async def test_dpop_11_forged_or_foreign_nonce_gets_use_dpop_nonce(
+    nonce_api: Api, issuer: DevIssuer, key: DPoPKey
+) -> None:
+    api = nonce_api
+    token = bound_token(issuer, key)
+    real = nonce_of(await api.dpop_get("/me", token, api.proof(key, "GET", "/me", token)))
+    forged = real[:-2] + ("AA" if real[-2:] != "AA" else "BB")
+    for nonce in (forged, "eyJ7S_zG.eyJH0-Z.HX4w-7v"):  # a tampered MAC; the RFC's example (another server)
+        nonce_of(await api.dpop_get("/me", token, api.proof(key, "GET", "/me", token, nonce=nonce)))
+
+
+async def test_dpop_11_nonce_from_an_old_window_gets_use_dpop_nonce(
+    nonce_api: Api, issuer: DevIssuer, key: DPoPKey
+) -> None:
+    api = nonce_api
+    token = bound_token(issuer, key)
+    old = nonce_of(await api.dpop_get("/me", token, api.proof(key, "GET", "/me", token)))
+    api.clock.advance(2 * NONCE_LIFETIME)  # two windows later: neither current nor previous
+    fresh = nonce_of(await api.dpop_get("/me", token, api.proof(key, "GET", "/me", token, nonce=old)))
+    assert fresh != old
+    response = await api.dpop_get("/me", token, api.proof(key, "GET", "/me", token, nonce=fresh))
+    assert response.status == 200
+
+
+async def test_resp_18_next_nonce_on_a_2xx_is_no_store(
+    nonce_api: Api, issuer: DevIssuer, key: DPoPKey
+) -> None:
+    api = nonce_api
+    token = bound_token(issuer, key)
+    first = nonce_of(await api.dpop_get("/me", token, api.proof(key, "GET", "/me", token)))
+    api.clock.advance(NONCE_LIFETIME)  # one window later: still accepted, and the server hands out the next
+    response = await api.dpop_get("/me", token, api.proof(key, "GET", "/me", token, nonce=first))
+    assert response.status == 200
+    nonces = response.headers.getall("DPoP-Nonce", [])
+    assert len(nonces) == 1 and nonces[0] != first
+    assert response.headers.getall("Cache-Control") == ["no-store"]  # RESP-17
+    follow_up = await api.dpop_get("/me", token, api.proof(key, "GET", "/me", token, nonce=nonces[0]))
+    assert follow_up.status == 200 and "DPoP-Nonce" not in follow_up.headers
+
+
+async def test_nonce_required_still_checks_the_proof_before_the_nonce(
+    nonce_api: Api, issuer: DevIssuer, key: DPoPKey
+) -> None:
+    api = nonce_api
+    token = bound_token(issuer, key)
+    # a proof for another method: the nonce would not help, so the client is not asked for one
+    proof = api.proof(key, "POST", "/me", token)
+    assert_proof_error(api, await api.dpop_get("/me", token, proof), "dpop_htm_mismatch")
+
+
+# -- audit ------------------------------------------------------------------------------------------------
+
+async def test_replay_is_a_security_event_without_token_or_proof_text(
+    api: Api, issuer: DevIssuer, key: DPoPKey
+) -> None:
+    token = bound_token(issuer, key)
+    proof = api.proof(key, "GET", "/me", token)
+    assert (await api.dpop_get("/me", token, proof)).status == 200
+    assert_proof_error(api, await api.dpop_get("/me", token, proof), "dpop_replay")
+    audit = [e for e in api.events if e["event"] in ("ztmw.decision", "ztmw.security")]
+    assert [(e["event"], e["decision"], e["status"]) for e in audit] == [
+        ("ztmw.decision", "allow", 200), ("ztmw.security", "deny", 401)]
+    allowed, replay = audit
+    assert allowed["binding"] == "dpop" and allowed["reason"] == "allowed"
+    assert replay["reason"] == "dpop_replay" and replay["log_level"] == "warning"
+    assert replay["route"] == "/me" and replay["rule_id"] == "me"
+    secrets = [token, proof, *token.split("."), *proof.split(".")]
+    for event in api.events:
+        text = repr(event)
+        for secret in secrets:
+            assert secret not in text
