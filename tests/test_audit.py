@@ -119,12 +119,5 @@ class TestSubjectForAudit:
     def test_hash_of_odd_subjects(self, subject: str) -> None:
         assert hash_subject(subject).startswith("sha256:")
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG (latent: JWT claims are surrogate-free after ztmw.jws, other verifiers' claims may "
-        "not be): "
-        "ztmw/audit.py hash_subject encodes with utf-8/surrogateescape, which only maps U+DC80..U+DCFF, so "
-        "hash_subject('\\ud800') raises UnicodeEncodeError inside Pipeline.audit",
-    )
     def test_hash_never_raises_on_a_lone_high_surrogate(self) -> None:
         assert hash_subject("\ud800").startswith("sha256:")

@@ -199,11 +199,6 @@ class TestLoading:
         with pytest.raises(dataclasses.FrozenInstanceError):
             config.resource.realm = "x"  # type: ignore[misc]
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG: ztmw/config.py _Reader.trust builds TrustConfig.acr/amr as plain dicts, so a 'frozen' "
-        "Config's trust mapping can be changed at run time (config.trust.acr['x'] = Levels(3, 3))",
-    )
     def test_trust_mappings_are_read_only(self) -> None:
         config = load_config(minimal(trust={"acr": {"a": {"aal": 1}}}))
         with pytest.raises(TypeError):
@@ -313,12 +308,6 @@ def test_wrong_type_is_refused_naming_the_key(what: str, data: dict[str, Any], k
     refuses(data, key)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ztmw/config.py _Reader.rule/_Reader.trust/_Reader.cache read integer settings with "
-    "int(_number(...)), which truncates: min_aal = 2.5 silently becomes 2 (a weaker requirement), "
-    "max_auth_age = 300.9 becomes 300, max_entries = 1.5 becomes 1; a non-integer must be refused",
-)
 @pytest.mark.parametrize(
     ("data", "key"),
     [
@@ -453,13 +442,6 @@ class TestRules:
     def test_public_rule_with_a_requirement_is_refused(self, requirement: dict[str, Any]) -> None:
         refuses(minimal(rules=[rule(public=True, **requirement)]), "public")
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG: ztmw/config.py _Reader.rule's public-rule check omits subject_type and "
-        "allow_delegation, so `public = true, subject_type = \"user\"` loads and the requirement is "
-        "silently ignored "
-        "(RulePolicy.decide returns 'public' before looking at it)",
-    )
     @pytest.mark.parametrize("requirement", [{"subject_type": "user"}, {"subject_type": "client"},
                                              {"allow_delegation": False}])
     def test_public_rule_with_a_caller_requirement_is_refused(self, requirement: dict[str, Any]) -> None:
@@ -509,22 +491,11 @@ def test_prm_01_metadata_url_inserts_the_well_known_segment_before_the_path(
     assert config.metadata_path == url.split("example.com", 1)[1].split(":8443", 1)[-1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ztmw/config.py Config.metadata_url drops the identifier's query: RFC 9728 §3.1 inserts the "
-    "well-known string 'between the host component and the path and/or query components', so "
-    "https://api.example.com/res?x=1 -> https://api.example.com/.well-known/oauth-protected-resource/res?x=1",
-)
 def test_prm_01_metadata_url_keeps_the_query() -> None:
     config = load_config({"resource": {"identifier": "https://api.example.com/res?x=1"}})
     assert config.metadata_url == "https://api.example.com/.well-known/oauth-protected-resource/res?x=1"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ztmw/config.py _Reader.resource accepts a resource identifier with a fragment; RFC 9728 "
-    "§1.2 defines it as an https URL with no fragment component (PRM-04)",
-)
 def test_prm_04_resource_identifier_with_a_fragment_is_refused() -> None:
     refuses({"resource": {"identifier": "https://api.example.com/res#frag"}}, "resource.identifier")
 

@@ -268,3 +268,31 @@ def test_library_never_configures_structlog() -> None:
     before = structlog.get_config()
     ztmw.load_config({"resource": {"identifier": AUDIENCE}})
     assert structlog.get_config() == before
+
+
+async def test_stage_middlewares_build_the_view_once_and_vary_on_cert_header(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    from ztmw.testing import TestCA
+
+    cert = TestCA().client_cert("client-a")
+    config = base_config(issuer, verifiers={"enabled": ["bearer", "mtls"]},
+                         mtls={"source": "header", "trusted_proxies": ["10.0.0.0/8"]})
+    pipeline = ztmw.Pipeline(ztmw.load_config(config), clock=clock)
+
+    async def lifetime(app: web.Application) -> Any:
+        await pipeline.start()
+        yield
+        await pipeline.close()
+
+    app = items_app()
+    app.middlewares.extend([ztmw.audit_middleware(pipeline), ztmw.authentication_middleware(pipeline),
+                            ztmw.authorization_middleware(pipeline)])
+    app.cleanup_ctx.append(lifetime)
+    client = await aiohttp_client(app)
+    with capture_logs() as events:
+        response = await get(client, Authorization=f"Bearer {issuer.mint(scope='items:read')}",
+                             **{"Client-Cert": cert.rfc9440_header()})
+    assert response.status == 200
+    assert response.headers.getall("Vary") == ["Client-Cert"]
+    assert [e["reason"] for e in events if e["event"] == "ztmw.security"] == ["untrusted_client_cert_header"]

@@ -180,12 +180,6 @@ class TestScopes:
         with pytest.raises(InsufficientScope):
             decide(Rule(id="a", path="/a", scopes=("read",)), principal(scopes=("read:all",)))
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG: ztmw/policy.py RulePolicy.decide raises InsufficientScope without scheme, and nothing "
-        "later sets it, so a DPoP token lacking a scope gets a Bearer insufficient_scope challenge "
-        "(RESP-15: only the mechanism used carries error info)",
-    )
     def test_resp_15_insufficient_scope_for_a_dpop_token_names_the_dpop_scheme(self) -> None:
         with pytest.raises(InsufficientScope) as info:
             decide(self.rule, principal(binding="dpop"))
@@ -409,12 +403,6 @@ class TestStepUp:
             params.append(info.value.params)
         assert params[0] == params[1]
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG: ztmw/policy.py RulePolicy._check_authentication raises InsufficientUserAuthentication "
-        "without scheme and nothing later sets it, so a DPoP token gets the step-up error on the Bearer "
-        "challenge instead of the DPoP one (STEP-12)",
-    )
     def test_step_12_step_up_for_a_dpop_token_names_the_dpop_scheme(self) -> None:
         with pytest.raises(InsufficientUserAuthentication) as info:
             decide(Rule(id="s", path="/s", max_auth_age=60), principal(binding="dpop"),

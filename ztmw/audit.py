@@ -18,7 +18,7 @@ from .models import AuditEvent
 
 def hash_subject(subject: str) -> str:
     """A stable pseudonym: the same subject always maps to the same value, the value does not reveal it."""
-    return "sha256:" + hashlib.sha256(subject.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+    return "sha256:" + hashlib.sha256(subject.encode("utf-8", "surrogatepass")).hexdigest()[:24]
 
 
 class StructlogAuditSink:

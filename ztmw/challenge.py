@@ -24,6 +24,9 @@ def quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+_EXTRA_PARAMS = ("scope", "acr_values", "max_age")
+
+
 @dataclass(frozen=True, slots=True)
 class ErrorResponse:
     status: int
@@ -74,5 +77,6 @@ class ChallengeRenderer:
         params = [("error", error.error)]
         if error.description:
             params.append(("error_description", error.description))
-        params.extend(error.params.items())
+        # only the parameters the catalogue defines, so none can repeat realm/error/... (RESP-16)
+        params.extend((k, v) for k, v in error.params.items() if k in _EXTRA_PARAMS)
         return params

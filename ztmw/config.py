@@ -13,6 +13,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Iterable, Literal, Mapping
 from urllib.parse import urlsplit
 
@@ -154,7 +155,8 @@ class Config:
         """RFC 9728 §3.1: the well-known segment goes between the host and the identifier's path."""
         parts = urlsplit(self.resource.identifier)
         path = parts.path if parts.path != "/" else ""
-        return f"{parts.scheme}://{parts.netloc}/.well-known/oauth-protected-resource{path}"
+        query = f"?{parts.query}" if parts.query else ""
+        return f"{parts.scheme}://{parts.netloc}/.well-known/oauth-protected-resource{path}{query}"
 
     @property
     def metadata_path(self) -> str:
@@ -224,6 +226,8 @@ class _Reader:
     def resource(self, t: Mapping[str, Any]) -> ResourceConfig:
         _only(t, "resource", {"identifier", "public_origin", "realm"})
         identifier = _url(t.get("identifier"), "resource.identifier")
+        if urlsplit(identifier).fragment or identifier.endswith("#"):
+            raise ConfigurationError("resource.identifier: must not contain a fragment (RFC 9728 §1.2)")
         origin = t.get("public_origin")
         if origin is None:
             parts = urlsplit(identifier)
@@ -315,7 +319,7 @@ class _Reader:
             raise ConfigurationError("cache.backend: 'memory' or a redis:// URL")
         return CacheConfig(
             backend=backend,
-            max_entries=int(_number(t.get("max_entries", 100_000), "cache.max_entries", 0, 100_000_000)),
+            max_entries=_integer(t.get("max_entries", 100_000), "cache.max_entries", 0, 100_000_000),
             max_ttl=_number(t.get("max_ttl", 300), "cache.max_ttl", 0, 86400),
         )
 
@@ -328,14 +332,14 @@ class _Reader:
                 value = _as_table(value, f"{key}.{name}")
                 _only(value, f"{key}.{name}", {"aal", "ial"})
                 out[name] = Levels(
-                    aal=int(_number(value.get("aal", 0), f"{key}.{name}.aal", 0, 3)),
-                    ial=int(_number(value.get("ial", 0), f"{key}.{name}.ial", 0, 3)),
+                    aal=_integer(value.get("aal", 0), f"{key}.{name}.aal", 0, 3),
+                    ial=_integer(value.get("ial", 0), f"{key}.{name}.ial", 0, 3),
                 )
             return out
 
         return TrustConfig(
-            acr=levels(_table(t, "acr", prefix="trust"), "trust.acr"),
-            amr=levels(_table(t, "amr", prefix="trust"), "trust.amr"),
+            acr=MappingProxyType(levels(_table(t, "acr", prefix="trust"), "trust.acr")),
+            amr=MappingProxyType(levels(_table(t, "amr", prefix="trust"), "trust.amr")),
             evaluators=_strings(t.get("evaluators", []), "trust.evaluators"),
         )
 
@@ -364,8 +368,8 @@ class _Reader:
     def limits(self, t: Mapping[str, Any]) -> LimitsConfig:
         _only(t, "limits", set(LimitsConfig.__dataclass_fields__))
         return LimitsConfig(
-            max_credential_bytes=int(_number(t.get("max_credential_bytes", 8192),
-                                             "limits.max_credential_bytes", 256, 65536)),
+            max_credential_bytes=_integer(t.get("max_credential_bytes", 8192),
+                                          "limits.max_credential_bytes", 256, 65536),
         )
 
     def rule(self, t: Any, key: str) -> Rule:
@@ -386,10 +390,10 @@ class _Reader:
             scopes=_strings(t.get("scopes", []), f"{key}.scopes"),
             owner=None if t.get("owner") is None else _str(t["owner"], f"{key}.owner"),
             binding=_choice(t.get("binding", "any"), f"{key}.binding", BINDINGS),  # type: ignore[arg-type]
-            min_aal=int(_number(t.get("min_aal", 0), f"{key}.min_aal", 0, 3)),
-            min_ial=int(_number(t.get("min_ial", 0), f"{key}.min_ial", 0, 3)),
+            min_aal=_integer(t.get("min_aal", 0), f"{key}.min_aal", 0, 3),
+            min_ial=_integer(t.get("min_ial", 0), f"{key}.min_ial", 0, 3),
             max_auth_age=None if t.get("max_auth_age") is None
-            else int(_number(t["max_auth_age"], f"{key}.max_auth_age", 0, 10**9)),
+            else _integer(t["max_auth_age"], f"{key}.max_auth_age", 0, 10**9),
             acr_values=_strings(t.get("acr_values", []), f"{key}.acr_values"),
             clients=_strings(t.get("clients", []), f"{key}.clients"),
             subject_type=_choice(t.get("subject_type", "any"), f"{key}.subject_type",  # type: ignore[arg-type]
@@ -397,7 +401,8 @@ class _Reader:
             allow_delegation=_bool(t.get("allow_delegation", True), f"{key}.allow_delegation"),
         )
         if public and (rule.scopes or rule.owner or rule.binding != "any" or rule.min_aal or rule.min_ial
-                       or rule.max_auth_age is not None or rule.acr_values or rule.clients):
+                       or rule.max_auth_age is not None or rule.acr_values or rule.clients
+                       or rule.subject_type != "any" or not rule.allow_delegation):
             raise ConfigurationError(f"{key}: a public rule cannot also carry requirements")
         for name, value in (("scopes", rule.scopes), ("acr_values", rule.acr_values)):
             if any(not re.fullmatch(r"[\x21\x23-\x5b\x5d-\x7e]+", v) for v in value):
@@ -460,6 +465,14 @@ def _number(value: Any, key: str, low: float, high: float) -> float:
     if not low <= value <= high:
         raise ConfigurationError(f"{key}: must be between {low} and {high}")
     return float(value)
+
+
+def _integer(value: Any, key: str, low: int, high: int) -> int:
+    """A whole number: 2.5 for a trust level must not silently become 2."""
+    number = _number(value, key, low, high)
+    if number != int(number):
+        raise ConfigurationError(f"{key}: must be a whole number")
+    return int(number)
 
 
 def _choice(value: Any, key: str, choices: tuple[str, ...]) -> str:

@@ -33,7 +33,7 @@ def extract_credential(
     value = lines[0]
     if len(value) > max_bytes:
         raise InvalidRequest("credentials_too_large", scheme=_single({_scheme_of(value)} & schemes))
-    scheme_text, _, rest = value.strip(" ").partition(" ")
+    scheme_text, _, rest = value.strip(" \t").partition(" ")
     scheme = scheme_text.lower()
     if not _SCHEME.fullmatch(scheme_text):
         raise InvalidRequest("malformed_authorization")
@@ -48,7 +48,7 @@ def extract_credential(
 
 
 def _scheme_of(line: str) -> str:
-    return line.strip(" ").partition(" ")[0].lower()
+    return line.strip(" \t").partition(" ")[0].lower()
 
 
 def _single(values: set[str]) -> str | None:

@@ -25,6 +25,7 @@ PRINCIPAL: web.RequestKey[Principal | None] = web.RequestKey("ztmw.principal", P
 TRUST: web.RequestKey[TrustAssessment] = web.RequestKey("ztmw.trust", TrustAssessment)
 DECISION: web.RequestKey[Decision] = web.RequestKey("ztmw.decision", Decision)
 PIPELINE: web.AppKey[Pipeline] = web.AppKey("ztmw.pipeline", Pipeline)
+_VIEW: web.RequestKey[RequestView] = web.RequestKey("ztmw.view", RequestView)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -67,7 +68,13 @@ def _metadata_handler(pipeline: Pipeline) -> Handler:
 
 
 def request_view(request: web.Request, pipeline: Pipeline) -> RequestView:
-    """Everything the pipeline may know about the request; raises InvalidRequest for a malformed cert header."""
+    """Everything the pipeline may know about the request; raises InvalidRequest for a malformed cert header.
+
+    Built once per request (stages used alone share it), so a security event about it is logged once.
+    """
+    cached = request.get(_VIEW)
+    if cached is not None:
+        return cached
     match_info = request.match_info
     route = None
     if match_info.http_exception is None:
@@ -88,7 +95,7 @@ def request_view(request: web.Request, pipeline: Pipeline) -> RequestView:
         if result.ignored_untrusted_header:
             pipeline.log.warning("ztmw.security", reason="untrusted_client_cert_header", peer=peer,
                                  route=route.pattern if route else None)
-    return RequestView(
+    view = request[_VIEW] = RequestView(
         method=request.method,
         path=request.rel_url.raw_path,
         route=route,
@@ -99,6 +106,7 @@ def request_view(request: web.Request, pipeline: Pipeline) -> RequestView:
         client_certificate=certificate,
         has_query_token="access_token" in request.rel_url.query,
     )
+    return view
 
 
 def zero_trust_middleware(pipeline: Pipeline) -> Any:
@@ -196,7 +204,10 @@ def authentication_middleware(pipeline: Pipeline) -> Any:
         principal = authentication.principal if authentication else None
         request[PRINCIPAL] = principal
         request[TRUST] = pipeline.trust.evaluate(principal, view)
-        return await handler(request)
+        response = await handler(request)
+        if not response.prepared:
+            _vary_on_certificate_header(pipeline, response)
+        return response
 
     return authenticate
 

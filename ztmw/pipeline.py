@@ -146,8 +146,6 @@ class Pipeline:
             decision = self.policy.decide(rule, principal, trust, request)
             return Outcome(decision, principal, trust, None, cache)
         except (AuthError, UpstreamUnavailable) as error:
-            if isinstance(error, AuthError) and error.scheme is None and principal is not None:
-                error.scheme = principal.scheme
             decision = Decision(False, error.reason, rule.id, error.status, _requirement(error))
             return Outcome(decision, principal, trust, error, cache)
 

@@ -12,6 +12,7 @@ from typing import Iterable, Mapping
 from .config import Levels, Rule
 from .errors import (
     AccessDenied,
+    AuthError,
     InsufficientScope,
     InsufficientUserAuthentication,
     InvalidToken,
@@ -63,6 +64,15 @@ class RulePolicy:
             return Decision(True, "public", rule.id)
         if principal is None:
             raise MissingCredentials()
+        try:
+            return self._decide_for(rule, principal, trust, request)
+        except AuthError as error:  # refusals are rendered on the scheme the token came with (RFC 9470 §3)
+            error.scheme = error.scheme or ("dpop" if principal.binding == "dpop" else principal.scheme)
+            raise
+
+    def _decide_for(
+        self, rule: Rule, principal: Principal, trust: TrustAssessment, request: RequestView
+    ) -> Decision:
         self._check_binding(rule, principal)
         self._check_caller(rule, principal)
         missing = [s for s in rule.scopes if s not in principal.scopes]
