@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Any, Literal
+from typing import Any, Literal, Mapping, Sequence
 
 import structlog
 
+from .errors import ConfigurationError
 from .models import AuditEvent
+from .typing import AuditSink, PluginDeps
 
 
 def hash_subject(subject: str) -> str:
@@ -44,3 +46,24 @@ def subject_for_audit(subject: str | None, mode: Literal["hash", "plain", "omit"
     if subject is None or mode == "omit":
         return None
     return subject if mode == "plain" else hash_subject(subject)
+
+
+def create_structlog_sink(settings: Mapping[str, Any], deps: PluginDeps) -> StructlogAuditSink:
+    """Entry point `structlog` in `ztmw.audit_sinks` (the default)."""
+    if settings:
+        raise ConfigurationError(f"plugins.structlog: unknown key {sorted(settings)[0]} (use [audit] logger)")
+    return StructlogAuditSink(deps.config.audit.logger)
+
+
+class AuditFanout:
+    """Hands each event to every configured sink; one failing sink neither stops the others nor the request."""
+
+    def __init__(self, sinks: Sequence[AuditSink]) -> None:
+        self._sinks = tuple(sinks)
+
+    def emit(self, event: AuditEvent) -> None:
+        for sink in self._sinks:
+            try:
+                sink.emit(event)
+            except Exception:
+                pass

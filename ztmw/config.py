@@ -87,7 +87,7 @@ class Levels:
 class TrustConfig:
     acr: Mapping[str, Levels] = field(default_factory=dict)
     amr: Mapping[str, Levels] = field(default_factory=dict)
-    evaluators: tuple[str, ...] = ()
+    evaluators: tuple[str, ...] = ("mapping",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +102,7 @@ class AuditConfig:
     enabled: bool = True
     subject: Literal["hash", "plain", "omit"] = "hash"
     logger: str = "ztmw.audit"
+    sinks: tuple[str, ...] = ("structlog",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +128,7 @@ class Rule:
     clients: tuple[str, ...] = ()
     subject_type: Literal["any", "user", "client"] = "any"
     allow_delegation: bool = True
+    conditions: tuple[str, ...] = ()
 
     def covers(self, method: str) -> bool:
         if self.methods is None:
@@ -144,6 +146,7 @@ class Config:
     cache: CacheConfig = CacheConfig()
     trust: TrustConfig = TrustConfig()
     identity_links: tuple[IdentityLink, ...] = ()
+    identity_resolvers: tuple[str, ...] = ("config",)
     audit: AuditConfig = AuditConfig()
     metadata_enabled: bool = True
     limits: LimitsConfig = LimitsConfig()
@@ -216,6 +219,8 @@ class _Reader:
             cache=self.cache(_table(data, "cache")),
             trust=self.trust(_table(data, "trust")),
             identity_links=self.identity(_table(data, "identity")),
+            identity_resolvers=_strings(_table(data, "identity").get("resolvers", ["config"]),
+                                        "identity.resolvers"),
             audit=self.audit(_table(data, "audit")),
             metadata_enabled=_bool(metadata.get("enabled", True), "metadata.enabled"),
             limits=self.limits(_table(data, "limits")),
@@ -340,11 +345,11 @@ class _Reader:
         return TrustConfig(
             acr=MappingProxyType(levels(_table(t, "acr", prefix="trust"), "trust.acr")),
             amr=MappingProxyType(levels(_table(t, "amr", prefix="trust"), "trust.amr")),
-            evaluators=_strings(t.get("evaluators", []), "trust.evaluators"),
+            evaluators=_strings(t.get("evaluators", ["mapping"]), "trust.evaluators"),
         )
 
     def identity(self, t: Mapping[str, Any]) -> tuple[IdentityLink, ...]:
-        _only(t, "identity", {"links"})
+        _only(t, "identity", {"links", "resolvers"})
         links = []
         for i, item in enumerate(_array(t, "links", prefix="identity")):
             key = f"identity.links[{i}]"
@@ -363,6 +368,7 @@ class _Reader:
             enabled=_bool(t.get("enabled", True), "audit.enabled"),
             subject=_choice(t.get("subject", "hash"), "audit.subject", ("hash", "plain", "omit")),  # type: ignore
             logger=_str(t.get("logger", "ztmw.audit"), "audit.logger"),
+            sinks=_strings(t.get("sinks", ["structlog"]), "audit.sinks"),
         )
 
     def limits(self, t: Mapping[str, Any]) -> LimitsConfig:
@@ -399,6 +405,7 @@ class _Reader:
             subject_type=_choice(t.get("subject_type", "any"), f"{key}.subject_type",  # type: ignore[arg-type]
                                  ("any", "user", "client")),
             allow_delegation=_bool(t.get("allow_delegation", True), f"{key}.allow_delegation"),
+            conditions=_strings(t.get("conditions", []), f"{key}.conditions"),
         )
         if public and (rule.scopes or rule.owner or rule.binding != "any" or rule.min_aal or rule.min_ial
                        or rule.max_auth_age is not None or rule.acr_values or rule.clients

@@ -166,5 +166,6 @@ DESCRIPTIONS: dict[str, str] = {
     "client_required": "Access denied",
     "delegation_not_allowed": "Access denied",
     "verifier_error": "Invalid token",
+    "condition_failed": "Access denied",
     "malformed_client_cert": "Malformed client certificate header",
 }

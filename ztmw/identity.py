@@ -6,9 +6,11 @@ whichever one they used. Links are explicit data, never inferred from matching e
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable, Mapping, Sequence
 
 from .config import IdentityLink
+from .errors import ConfigurationError, UpstreamUnavailable
+from .typing import IdentityResolver, PluginDeps
 
 
 class ConfigIdentityResolver:
@@ -21,3 +23,33 @@ class ConfigIdentityResolver:
 
     async def resolve(self, issuer: str, subject: str) -> str | None:
         return self._accounts.get((issuer, subject))
+
+
+def create_config_resolver(settings: Mapping[str, Any], deps: PluginDeps) -> ConfigIdentityResolver:
+    """Entry point `config` in `ztmw.identity_resolvers`: the `[[identity.links]]` of the configuration."""
+    if settings:
+        raise ConfigurationError(f"plugins.config: unknown key {sorted(settings)[0]} (use [[identity.links]])")
+    return ConfigIdentityResolver(deps.config.identity_links)
+
+
+class IdentityChain:
+    """Asks the configured resolvers in order; the first link found wins, none keeps `sub` unchanged.
+
+    A resolver that cannot answer (its store is down) denies with 503: guessing "no link" could hand one
+    person's data to another account, or lock the owner out, depending on which login they used.
+    """
+
+    def __init__(self, resolvers: Sequence[tuple[str, IdentityResolver]], logger: Any) -> None:
+        self._resolvers = tuple(resolvers)
+        self._log = logger
+
+    async def resolve(self, issuer: str, subject: str) -> str | None:
+        for name, resolver in self._resolvers:
+            try:
+                account = await resolver.resolve(issuer, subject)
+            except Exception:
+                self._log.exception("ztmw.plugin_error", plugin=name, group="ztmw.identity_resolvers")
+                raise UpstreamUnavailable("identity_unavailable") from None
+            if account is not None:
+                return account
+        return None

@@ -17,7 +17,7 @@ from aiohttp import web
 from .client_cert import certificate_from_request
 from .config import Config, load_config
 from .errors import AuthError, UpstreamUnavailable
-from .models import Decision, Principal, RequestView, RouteRef, TrustAssessment
+from .models import ANONYMOUS_TRUST, Decision, Principal, RequestView, RouteRef, TrustAssessment
 from .pipeline import Outcome, Pipeline
 from .typing import AuditSink, Clock
 
@@ -198,12 +198,13 @@ def authentication_middleware(pipeline: Pipeline) -> Any:
         try:
             view = request_view(request, pipeline)
             authentication = await pipeline.authenticate(view)
+            principal = authentication.principal if authentication else None
+            trust = pipeline.trust.evaluate(principal, view)
         except (AuthError, UpstreamUnavailable) as error:
             request[DECISION] = Decision(False, error.reason, None, error.status)
             return _error_response(pipeline, error)
-        principal = authentication.principal if authentication else None
         request[PRINCIPAL] = principal
-        request[TRUST] = pipeline.trust.evaluate(principal, view)
+        request[TRUST] = trust
         response = await handler(request)
         if not response.prepared:
             _vary_on_certificate_header(pipeline, response)
@@ -224,7 +225,7 @@ def authorization_middleware(pipeline: Pipeline) -> Any:
             principal = request.get(PRINCIPAL)
             trust = request.get(TRUST) or pipeline.trust.evaluate(principal, view)
             decision = pipeline.authorize(view, principal, trust)
-        except AuthError as error:
+        except (AuthError, UpstreamUnavailable) as error:
             request[DECISION] = Decision(False, error.reason, None, error.status)
             return _error_response(pipeline, error)
         request[DECISION] = decision
@@ -251,8 +252,7 @@ def audit_middleware(pipeline: Pipeline) -> Any:
             if request.match_info.http_exception is None:
                 decision = request.get(DECISION) or Decision(False, "no_decision", None, status)
                 principal = request.get(PRINCIPAL)
-                trust = request.get(TRUST) or pipeline.trust.evaluate(principal, _bare_view(request))
-                outcome = Outcome(decision, principal, trust)
+                outcome = Outcome(decision, principal, request.get(TRUST) or ANONYMOUS_TRUST)
                 pipeline.audit(_bare_view(request), outcome, status, started)
 
     return audit

@@ -13,19 +13,19 @@ from typing import Any, Awaitable, Callable, Literal
 import aiohttp
 import structlog
 
-from .audit import StructlogAuditSink, subject_for_audit
+from .audit import AuditFanout, subject_for_audit
 from .authenticate import Authentication, Authenticator
 from .cache import MemoryVerificationCache
 from .challenge import ChallengeRenderer, ErrorResponse
 from .config import Config, Rule
 from .errors import AccessDenied, AuthError, ConfigurationError, UpstreamUnavailable
 from .extract import extract_credential
-from .identity import ConfigIdentityResolver
+from .identity import IdentityChain
 from .metadata import resource_metadata
 from .models import ANONYMOUS_TRUST, AuditEvent, Decision, Principal, RequestView, TrustAssessment
 from .policy import RulePolicy
 from .registry import LoadedPlugin, load_plugin
-from .trust import MappingTrustEvaluator
+from .trust import TrustChain
 from .typing import AuditSink, BindingVerifier, Clock, PluginDeps, TokenVerifier
 
 METADATA_RULE_ID = "ztmw-metadata"
@@ -65,11 +65,18 @@ class Pipeline:
             on_startup=self._startup.append,
             on_cleanup=self._cleanup.append,
         )
-        self.plugins: tuple[LoadedPlugin, ...] = tuple(
-            load_plugin("ztmw.verifiers", name, config.plugins.get(name, {}), deps) for name in config.verifiers
-        )
-        token_verifiers = [p.instance for p in self.plugins if isinstance(p.instance, TokenVerifier)]
-        bindings = [p.instance for p in self.plugins if isinstance(p.instance, BindingVerifier)]
+
+        def load(group: str, names: tuple[str, ...]) -> list[LoadedPlugin]:
+            return [load_plugin(group, name, config.plugins.get(name, {}), deps) for name in names]
+
+        verifiers = load("ztmw.verifiers", config.verifiers)
+        evaluators = load("ztmw.trust_evaluators", config.trust.evaluators)
+        resolvers = load("ztmw.identity_resolvers", config.identity_resolvers)
+        conditions = load("ztmw.conditions", tuple(dict.fromkeys(c for r in config.rules for c in r.conditions)))
+        sinks = load("ztmw.audit_sinks", config.audit.sinks) if config.audit.enabled and audit_sink is None else []
+        self.plugins: tuple[LoadedPlugin, ...] = (*verifiers, *evaluators, *resolvers, *conditions, *sinks)
+        token_verifiers = [p.instance for p in verifiers if isinstance(p.instance, TokenVerifier)]
+        bindings = [p.instance for p in verifiers if isinstance(p.instance, BindingVerifier)]
         if not token_verifiers:
             raise ConfigurationError("verifiers.enabled: no enabled plugin verifies tokens (add 'bearer')")
         self.cache = MemoryVerificationCache(
@@ -79,7 +86,7 @@ class Pipeline:
             token_verifiers=token_verifiers,
             binding_verifiers=bindings,
             cache=self.cache,
-            identity=ConfigIdentityResolver(config.identity_links) if config.identity_links else None,
+            identity=IdentityChain([(p.name, p.instance) for p in resolvers], self.log) if resolvers else None,
             clock=clock,
             logger=self.log,
         )
@@ -87,11 +94,12 @@ class Pipeline:
         if config.metadata_enabled:
             rules.insert(0, Rule(id=METADATA_RULE_ID, path=config.metadata_path, methods=frozenset({"GET"}),
                                  public=True))
-        self.policy = RulePolicy(rules, acr_levels=config.trust.acr)
-        self.trust = MappingTrustEvaluator(config.trust, clock)
-        self.audit_sink: AuditSink | None = (
-            (audit_sink or StructlogAuditSink(config.audit.logger)) if config.audit.enabled else None
-        )
+        self.policy = RulePolicy(rules, acr_levels=config.trust.acr,
+                                 conditions={p.name: p.instance for p in conditions})
+        self.trust = TrustChain([(p.name, p.instance) for p in evaluators], self.log)
+        self.audit_sink: AuditSink | None = None
+        if config.audit.enabled:
+            self.audit_sink = audit_sink or AuditFanout([p.instance for p in sinks])
         dpop = next((b for b in bindings if b.scheme == "dpop"), None)
         self.dpop_algs: tuple[str, ...] | None = tuple(getattr(dpop, "algorithms", ())) or None if dpop else None
         self.mtls_enabled = any(b.cnf_member == "x5t#S256" for b in bindings)
@@ -100,7 +108,7 @@ class Pipeline:
             dpop_algs=self.dpop_algs,
             resource_metadata=config.metadata_url if config.metadata_enabled else None,
         )
-        self._decorators = [p.instance for p in self.plugins if hasattr(p.instance, "response_headers")]
+        self._decorators = [p.instance for p in verifiers if hasattr(p.instance, "response_headers")]
 
     # -- lifetime ------------------------------------------------------------------------------------------
 

@@ -17,8 +17,10 @@ from .errors import (
     InsufficientUserAuthentication,
     InvalidToken,
     MissingCredentials,
+    UpstreamUnavailable,
 )
 from .models import Decision, Principal, RequestView, RouteRef, TrustAssessment
+from .typing import Condition
 
 
 def canonical_pattern(path: str) -> str:
@@ -43,8 +45,18 @@ def canonical_pattern(path: str) -> str:
 class RulePolicy:
     """The `[[rules]]` table, indexed by canonical pattern for an O(1) lookup per request."""
 
-    def __init__(self, rules: Iterable[Rule], *, acr_levels: Mapping[str, Levels] | None = None) -> None:
+    def __init__(
+        self,
+        rules: Iterable[Rule],
+        *,
+        acr_levels: Mapping[str, Levels] | None = None,
+        conditions: Mapping[str, Condition] | None = None,
+    ) -> None:
         self.rules = tuple(rules)
+        self._conditions = dict(conditions or {})
+        missing = {c for rule in self.rules for c in rule.conditions} - set(self._conditions)
+        if missing:
+            raise ValueError(f"no condition plugin loaded for {sorted(missing)}")
         self._by_pattern: dict[str, list[Rule]] = {}
         for rule in self.rules:
             self._by_pattern.setdefault(canonical_pattern(rule.path), []).append(rule)
@@ -60,6 +72,13 @@ class RulePolicy:
         self, rule: Rule, principal: Principal | None, trust: TrustAssessment, request: RequestView
     ) -> Decision:
         """Allow, or raise the AuthError whose challenge tells the client what would satisfy the rule."""
+        for name in rule.conditions:  # predicates apply to public routes too (e.g. "from the office network")
+            try:
+                satisfied = self._conditions[name].check(principal, trust, request)
+            except Exception:  # a broken predicate denies (SEC-07), it never allows and never answers 500
+                raise UpstreamUnavailable("plugin_error") from None
+            if satisfied is not True:
+                raise AccessDenied("condition_failed", params={"condition": name})
         if rule.public:
             return Decision(True, "public", rule.id)
         if principal is None:

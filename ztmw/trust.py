@@ -7,9 +7,12 @@ strength, not assurance. Levels combine by maximum and unknown values count for 
 
 from __future__ import annotations
 
+from typing import Any, Mapping, Sequence
+
 from .config import TrustConfig
+from .errors import ConfigurationError, UpstreamUnavailable
 from .models import ANONYMOUS_TRUST, Principal, RequestView, TrustAssessment
-from .typing import Clock
+from .typing import Clock, PluginDeps, TrustEvaluator
 
 
 class MappingTrustEvaluator:
@@ -22,9 +25,11 @@ class MappingTrustEvaluator:
         self._amr = config.amr
         self._clock = clock
 
-    def evaluate(self, principal: Principal | None, request: RequestView) -> TrustAssessment:
+    def evaluate(
+        self, principal: Principal | None, request: RequestView, current: TrustAssessment = ANONYMOUS_TRUST
+    ) -> TrustAssessment:
         if principal is None:
-            return ANONYMOUS_TRUST
+            return current
         token = principal.token
         aal = ial = 0
         inputs: list[str] = []
@@ -46,3 +51,28 @@ class MappingTrustEvaluator:
         return TrustAssessment(
             aal=aal, ial=ial, binding=principal.binding, auth_age=auth_age, acr=token.acr, inputs=tuple(inputs)
         )
+
+
+def create_mapping_evaluator(settings: Mapping[str, Any], deps: PluginDeps) -> MappingTrustEvaluator:
+    """Entry point `mapping` in `ztmw.trust_evaluators`: configured by `[trust.acr]` and `[trust.amr]`."""
+    if settings:
+        raise ConfigurationError(f"plugins.mapping: unknown key {sorted(settings)[0]} (configure [trust] instead)")
+    return MappingTrustEvaluator(deps.config.trust, deps.clock)
+
+
+class TrustChain:
+    """Runs the configured evaluators in order. An evaluator that raises denies with 503 (fail closed)."""
+
+    def __init__(self, evaluators: Sequence[tuple[str, TrustEvaluator]], logger: Any) -> None:
+        self._evaluators = tuple(evaluators)
+        self._log = logger
+
+    def evaluate(self, principal: Principal | None, request: RequestView) -> TrustAssessment:
+        assessment = ANONYMOUS_TRUST
+        for name, evaluator in self._evaluators:
+            try:
+                assessment = evaluator.evaluate(principal, request, assessment)
+            except Exception:
+                self._log.exception("ztmw.plugin_error", plugin=name, group="ztmw.trust_evaluators")
+                raise UpstreamUnavailable("plugin_error") from None
+        return assessment

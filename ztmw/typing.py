@@ -75,7 +75,21 @@ class IdentityResolver(Protocol):
 
 
 class TrustEvaluator(Protocol):
-    def evaluate(self, principal: Principal | None, request: RequestView) -> TrustAssessment: ...
+    """One link of the trust chain (`[trust] evaluators`, run in order): refines the assessment so far.
+
+    Return `current` unchanged when there is nothing to add; use `dataclasses.replace` to raise or lower an
+    axis and append to `inputs` what justified it, so the decision stays explainable.
+    """
+
+    def evaluate(
+        self, principal: Principal | None, request: RequestView, current: TrustAssessment
+    ) -> TrustAssessment: ...
+
+
+class Condition(Protocol):
+    """A named policy predicate (`conditions = [...]` in a rule): False denies with 403."""
+
+    def check(self, principal: Principal | None, trust: TrustAssessment, request: RequestView) -> bool: ...
 
 
 class AuditSink(Protocol):
