@@ -45,6 +45,9 @@ def setup(
     app.cleanup_ctx.append(_lifetime(pipeline))
     if config.metadata_enabled:
         app.router.add_get(config.metadata_path, _metadata_handler(pipeline), name="ztmw-metadata")
+    for plugin in pipeline.plugins:  # e.g. a metrics endpoint; still deny-by-default: a rule must allow it
+        for method, path, handler in getattr(plugin.instance, "web_routes", lambda: ())():
+            app.router.add_route(method, path, handler, name=f"ztmw-plugin-{plugin.name}-{method.lower()}")
     app.middlewares.append(zero_trust_middleware(pipeline))
     return pipeline
 
