@@ -1,0 +1,115 @@
+"""The servers under test, each started as its own process by run.py / flood.py / kid_flood.py.
+
+One handler for every scenario (`GET /hello/{name}` answering a 5-byte text body), so the only difference
+between scenarios is the security layer in front of it:
+
+  bare           aiohttp alone
+  noop           one `@web.middleware` that only awaits the handler
+  pyjwt-rs256    the middleware people write by hand: `jwt.decode()` (PyJWT) on every request, RS256 key
+  pyjwt-es256    the same with an ES256 key
+  (ztmw)         `ztmw serve apps:create_app --config ...`: the factory below behind the real CLI
+
+Run a baseline directly: `python apps.py --kind bare --port 8081 [--tls-cert C --tls-key K --tls-client-ca CA]`.
+The ztmw scenarios do not use this entry point: they go through `python -m ztmw serve`, exactly as users do,
+so the structlog setup (JSON lines on stdout) is the one `ztmw serve` installs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ssl
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+AUDIENCE = "https://api.example.com"
+ISSUER = "https://issuer.test"
+SCOPE = "hello:read"
+
+
+async def hello(request: web.Request) -> web.Response:
+    return web.Response(text="hello")
+
+
+def create_app() -> web.Application:
+    """The app behind every scenario (ztmw serve loads it as `apps:create_app`)."""
+    app = web.Application()
+    app.router.add_get("/hello/{name}", hello)
+    return app
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def noop_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    return await handler(request)
+
+
+def pyjwt_middleware(public_key_pem: bytes, algorithm: str) -> Any:
+    """What users write by hand: decode and verify the JWT on every request, check one scope."""
+    import jwt  # PyJWT, from the `bench` extra
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    key = load_pem_public_key(public_key_pem)
+
+    @web.middleware
+    async def jwt_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        header = request.headers.get("Authorization", "")
+        if not header.startswith("Bearer "):
+            return web.json_response({"error": "unauthorized"}, status=401,
+                                     headers={"WWW-Authenticate": 'Bearer realm="api"'})
+        try:
+            claims = jwt.decode(header[7:], key, algorithms=[algorithm], audience=AUDIENCE, issuer=ISSUER,
+                                options={"require": ["exp", "iat", "sub"]})
+        except jwt.PyJWTError:
+            return web.json_response({"error": "invalid_token"}, status=401,
+                                     headers={"WWW-Authenticate": 'Bearer realm="api", error="invalid_token"'})
+        if SCOPE not in str(claims.get("scope", "")).split():
+            return web.json_response({"error": "insufficient_scope"}, status=403)
+        request["claims"] = claims
+        return await handler(request)
+
+    return jwt_auth
+
+
+def build(kind: str, public_key: str | None) -> web.Application:
+    app = create_app()
+    if kind == "noop":
+        app.middlewares.append(noop_middleware)
+    elif kind in ("pyjwt-rs256", "pyjwt-es256"):
+        if public_key is None:
+            raise SystemExit("--public-key is needed for the PyJWT middleware")
+        with open(public_key, "rb") as fh:
+            pem = fh.read()
+        app.middlewares.append(pyjwt_middleware(pem, "RS256" if kind == "pyjwt-rs256" else "ES256"))
+    elif kind != "bare":
+        raise SystemExit(f"unknown kind {kind!r}")
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kind", required=True, choices=["bare", "noop", "pyjwt-rs256", "pyjwt-es256"])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--public-key", help="PEM public key for the PyJWT middleware")
+    parser.add_argument("--tls-cert")
+    parser.add_argument("--tls-key")
+    parser.add_argument("--tls-client-ca", help="ask for (do not require) a client certificate, as ztmw serve")
+    args = parser.parse_args()
+    if args.host not in ("127.0.0.1", "::1", "localhost"):
+        raise SystemExit("benchmark servers listen on loopback only")
+    ssl_context = None
+    if args.tls_cert:
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
+        if args.tls_client_ca:
+            ssl_context.load_verify_locations(args.tls_client_ca)
+            ssl_context.verify_mode = ssl.CERT_OPTIONAL
+    web.run_app(build(args.kind, args.public_key), host=args.host, port=args.port, ssl_context=ssl_context,
+                print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    main()

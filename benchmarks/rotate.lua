@@ -1,0 +1,54 @@
+-- wrk script used by every scenario: GET a path, optionally with per-request headers from a file.
+--
+--   wrk -t1 -c50 -d10s -s rotate.lua http://127.0.0.1:PORT -- PATH [LINES_FILE [once|cycle] [LIMIT]]
+--
+-- LINES_FILE: one request per line, its headers separated by TAB ("Authorization: Bearer x<TAB>DPoP: y").
+--   cycle: rotate through the lines (distinct tokens: the cache never sees the same one twice in a row);
+--   once:  send each line at most once (DPoP proofs: every request needs a fresh jti) and stop when done.
+-- LIMIT: stop after this many responses (0: no limit, the -d duration bounds the run).
+-- done() prints one JSON line that run.py parses (wrk's own text summary is printed before it).
+
+local reqs, n, i, mode, limit, seen = {}, 0, 0, "cycle", 0, 0
+local plain
+
+function init(args)
+  local path = args[1] or "/"
+  local host = wrk.host .. ":" .. tostring(wrk.port)
+  local head = "GET " .. path .. " HTTP/1.1\r\nHost: " .. host .. "\r\n"
+  plain = head .. "\r\n"
+  if args[2] and args[2] ~= "" and args[2] ~= "-" then
+    for line in io.lines(args[2]) do
+      if line ~= "" then
+        n = n + 1
+        reqs[n] = head .. string.gsub(line, "\t", "\r\n") .. "\r\n\r\n"
+      end
+    end
+  end
+  mode = args[3] or "cycle"
+  limit = tonumber(args[4] or "0") or 0
+end
+
+function request()
+  if n == 0 then return plain end
+  i = i + 1
+  if i > n then
+    i = 1  -- "once" mode stops in response() before this happens, except for in-flight requests
+  end
+  return reqs[i]
+end
+
+function response(status, headers, body)
+  seen = seen + 1
+  if (mode == "once" and n > 0 and seen >= n) or (limit > 0 and seen >= limit) then
+    wrk.thread:stop()
+  end
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '\nWRKJSON {"requests":%d,"duration_us":%d,"bytes":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,' ..
+    '"mean_us":%.1f,"max_us":%d,"err_connect":%d,"err_read":%d,"err_write":%d,"err_status":%d,"err_timeout":%d}\n',
+    summary.requests, summary.duration, summary.bytes, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), latency.mean, latency.max, e.connect, e.read, e.write, e.status, e.timeout))
+end

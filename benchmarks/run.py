@@ -1,0 +1,541 @@
+"""Load scripts: ztmw against bare aiohttp and hand-written middleware, servers in separate processes.
+
+    python benchmarks/run.py [--quick] [--only bare,ztmw-cached] [--rounds N] [--duration S]
+                             [--generator auto|wrk|python] [--audit-log file|devnull] [--no-micro]
+    ztmw bench [same arguments]
+
+Every server is its own process on 127.0.0.1 (ztmw scenarios run `python -m ztmw serve apps:create_app`, with
+the structlog JSON-lines setup of `ztmw serve`; the baselines run apps.py). The load generator is wrk
+(`apt-get install -y wrk`) with one thread, or the bundled loadgen.py; TLS scenarios always use loadgen.py,
+because wrk cannot present a client certificate. On a machine with two or more CPUs the server is pinned to
+CPU 0 and the generator to CPU 1. Scenarios run in rounds, in an order rotated every round; the table shows
+the median over rounds of req/s and of p50/p99 latency, and the ratio of the median req/s to the median of
+the baseline measured in the same run (bare aiohttp; bare aiohttp over the same TLS listener for mTLS).
+
+Output: a table on the terminal, benchmarks/results/latest.json, latest.md and latest.png (when matplotlib is
+installed). Everything is bounded: each load run by its duration (and a hard timeout), proofs and tokens by
+count, and every server is killed at the end, also on Ctrl-C or an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from fixtures import PATH, Material, free_port, make_material, write_lines, ztmw_config  # noqa: E402
+
+RESULTS = HERE / "results"
+LUA = HERE / "rotate.lua"
+
+
+# -- scenarios ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Scenario:
+    name: str
+    title: str
+    server: str                      # "app:<kind>" (apps.py) or "ztmw"
+    baseline: str | None = "bare"    # ratio denominator
+    config: dict[str, Any] = field(default_factory=dict)  # ztmw_config keyword arguments
+    headers: str = "none"            # none | token | rs256 | unique | dpop | mtls
+    tls: bool = False
+    audit: bool = False              # audit events written (ztmw serve's JSON lines)
+
+
+SCENARIOS: list[Scenario] = [
+    Scenario("bare", "bare aiohttp", "app:bare", baseline=None),
+    Scenario("noop", "no-op middleware", "app:noop"),
+    Scenario("pyjwt-rs256", "hand-written PyJWT RS256 (verify every request)", "app:pyjwt-rs256", headers="rs256"),
+    Scenario("pyjwt-es256", "hand-written PyJWT ES256 (verify every request)", "app:pyjwt-es256",
+             headers="unique"),
+    Scenario("ztmw-cached", "ztmw bearer, cache hit, audit on", "ztmw", config={"verifiers": ["bearer"]},
+             headers="token", audit=True),
+    Scenario("ztmw-cached-noaudit", "ztmw bearer, cache hit, audit off", "ztmw",
+             config={"verifiers": ["bearer"], "audit": False}, headers="token"),
+    Scenario("ztmw-uncached", "ztmw bearer ES256, distinct tokens (every request a miss)", "ztmw",
+             config={"verifiers": ["bearer"], "cache_entries": 1000}, headers="unique", audit=True),
+    Scenario("ztmw-dpop-memory", "ztmw DPoP, fresh proof per request, memory replay store", "ztmw",
+             config={"verifiers": ["bearer", "dpop"], "replay_store": "memory"}, headers="dpop", audit=True),
+    Scenario("ztmw-dpop-redis", "ztmw DPoP, fresh proof per request, Redis replay store", "ztmw",
+             config={"verifiers": ["bearer", "dpop"], "replay_store": "redis://127.0.0.1:6379/0"},
+             headers="dpop", audit=True),
+    Scenario("bare-tls", "bare aiohttp over TLS, client cert requested+sent (loadgen)", "app:bare",
+             baseline=None, tls=True),
+    Scenario("ztmw-mtls", "ztmw mTLS-bound token over TLS (loadgen)", "ztmw", baseline="bare-tls",
+             config={"verifiers": ["bearer", "mtls"]}, headers="mtls", tls=True, audit=True),
+]
+BY_NAME = {s.name: s for s in SCENARIOS}
+
+# (scenario, denominator, minimum ratio, description)
+TARGETS = [
+    ("ztmw-cached", "bare", 0.85, "cached bearer, audit on >= 0.85x bare"),
+    ("ztmw-cached-noaudit", "bare", 0.93, "cached bearer, audit off >= 0.93x bare"),
+    ("ztmw-uncached", "bare", 0.40, "uncached ES256 >= 0.40x bare"),
+    ("ztmw-uncached", "pyjwt-es256", 1.5, "uncached ES256 >= 1.5x hand-written PyJWT ES256"),
+    ("ztmw-dpop-memory", "bare", 0.40, "DPoP (memory store) >= 0.40x bare"),
+    ("ztmw-dpop-redis", "ztmw-dpop-memory", 0.85, "DPoP (Redis store) >= 0.85x DPoP memory"),
+]
+
+
+# -- processes -----------------------------------------------------------------------------------------------
+
+_LIVE: list[subprocess.Popen[bytes]] = []
+
+
+def _kill(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)  # own session: the group is just this server
+    except (ProcessLookupError, PermissionError):
+        return
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=10)
+
+
+def kill_all() -> None:
+    while _LIVE:
+        _kill(_LIVE.pop())
+
+
+atexit.register(kill_all)
+
+
+def _pin(cpus: set[int] | None) -> Callable[[], None] | None:
+    if not cpus:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+class Server:
+    def __init__(self, scenario: Scenario, material: Material, workdir: Path, audit_log: str,
+                 cpus: set[int] | None) -> None:
+        self.scenario = scenario
+        self.port = free_port()
+        self.scheme = "https" if scenario.tls else "http"
+        self.url = f"{self.scheme}://127.0.0.1:{self.port}"
+        self.audit_path: Path | None = None
+        argv: list[str]
+        if scenario.server == "ztmw":
+            config = workdir / f"{scenario.name}.toml"
+            config.write_text(ztmw_config(material, **scenario.config), encoding="utf-8")
+            argv = [sys.executable, "-m", "ztmw", "serve", "apps:create_app", "--config", str(config),
+                    "--host", "127.0.0.1", "--port", str(self.port)]
+        else:
+            kind = scenario.server.split(":", 1)[1]
+            argv = [sys.executable, str(HERE / "apps.py"), "--kind", kind, "--port", str(self.port)]
+            if kind == "pyjwt-rs256":
+                argv += ["--public-key", str(material.rs256_pem)]
+            elif kind == "pyjwt-es256":
+                argv += ["--public-key", str(material.es256_pem)]
+        if scenario.tls:
+            argv += ["--tls-cert", str(material.server_cert), "--tls-key", str(material.server_key),
+                     "--tls-client-ca", str(material.ca_pem)]
+        # ztmw serve writes its JSON lines (audit events) to stdout: a file, or /dev/null
+        if audit_log == "file" and scenario.server == "ztmw":
+            self.audit_path = workdir / f"{scenario.name}.audit.jsonl"
+            stdout = open(self.audit_path, "wb")  # noqa: SIM115 - handed to the child
+        else:
+            stdout = open(os.devnull, "wb")  # noqa: SIM115
+        self.stderr_path = workdir / f"{scenario.name}.stderr"
+        stderr = open(self.stderr_path, "wb")  # noqa: SIM115
+        env = dict(os.environ, PYTHONUNBUFFERED="0")
+        self.process = subprocess.Popen(argv, cwd=HERE, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
+                                        start_new_session=True, env=env, preexec_fn=_pin(cpus))
+        stdout.close()
+        stderr.close()
+        _LIVE.append(self.process)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.scenario.name} server did not start:\n"
+                                       + self.stderr_path.read_text(errors="replace")[-3000:])
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        _kill(self.process)
+        if self.process in _LIVE:
+            _LIVE.remove(self.process)
+
+
+# -- load generation -----------------------------------------------------------------------------------------
+
+def _parse(output: str) -> dict[str, Any]:
+    for line in output.splitlines():
+        if line.startswith("WRKJSON "):
+            return json.loads(line[8:])
+    raise RuntimeError("load generator printed no summary:\n" + output[-2000:])
+
+
+class Runner:
+    def __init__(self, args: argparse.Namespace, material: Material, workdir: Path) -> None:
+        self.args = args
+        self.material = material
+        self.workdir = workdir
+        self.wrk = shutil.which("wrk") if args.generator in ("auto", "wrk") else None
+        if args.generator == "wrk" and not self.wrk:
+            raise SystemExit("--generator wrk: wrk is not installed (apt-get install -y wrk)")
+        cpus = sorted(os.sched_getaffinity(0))
+        self.server_cpus = {cpus[0]} if len(cpus) >= 2 and not args.no_pin else None
+        self.generator_cpus = {cpus[1]} if len(cpus) >= 2 and not args.no_pin else None
+        self.rate_estimate: dict[str, float] = {}
+        self.unique_file: Path | None = None
+
+    def generator_for(self, scenario: Scenario) -> str:
+        return "wrk" if self.wrk and not scenario.tls else "loadgen"
+
+    def lines_for(self, scenario: Scenario, duration: float) -> tuple[Path | None, str]:
+        m, h = self.material, scenario.headers
+        if h == "none":
+            return None, "cycle"
+        if h in ("token", "rs256", "mtls"):
+            token = {"token": m.token, "rs256": m.rs256_token, "mtls": m.mtls_token}[h]
+            return write_lines(self.workdir / f"{h}.lines", [f"Authorization: Bearer {token}"]), "cycle"
+        if h == "unique":
+            if self.unique_file is None:
+                tokens = m.unique_tokens(self.args.unique_tokens)
+                self.unique_file = write_lines(self.workdir / "unique.lines",
+                                               [f"Authorization: Bearer {t}" for t in tokens])
+            return self.unique_file, "cycle"
+        if h == "dpop":
+            # every request needs a fresh proof: made now (iat = now, well inside dpop.max_age = 60 s),
+            # enough for 1.5x the rate seen so far; "once" mode stops the generator if they run out
+            estimate = self.rate_estimate.get(scenario.name) or self.rate_estimate.get("bare", 8000.0)
+            count = min(int(estimate * duration * 1.5) + 500, self.args.max_proofs)
+            proofs = m.dpop.proofs(count)
+            lines = [f"Authorization: DPoP {m.dpop_token}\tDPoP: {p}" for p in proofs]
+            return write_lines(self.workdir / f"{scenario.name}.lines", lines), "once"
+        raise ValueError(h)
+
+    def measure(self, scenario: Scenario, server: Server, duration: float) -> dict[str, Any]:
+        lines, mode = self.lines_for(scenario, duration)
+        generator = self.generator_for(scenario)
+        connections = self.args.connections
+        if generator == "wrk":
+            assert self.wrk is not None
+            argv = [self.wrk, "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--timeout", "5s",
+                    "-s", str(LUA), server.url, "--", PATH, str(lines) if lines else "-", mode, "0"]
+        else:
+            argv = [sys.executable, str(HERE / "loadgen.py"), server.url, "--path", PATH,
+                    "--duration", str(duration), "--connections", str(connections)]
+            if lines:
+                argv += ["--lines", str(lines), "--mode", mode]
+            if scenario.tls:
+                argv += ["--cafile", str(self.material.ca_pem), "--cert", str(self.material.client_cert),
+                         "--key", str(self.material.client_key)]
+        done = subprocess.run(argv, cwd=HERE, capture_output=True, text=True, timeout=duration + 90,
+                              preexec_fn=_pin(self.generator_cpus))
+        if done.returncode != 0:
+            raise RuntimeError(f"{generator} failed for {scenario.name}: {done.stderr[-2000:]}")
+        result = _parse(done.stdout)
+        seconds = result["duration_us"] / 1e6
+        result["rps"] = result["requests"] / seconds if seconds else 0.0
+        result["generator"] = generator
+        result["errors"] = sum(result[k] for k in ("err_connect", "err_read", "err_write", "err_status",
+                                                   "err_timeout"))
+        if result["rps"]:
+            self.rate_estimate[scenario.name] = result["rps"]
+        return result
+
+
+# -- reporting -------------------------------------------------------------------------------------------------
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def summarize(samples: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, runs in samples.items():
+        out[name] = {
+            "rps": median([r["rps"] for r in runs]),
+            "p50_ms": median([r["p50_us"] for r in runs]) / 1000,
+            "p99_ms": median([r["p99_us"] for r in runs]) / 1000,
+            "rounds": len(runs),
+            "rps_all": [round(r["rps"], 1) for r in runs],
+            "errors": sum(r["errors"] for r in runs),
+            "requests": sum(r["requests"] for r in runs),
+            "generator": runs[0]["generator"] if runs else None,
+        }
+    for name, row in out.items():
+        base = BY_NAME[name].baseline
+        row["baseline"] = base
+        row["ratio"] = row["rps"] / out[base]["rps"] if base in out and out[base]["rps"] else None
+        if base is None:
+            row["ratio"] = 1.0
+    return out
+
+
+def evaluate_targets(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for scenario, denominator, minimum, text in TARGETS:
+        if scenario not in summary or denominator not in summary or not summary[denominator]["rps"]:
+            continue
+        ratio = summary[scenario]["rps"] / summary[denominator]["rps"]
+        rows.append({"target": text, "scenario": scenario, "against": denominator, "minimum": minimum,
+                     "ratio": round(ratio, 3), "pass": ratio >= minimum})
+    return rows
+
+
+def table(summary: dict[str, dict[str, Any]]) -> list[str]:
+    lines = [f"| {'scenario':<20} | {'req/s':>8} | {'p50 ms':>7} | {'p99 ms':>7} | {'ratio':>6} | "
+             f"{'vs':<9} | {'errors':>6} | generator |",
+             f"|{'-' * 22}|{'-' * 10}:|{'-' * 8}:|{'-' * 8}:|{'-' * 7}:|{'-' * 11}|{'-' * 7}:|-----------|"]
+    for s in SCENARIOS:
+        row = summary.get(s.name)
+        if row is None:
+            continue
+        ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else "-"
+        lines.append(f"| {s.name:<20} | {row['rps']:>8.0f} | {row['p50_ms']:>7.2f} | {row['p99_ms']:>7.2f} | "
+                     f"{ratio:>6} | {row['baseline'] or '-':<9} | {row['errors']:>6} | {row['generator']:<9} |")
+    return lines
+
+
+def chart(summary: dict[str, dict[str, Any]], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    names = [s.name for s in SCENARIOS if s.name in summary]
+    rps = [summary[n]["rps"] for n in names]
+    colors = ["#888888" if BY_NAME[n].server != "ztmw" else "#2a7ab9" for n in names]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [3, 2]})
+    bars = ax1.barh(names[::-1], rps[::-1], color=colors[::-1])
+    for bar, n in zip(bars, names[::-1]):
+        ratio = summary[n]["ratio"]
+        label = f"{summary[n]['rps']:.0f}" + (f"  ({ratio:.2f}x {summary[n]['baseline']})"
+                                               if ratio is not None and summary[n]["baseline"] else "")
+        ax1.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, " " + label, va="center", fontsize=8)
+    ax1.set_xlabel("requests/s (median of rounds)")
+    ax1.set_xlim(0, max(rps) * 1.45 if rps else 1)
+    ax1.set_title(title, fontsize=9)
+    p50 = [summary[n]["p50_ms"] for n in names][::-1]
+    p99 = [summary[n]["p99_ms"] for n in names][::-1]
+    y = range(len(names))
+    ax2.barh([i + 0.2 for i in y], p99, height=0.4, label="p99", color="#d98c3a")
+    ax2.barh([i - 0.2 for i in y], p50, height=0.4, label="p50", color="#5aa05a")
+    ax2.set_yticks(list(y))
+    ax2.set_yticklabels(names[::-1])
+    ax2.set_xlabel("latency ms (median of rounds)")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def cache_check(path: Path | None) -> dict[str, int] | None:
+    """Count the audit events' cache field: proves the uncached scenario missed and the cached one hit."""
+    if path is None or not path.exists():
+        return None
+    counts = {"hit": 0, "miss": 0, "lines": 0}
+    with open(path, "rb") as fh:
+        for line in fh:
+            counts["lines"] += 1
+            if b'"cache": "hit"' in line:
+                counts["hit"] += 1
+            elif b'"cache": "miss"' in line:
+                counts["miss"] += 1
+    return counts
+
+
+# -- main ------------------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short rounds (< 3 minutes in all)")
+    parser.add_argument("--only", help="comma-separated scenarios: " + ",".join(s.name for s in SCENARIOS))
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--duration", type=float, help="seconds per load run")
+    parser.add_argument("--warmup", type=float)
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--generator", choices=["auto", "wrk", "python"], default="auto")
+    parser.add_argument("--audit-log", choices=["file", "devnull"], default="file",
+                        help="where ztmw serve's JSON lines go (default: a file in the work dir)")
+    parser.add_argument("--unique-tokens", type=int, help="distinct tokens for the uncached scenarios")
+    parser.add_argument("--max-proofs", type=int, default=250_000, help="cap on DPoP proofs per run")
+    parser.add_argument("--no-micro", action="store_true", help="skip the in-process stage micro-benchmarks")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin server and generator to CPUs")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (configs, audit logs)")
+    parser.add_argument("--out", default=str(RESULTS), help="results directory")
+    args = parser.parse_args(argv)
+    args.rounds = args.rounds or (2 if args.quick else 5)
+    args.duration = args.duration or (3.0 if args.quick else 8.0)
+    args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
+    args.unique_tokens = args.unique_tokens or (5000 if args.quick else 20000)
+    if not (1 <= args.rounds <= 50 and 0.5 <= args.duration <= 120 and 0 <= args.warmup <= 30):
+        parser.error("rounds 1..50, duration 0.5..120 s, warmup 0..30 s")
+    if not (1 <= args.connections <= 1000):
+        parser.error("connections 1..1000")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.generator == "python":
+        args.generator = "python"
+    selected = SCENARIOS
+    if args.only:
+        wanted = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = [n for n in wanted if n not in BY_NAME]
+        if unknown:
+            print(f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(BY_NAME)}", file=sys.stderr)
+            return 2
+        selected = [s for s in SCENARIOS if s.name in wanted]
+    # a ratio needs its baseline measured in the same run
+    for s in list(selected):
+        if s.baseline and s.baseline not in {x.name for x in selected}:
+            print(f"note: adding baseline {s.baseline!r} for {s.name}", file=sys.stderr)
+            selected = [x for x in SCENARIOS if x in selected or x.name == s.baseline]
+
+    def forward_sigterm(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, forward_sigterm)
+    started = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="ztmw-bench-"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    servers: dict[str, Server] = {}
+    samples: dict[str, list[dict[str, Any]]] = {s.name: [] for s in selected}
+    micro: list[dict[str, Any]] = []
+
+    def say(text: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f}s] {text}", flush=True)
+
+    try:
+        say(f"work dir {workdir}; making keys, certificates and tokens")
+        material = make_material(workdir)
+        runner = Runner(args, material, workdir)
+        gen = "wrk -t1" if runner.wrk else "loadgen.py"
+        say(f"generator: {gen} for plain HTTP, loadgen.py for TLS; {args.connections} connections; "
+            f"{args.rounds} rounds x {args.duration:g} s; pinning: server cpu {runner.server_cpus}, "
+            f"generator cpu {runner.generator_cpus}; audit lines -> {args.audit_log}")
+        for s in selected:
+            servers[s.name] = Server(s, material, workdir, args.audit_log, runner.server_cpus)
+        for s in selected:
+            servers[s.name].wait_ready()
+        say(f"{len(servers)} servers up: " + ", ".join(f"{n}@{v.port}" for n, v in servers.items()))
+
+        order = list(selected)
+        if args.warmup > 0:
+            for s in order:
+                result = runner.measure(s, servers[s.name], args.warmup)
+                flag = f"  !! {result['errors']} errors" if result["errors"] else ""
+                say(f"warm-up {s.name:<20} {result['rps']:8.0f} req/s{flag}")
+                if result["requests"] == 0 or result["err_status"] > result["requests"] // 2:
+                    raise RuntimeError(f"{s.name}: the server refuses the benchmark requests "
+                                       f"({result['err_status']} of {result['requests']} >= 400); "
+                                       + servers[s.name].stderr_path.read_text(errors="replace")[-1500:])
+        total = args.rounds * len(order)
+        for r in range(args.rounds):
+            shift = r % len(order)
+            rotated = order[shift:] + order[:shift]
+            for i, s in enumerate(rotated):
+                result = runner.measure(s, servers[s.name], args.duration)
+                samples[s.name].append(result)
+                done = r * len(order) + i + 1
+                elapsed = time.monotonic() - started
+                flag = f"  !! {result['errors']} errors" if result["errors"] else ""
+                say(f"round {r + 1}/{args.rounds} [{done}/{total}] {s.name:<20} {result['rps']:8.0f} req/s  "
+                    f"p50 {result['p50_us'] / 1000:6.2f} ms  p99 {result['p99_us'] / 1000:6.2f} ms{flag}")
+            partial = summarize({k: v for k, v in samples.items() if v})
+            if "bare" in partial:
+                say("after round %d: " % (r + 1) + ", ".join(
+                    f"{k} {v['ratio']:.2f}" for k, v in partial.items() if v["ratio"] is not None and k != "bare"))
+        audit_counts = {n: cache_check(srv.audit_path) for n, srv in servers.items() if srv.audit_path}
+        for srv in servers.values():
+            srv.stop()
+
+        if not args.no_micro:
+            say("micro-benchmarks (in process, ns/op)")
+            micro_json = workdir / "micro.json"
+            argv = [sys.executable, str(HERE / "micro.py"), "--json", str(micro_json)] + (
+                ["--quick"] if args.quick else [])
+            subprocess.run(argv, cwd=HERE, timeout=600, check=True, preexec_fn=_pin(runner.server_cpus))
+            micro = json.loads(micro_json.read_text())
+
+        summary = summarize(samples)
+        targets = evaluate_targets(summary)
+        meta = {
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "mode": "quick" if args.quick else "default",
+            "rounds": args.rounds, "duration_s": args.duration, "warmup_s": args.warmup,
+            "connections": args.connections, "generator": gen, "audit_log": args.audit_log,
+            "unique_tokens": args.unique_tokens, "cpus": os.cpu_count(),
+            "pinning": {"server": sorted(runner.server_cpus or []), "generator": sorted(runner.generator_cpus or [])},
+            "python": platform.python_version(), "platform": platform.platform(),
+            "elapsed_s": round(time.monotonic() - started, 1),
+            "command": " ".join(["python benchmarks/run.py"] + sys.argv[1:]),
+        }
+        document = {"meta": meta, "scenarios": summary, "targets": targets, "micro": micro,
+                    "audit_cache_counts": audit_counts, "samples": samples,
+                    "descriptions": {s.name: s.title for s in selected}}
+        (out / "latest.json").write_text(json.dumps(document, indent=2), encoding="utf-8")
+
+        lines = table(summary)
+        report = ["", f"ztmw benchmark ({meta['mode']}, {meta['date']}, {args.rounds} rounds x "
+                      f"{args.duration:g} s, {args.connections} connections, {gen}, "
+                      f"audit -> {args.audit_log}, {meta['elapsed_s']} s)", ""] + lines
+        if targets:
+            report += ["", "| target | ratio | result |", "|---|---:|---|"]
+            report += [f"| {t['target']} | {t['ratio']:.2f} | {'PASS' if t['pass'] else 'FAIL'} |" for t in targets]
+        if micro:
+            report += ["", "| stage | ns/op (median) | best | note |", "|---|---:|---:|---|"]
+            report += [f"| {m['stage']} | {m['ns_per_op']:,} | {m['best_ns']:,} | {m['note']} |" for m in micro]
+        checks = {k: v for k, v in audit_counts.items() if v}
+        if checks:
+            report += ["", "audit events per scenario (cache field): " + "; ".join(
+                f"{k}: {v['lines']} lines, {v['hit']} hit, {v['miss']} miss" for k, v in checks.items())]
+        print("\n".join(report))
+        (out / "latest.md").write_text("\n".join(report) + "\n", encoding="utf-8")
+        if chart(summary, out / "latest.png", f"ztmw bench {meta['mode']} {meta['date']} ({gen})"):
+            say(f"wrote {out / 'latest.json'}, latest.md, latest.png")
+        else:
+            say(f"wrote {out / 'latest.json'}, latest.md (no chart: pip install matplotlib)")
+        return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping servers", file=sys.stderr)
+        return 130
+    finally:
+        kill_all()
+        if args.keep:
+            print(f"work dir kept: {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
