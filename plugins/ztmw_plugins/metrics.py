@@ -25,7 +25,7 @@ apps in one process keep separate counts; it is exposed as `.registry` for apps 
 Labels have bounded cardinality by construction: only decision, reason, rule id, status and binding, whose
 values come from the configuration and from code, never from the request (no subject, client id, token id,
 issuer or path). As a second fence every label accepts at most `MAX_LABEL_VALUES` distinct values beyond the
-configured rule ids, and only tame ones (`[A-Za-z0-9_.:-]`); anything else is counted as "other".
+configured rule ids and the core's reason ids, and only tame ones (`[A-Za-z0-9_.:-]`); anything else is counted as "other".
 
 `emit` never raises and never blocks: prometheus_client updates are in-memory.
 """
@@ -39,7 +39,7 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping
 
 from aiohttp import web
 
-from ztmw.errors import ConfigurationError
+from ztmw.errors import DESCRIPTIONS, ConfigurationError
 from ztmw.models import AuditEvent
 from ztmw.typing import PluginDeps
 
@@ -53,6 +53,8 @@ MAX_LABEL_VALUES = 200
 OTHER = "other"
 DECISION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BINDINGS = frozenset({"bearer", "dpop", "mtls"})
+KNOWN_REASONS = frozenset(DESCRIPTIONS) | {"allowed", "public", "dpop_replay", "plugin_error",
+                                          "upstream_unavailable"}
 _TAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _PATH = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*")
 
@@ -99,8 +101,8 @@ class MetricsSink:
         self.path = path
         self.registry = CollectorRegistry(auto_describe=True)
         self._rule_id = _LabelValues(rule_ids)
-        self._reason = _LabelValues()
-        self._security_reason = _LabelValues()
+        self._reason = _LabelValues(KNOWN_REASONS)
+        self._security_reason = _LabelValues(KNOWN_REASONS)
         self.decisions = Counter(
             "ztmw_decisions_total", "Access decisions, one per request, by outcome, reason, rule and status.",
             ("decision", "reason", "rule_id", "status"), registry=self.registry,
