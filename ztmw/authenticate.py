@@ -10,17 +10,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
-from .cache import MemoryVerificationCache, token_key
+from .cache import MemoryVerificationCache, NegativeCache, SharedVerificationCache, token_key
 from .client_cert import describe_certificate
 from .errors import AuthError, InvalidToken, TokenBindingMismatch, UpstreamUnavailable
 from .models import Binding, Caller, Credential, Principal, RequestView, VerifiedToken
 from .typing import BindingVerifier, Clock, IdentityResolver, TokenVerifier
 
 
+CacheResult = Literal["hit", "shared", "miss"]
+
+# Failures that depend on the token alone: no later event (key rotation, a recovered key server) can turn them
+# into a success, so they may be remembered briefly. "unknown_key" is deliberately absent.
+NEGATIVE_CACHEABLE = frozenset({
+    "malformed_token", "bad_signature", "unsupported_algorithm", "wrong_token_type", "missing_claim",
+    "invalid_claim", "audience_mismatch", "unknown_issuer", "unsupported_crit", "token_expired",
+})
+
+
 @dataclass(frozen=True, slots=True)
 class Authentication:
     principal: Principal
-    cache: Literal["hit", "miss"]
+    cache: CacheResult
 
 
 class Authenticator:
@@ -30,6 +40,9 @@ class Authenticator:
         token_verifiers: Sequence[TokenVerifier],
         binding_verifiers: Sequence[BindingVerifier],
         cache: MemoryVerificationCache,
+        negative_cache: NegativeCache | None = None,
+        shared_cache: SharedVerificationCache | None = None,
+        max_shared_ttl: float = 300.0,
         identity: IdentityResolver | None,
         clock: Clock,
         logger: object,
@@ -39,6 +52,10 @@ class Authenticator:
         self._token_verifiers = tuple(token_verifiers)
         self._bindings = {b.cnf_member: b for b in binding_verifiers}
         self._cache = cache
+        self._negative = negative_cache
+        self._shared = shared_cache
+        self._by_name = {v.name: v for v in self._token_verifiers}
+        self._max_shared_ttl = max_shared_ttl
         self._identity = identity
         self._clock = clock
         self._log = logger
@@ -86,12 +103,24 @@ class Authenticator:
         )
         return Authentication(principal, cache)
 
-    async def _verify_token(self, token: str) -> tuple[VerifiedToken, Literal["hit", "miss"]]:
+    async def _verify_token(self, token: str) -> tuple[VerifiedToken, CacheResult]:
+        """The cacheable half: a hash and a lookup on a hit; every result is re-checked per request after."""
         key = token_key(token)
         cached = self._cache.get(key)
-        if cached is not None:
+        if cached is not None and self._still_trusted(cached):
             return cached, "hit"
-        error: AuthError | None = None
+        if cached is not None:  # the key that verified it left the issuer's JWKS: verify again
+            self._cache.discard(key)
+        if self._negative is not None:
+            reason = self._negative.get(key)
+            if reason is not None:
+                raise InvalidToken(reason)
+        if self._shared is not None:
+            shared = await self._shared.get(key)
+            if shared is not None and self._still_trusted(shared):
+                self._cache.set(key, shared)
+                return shared, "shared"
+        error: InvalidToken | None = None
         for verifier in self._token_verifiers:
             try:
                 verified = await verifier.verify_token(token)
@@ -99,9 +128,18 @@ class Authenticator:
                 error = error or exc
                 continue
             self._cache.set(key, verified)
+            if self._shared is not None:
+                await self._shared.set(key, verified, min(self._max_shared_ttl, verified.expires_at - self._clock()))
             return verified, "miss"
         assert error is not None
+        if self._negative is not None and error.reason in NEGATIVE_CACHEABLE:
+            self._negative.set(key, error.reason)
         raise error
+
+    def _still_trusted(self, verified: VerifiedToken) -> bool:
+        """Asks the verifier, when it can tell, whether what it concluded still stands (key still published)."""
+        check = getattr(self._by_name.get(verified.verifier), "still_trusted", None)
+        return True if check is None else bool(check(verified))
 
     def _check_still_valid(self, verified: VerifiedToken) -> None:
         now = self._clock()

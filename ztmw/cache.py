@@ -1,18 +1,29 @@
 """The verification cache: what `verify_token` concluded about a token, keyed by a hash of the token.
 
-Written by hand rather than on aiocache's memory backend because that one is unbounded and costs a timer and a
-`wait_for` per operation (STYLE.md §1); a cached token must cost a hash and a dict lookup. Only successes are
-stored, never beyond the token's `exp`, and never the token itself (RFC 9700 §4.9.3). Per-request checks
-(proofs, certificates, the expiry re-check) are not cached: the caller runs them on every hit.
+Level 1 is in process and written by hand rather than on aiocache's memory backend because that one is
+unbounded and costs a timer and a `wait_for` per operation (STYLE.md §1); a cached token must cost a hash and
+a dict lookup. Level 2 (optional, `cache.backend = "redis://..."`) is shared by replicas through aiocache, and
+its entries are HMAC-signed: whoever can write to Redis must not be able to mint "verified" tokens.
+
+Only successes are cached, never beyond the token's `exp`, and never the token itself (RFC 9700 §4.9.3);
+failures that depend on the token alone are remembered briefly in a separate negative cache, so a flood of one
+bad token costs one verification. Per-request checks (proofs, certificates, the expiry re-check) are never
+cached: the authenticator runs them on every hit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import hmac
+import json
 from collections import OrderedDict
+from typing import Any, Generic, TypeVar
 
-from .models import VerifiedToken
+from .models import VerifiedToken, frozen_mapping
 from .typing import Clock
+
+V = TypeVar("V")
 
 
 def token_key(token: str) -> bytes:
@@ -20,51 +31,186 @@ def token_key(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
 
-class MemoryVerificationCache:
-    """A bounded LRU with per-entry expiry. Single event loop, no locks needed."""
+class _ExpiringLRU(Generic[V]):
+    """A bounded LRU whose entries carry their own expiry. Single event loop, no locks needed."""
 
-    def __init__(self, *, max_entries: int, max_ttl: float, clock: Clock) -> None:
-        self._entries: OrderedDict[bytes, tuple[float, VerifiedToken]] = OrderedDict()
+    def __init__(self, *, max_entries: int, clock: Clock) -> None:
+        self._entries: OrderedDict[bytes, tuple[float, V]] = OrderedDict()
         self._max_entries = max_entries
-        self._max_ttl = max_ttl
         self._clock = clock
-        self.hits = 0
-        self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: bytes) -> VerifiedToken | None:
+    def get(self, key: bytes) -> V | None:
         entry = self._entries.get(key)
         if entry is None:
-            self.misses += 1
             return None
-        expires, value = entry
-        if expires <= self._clock():
+        if entry[0] <= self._clock():
             del self._entries[key]
-            self.misses += 1
             return None
         self._entries.move_to_end(key)
-        self.hits += 1
-        return value
+        return entry[1]
 
-    def set(self, key: bytes, value: VerifiedToken) -> None:
-        if self._max_entries <= 0:
-            return
-        expires = min(self._clock() + self._max_ttl, value.expires_at)
-        if expires <= self._clock():
+    def put(self, key: bytes, value: V, expires: float) -> None:
+        if self._max_entries <= 0 or expires <= self._clock():
             return
         self._entries[key] = (expires, value)
         self._entries.move_to_end(key)
         while len(self._entries) > self._max_entries:
             self._entries.popitem(last=False)
 
-    def discard_key_id(self, issuer: str, key_id: str | None) -> int:
-        """Forget everything a key verified (the issuer removed it from its JWKS). Returns how many."""
-        doomed = [k for k, (_, v) in self._entries.items() if v.issuer == issuer and v.key_id == key_id]
-        for k in doomed:
-            del self._entries[k]
-        return len(doomed)
+    def pop(self, key: bytes) -> None:
+        self._entries.pop(key, None)
 
     def clear(self) -> None:
         self._entries.clear()
+
+
+class MemoryVerificationCache:
+    """Level 1: verified tokens in process, bounded by `max_entries`, living at most `max_ttl` and until exp."""
+
+    def __init__(self, *, max_entries: int, max_ttl: float, clock: Clock) -> None:
+        self._lru: _ExpiringLRU[VerifiedToken] = _ExpiringLRU(max_entries=max_entries, clock=clock)
+        self._max_ttl = max_ttl
+        self._clock = clock
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def get(self, key: bytes) -> VerifiedToken | None:
+        value = self._lru.get(key)
+        if value is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return value
+
+    def set(self, key: bytes, value: VerifiedToken) -> None:
+        self._lru.put(key, value, min(self._clock() + self._max_ttl, value.expires_at))
+
+    def discard(self, key: bytes) -> None:
+        self._lru.pop(key)
+
+    def clear(self) -> None:
+        self._lru.clear()
+
+
+class NegativeCache:
+    """Recent token-intrinsic failures (bad signature, malformed, wrong audience...): reason by token hash.
+
+    Only failures that no later event can turn into a success belong here; an unknown key (the issuer may be
+    rotating) or an unreachable key server must never be remembered.
+    """
+
+    def __init__(self, *, max_entries: int = 10_000, ttl: float = 30.0, clock: Clock) -> None:
+        self._lru: _ExpiringLRU[str] = _ExpiringLRU(max_entries=max_entries, clock=clock)
+        self._ttl = ttl
+        self._clock = clock
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def get(self, key: bytes) -> str | None:
+        return self._lru.get(key)
+
+    def set(self, key: bytes, reason: str) -> None:
+        self._lru.put(key, reason, self._clock() + self._ttl)
+
+
+# -- level 2: shared by replicas ---------------------------------------------------------------------------
+
+def dump_verified(value: VerifiedToken) -> bytes:
+    data: dict[str, Any] = {}
+    for f in dataclasses.fields(value):
+        item = getattr(value, f.name)
+        if isinstance(item, frozenset):
+            item = sorted(item)
+        elif isinstance(item, tuple):
+            item = list(item)
+        elif item is not None and not isinstance(item, (str, int, float, bool, list)):
+            item = dict(item)
+        data[f.name] = item
+    return json.dumps(data, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+
+def load_verified(raw: bytes) -> VerifiedToken:
+    data = json.loads(raw)
+    return VerifiedToken(
+        issuer=data["issuer"], subject=data["subject"], audience=tuple(data["audience"]),
+        expires_at=data["expires_at"], token_id=data["token_id"], verifier=data["verifier"],
+        client_id=data["client_id"], scopes=frozenset(data["scopes"]), issued_at=data["issued_at"],
+        not_before=data["not_before"], auth_time=data["auth_time"], acr=data["acr"], amr=tuple(data["amr"]),
+        cnf=frozen_mapping(data["cnf"]), actor=frozen_mapping(data["actor"]) if data["actor"] else None,
+        claims=frozen_mapping(data["claims"]), key_id=data["key_id"], leeway=data["leeway"],
+    )
+
+
+class SharedVerificationCache:
+    """Level 2 over aiocache's Redis backend. Any failure reads as a miss: the token is then verified anew.
+
+    Values are `hmac || json`; an entry whose MAC does not verify under our secret is ignored, so write access
+    to Redis does not grant the power to declare a token valid.
+    """
+
+    def __init__(self, url: str, secret: bytes, *, clock: Clock, timeout: float = 0.25, logger: Any = None) -> None:
+        from aiocache import Cache  # imported here: only deployments with a shared cache need it
+
+        self._cache = Cache.from_url(url)
+        self._cache.serializer = _RawBytes()
+        self._cache.namespace = "ztmw:vt"  # aiocache joins namespace and key with ":"
+        self._secret = secret
+        self._clock = clock
+        self._timeout = timeout
+        self._log = logger
+
+    def _mac(self, payload: bytes) -> bytes:
+        return hmac.new(self._secret, payload, hashlib.sha256).digest()
+
+    async def get(self, key: bytes) -> VerifiedToken | None:
+        try:
+            raw = await self._cache.get(key.hex(), timeout=self._timeout)
+        except Exception as exc:
+            self._warn("ztmw.shared_cache_unavailable", exc)
+            return None
+        if not raw or len(raw) < 33:
+            return None
+        mac, payload = raw[:32], raw[32:]
+        if not hmac.compare_digest(mac, self._mac(payload)):
+            self._warn("ztmw.shared_cache_forged_entry", None)
+            return None
+        try:
+            value = load_verified(payload)
+        except (ValueError, KeyError, TypeError):
+            return None
+        return value if value.expires_at > self._clock() else None
+
+    async def set(self, key: bytes, value: VerifiedToken, ttl: float) -> None:
+        if ttl < 1:
+            return
+        payload = dump_verified(value)
+        try:
+            await self._cache.set(key.hex(), self._mac(payload) + payload, ttl=int(ttl), timeout=self._timeout)
+        except Exception as exc:
+            self._warn("ztmw.shared_cache_unavailable", exc)
+
+    async def close(self) -> None:
+        await self._cache.close()
+
+    def _warn(self, event: str, exc: Exception | None) -> None:
+        if self._log is not None:
+            self._log.warning(event, error=type(exc).__name__ if exc else None)
+
+
+class _RawBytes:
+    """aiocache serializer that stores bytes as they are (the default would JSON- or pickle-encode them)."""
+
+    encoding = None
+
+    def dumps(self, value: bytes) -> bytes:
+        return value
+
+    def loads(self, value: bytes | None) -> bytes | None:
+        return value

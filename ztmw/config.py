@@ -75,6 +75,8 @@ class CacheConfig:
     backend: str = "memory"
     max_entries: int = 100_000
     max_ttl: float = 300.0
+    negative_ttl: float = 30.0
+    secret_env: str = "ZTMW_CACHE_SECRET"
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,6 +328,8 @@ class _Reader:
             backend=backend,
             max_entries=_integer(t.get("max_entries", 100_000), "cache.max_entries", 0, 100_000_000),
             max_ttl=_number(t.get("max_ttl", 300), "cache.max_ttl", 0, 86400),
+            negative_ttl=_number(t.get("negative_ttl", 30), "cache.negative_ttl", 0, 3600),
+            secret_env=_str(t.get("secret_env", "ZTMW_CACHE_SECRET"), "cache.secret_env"),
         )
 
     def trust(self, t: Mapping[str, Any]) -> TrustConfig:

@@ -6,6 +6,7 @@ error to render, so the adapter cannot accidentally turn a bad token into a 500 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Literal
@@ -14,8 +15,8 @@ import aiohttp
 import structlog
 
 from .audit import AuditFanout, subject_for_audit
-from .authenticate import Authentication, Authenticator
-from .cache import MemoryVerificationCache
+from .authenticate import Authentication, Authenticator, CacheResult
+from .cache import MemoryVerificationCache, NegativeCache, SharedVerificationCache
 from .challenge import ChallengeRenderer, ErrorResponse
 from .config import Config, Rule
 from .errors import AccessDenied, AuthError, ConfigurationError, UpstreamUnavailable
@@ -37,7 +38,7 @@ class Outcome:
     principal: Principal | None = None
     trust: TrustAssessment = ANONYMOUS_TRUST
     error: AuthError | UpstreamUnavailable | None = None
-    cache: Literal["hit", "miss"] | None = None
+    cache: CacheResult | None = None
 
 
 class Pipeline:
@@ -82,10 +83,17 @@ class Pipeline:
         self.cache = MemoryVerificationCache(
             max_entries=config.cache.max_entries, max_ttl=config.cache.max_ttl, clock=clock
         )
+        self.shared_cache = self._shared_cache(config, clock)
+        self.negative_cache = NegativeCache(ttl=config.cache.negative_ttl, clock=clock)
+        if self.shared_cache is not None:
+            self._cleanup.append(self.shared_cache.close)
         self.authenticator = Authenticator(
             token_verifiers=token_verifiers,
             binding_verifiers=bindings,
             cache=self.cache,
+            negative_cache=self.negative_cache if config.cache.negative_ttl > 0 else None,
+            shared_cache=self.shared_cache,
+            max_shared_ttl=config.cache.max_ttl,
             identity=IdentityChain([(p.name, p.instance) for p in resolvers], self.log) if resolvers else None,
             clock=clock,
             logger=self.log,
@@ -109,6 +117,16 @@ class Pipeline:
             resource_metadata=config.metadata_url if config.metadata_enabled else None,
         )
         self._decorators = [p.instance for p in verifiers if hasattr(p.instance, "response_headers")]
+
+    def _shared_cache(self, config: Config, clock: Clock) -> SharedVerificationCache | None:
+        if config.cache.backend == "memory":
+            return None
+        secret = os.environ.get(config.cache.secret_env, "")
+        if len(secret) < 16:
+            raise ConfigurationError(
+                f"cache.backend: a shared cache needs a secret of at least 16 characters in the environment "
+                f"variable {config.cache.secret_env} (entries are MACed so Redis cannot vouch for tokens)")
+        return SharedVerificationCache(config.cache.backend, secret.encode("utf-8"), clock=clock, logger=self.log)
 
     # -- lifetime ------------------------------------------------------------------------------------------
 
@@ -145,7 +163,7 @@ class Pipeline:
             return Outcome(Decision(False, error.reason, None, 403), error=error)
         principal: Principal | None = None
         trust = ANONYMOUS_TRUST
-        cache: Literal["hit", "miss"] | None = None
+        cache: CacheResult | None = None
         try:
             authentication = await self.authenticate(request)
             if authentication is not None:

@@ -115,7 +115,12 @@ class BearerVerifier:
             raise InvalidToken("unsupported_algorithm", security=True)
         if not verify_signature(jws, found.key, alg):
             raise InvalidToken("bad_signature")
-        return self._claims(token, claims, issuer, iss, kid)
+        return self._claims(token, claims, issuer, iss, kid if kid is not None else found.kid)
+
+    def still_trusted(self, verified: VerifiedToken) -> bool:
+        """A cached result stands only while the key that verified it is still published (JWKS rotation)."""
+        issuer = self._issuers.get(verified.issuer)
+        return issuer is not None and (verified.key_id is None or issuer.keys.knows(verified.key_id))
 
     def _known_elsewhere(self, kid: str, issuer: _Issuer) -> bool:
         """A kid of another configured issuer under this `iss`: a cross-issuer substitution (BCP-07)."""

@@ -1,0 +1,164 @@
+"""The authenticator: cached token checks, the negative cache, the shared cache, key removal, downgrade rules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis.asyncio as redis
+from aiohttp import web
+
+import ztmw
+from ztmw.cache import token_key
+from ztmw.testing import DevIssuer, FakeClock
+
+from .conftest import base_config, items_app
+
+
+class CountingVerifier:
+    """Wraps the real bearer verifier to count how often the (expensive) token check really runs."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.name, self.calls = inner, inner.name, 0
+
+    async def verify_token(self, token: str) -> Any:
+        self.calls += 1
+        return await self.inner.verify_token(token)
+
+    def still_trusted(self, verified: Any) -> bool:
+        return bool(self.inner.still_trusted(verified))
+
+
+async def protected(aiohttp_client: Any, config: dict[str, Any], clock: FakeClock) -> tuple[Any, Any, Any]:
+    app = items_app()
+    pipeline = ztmw.setup(app, config, clock=clock)
+    counting = CountingVerifier(pipeline.authenticator._token_verifiers[0])
+    pipeline.authenticator._token_verifiers = (counting,)
+    pipeline.authenticator._by_name = {counting.name: counting}
+    return await aiohttp_client(app), pipeline, counting
+
+
+async def status(client: Any, token: str, path: str = "/items") -> int:
+    async with client.get(path, headers={"Authorization": f"Bearer {token}"}) as response:
+        return int(response.status)
+
+
+async def test_cached_token_costs_one_verification(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock) -> None:
+    client, _, counting = await protected(aiohttp_client, base_config(issuer), clock)
+    token = issuer.mint(scope="items:read")
+    assert [await status(client, token) for _ in range(5)] == [200] * 5
+    assert counting.calls == 1
+
+
+async def test_a_flood_of_one_bad_token_costs_one_verification(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    client, pipeline, counting = await protected(aiohttp_client, base_config(issuer), clock)
+    forged = issuer.mint(scope="items:read")[:-4] + "AAAA"
+    assert [await status(client, forged) for _ in range(20)] == [401] * 20
+    assert counting.calls == 1
+    assert len(pipeline.negative_cache) == 1
+    clock.advance(31)  # the memory of a failure is short
+    assert await status(client, forged) == 401
+    assert counting.calls == 2
+
+
+async def test_unknown_key_is_never_negatively_cached(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock) -> None:
+    client, pipeline, counting = await protected(aiohttp_client, base_config(issuer), clock)
+    stranger = DevIssuer(issuer.issuer, audience=issuer.audience, clock=clock)
+    token = stranger.mint(scope="items:read")
+    assert await status(client, token) == 401
+    assert await status(client, token) == 401
+    assert counting.calls == 2 and len(pipeline.negative_cache) == 0
+
+
+async def test_a_key_removed_from_the_jwks_drops_what_it_verified(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    client, _, counting = await protected(aiohttp_client, base_config(issuer), clock)
+    old = issuer.mint(scope="items:read", lifetime=3600)
+    assert await status(client, old) == 200
+    issuer.rotate_key()
+    clock.advance(31)  # past the refetch cooldown
+    assert await status(client, issuer.mint(scope="items:read")) == 200  # unknown kid -> refetch: old key gone
+    calls = counting.calls
+    assert await status(client, old) == 401  # the cached result is not trusted any more
+    assert counting.calls == calls + 1
+
+
+async def test_expiry_is_rechecked_on_every_cache_hit(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock) -> None:
+    client, _, _ = await protected(aiohttp_client, base_config(issuer), clock)
+    token = issuer.mint(scope="items:read", lifetime=40)
+    assert await status(client, token) == 200
+    clock.advance(40 + 30 + 1)
+    assert await status(client, token) == 401
+
+
+@pytest.fixture
+def cache_secret(monkeypatch: pytest.MonkeyPatch) -> str:
+    secret = "test-cache-secret-0123456789"
+    monkeypatch.setenv("ZTMW_CACHE_SECRET", secret)
+    return secret
+
+
+@pytest.mark.redis
+async def test_shared_cache_serves_a_second_replica(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, redis_url: str, cache_secret: str
+) -> None:
+    config = base_config(issuer, cache={"backend": redis_url})
+    first, _, first_count = await protected(aiohttp_client, config, clock)
+    second, second_pipeline, second_count = await protected(aiohttp_client, config, clock)
+    token = issuer.mint(scope="items:read")
+    assert await status(first, token) == 200
+    assert await status(second, token) == 200
+    assert (first_count.calls, second_count.calls) == (1, 0)
+    raw = await _redis_get(redis_url, token_key(token))
+    assert raw is not None and token.encode() not in raw and token.split(".")[2].encode() not in raw
+    assert second_pipeline.cache.hits == 0  # it came from the shared level, then sits in level 1
+
+
+@pytest.mark.redis
+async def test_forged_shared_cache_entry_is_ignored(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, redis_url: str, cache_secret: str
+) -> None:
+    config = base_config(issuer, cache={"backend": redis_url})
+    client, _, counting = await protected(aiohttp_client, config, clock)
+    token = issuer.mint(scope="items:read")
+    assert await status(client, token) == 200
+    key = token_key(token)
+    raw = await _redis_get(redis_url, key)
+    assert raw is not None
+    # someone with Redis write access claims a never-issued token is verified, reusing a real payload
+    forged = issuer.mint("mallory", scope="items:read")[:-3] + "xyz"
+    conn = redis.from_url(redis_url)
+    try:
+        await conn.set("ztmw:vt:" + token_key(forged).hex(), b"\x00" * 32 + raw[32:], ex=60)
+    finally:
+        await conn.aclose()
+    assert await status(client, forged) == 401
+
+
+@pytest.mark.redis
+async def test_shared_cache_down_falls_back_to_verifying(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, cache_secret: str
+) -> None:
+    config = base_config(issuer, cache={"backend": "redis://127.0.0.1:1/0"})
+    client, _, counting = await protected(aiohttp_client, config, clock)
+    token = issuer.mint(scope="items:read")
+    assert await status(client, token) == 200
+    assert counting.calls == 1
+
+
+def test_shared_cache_without_a_secret_refuses_to_start(issuer: DevIssuer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ZTMW_CACHE_SECRET", raising=False)
+    with pytest.raises(ztmw.ConfigurationError, match="ZTMW_CACHE_SECRET"):
+        ztmw.setup(web.Application(), base_config(issuer, cache={"backend": "redis://127.0.0.1:6379/15"}))
+
+
+async def _redis_get(url: str, key: bytes) -> bytes | None:
+    conn = redis.from_url(url)
+    try:
+        return await conn.get("ztmw:vt:" + key.hex())
+    finally:
+        await conn.aclose()
+
