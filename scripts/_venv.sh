@@ -10,5 +10,6 @@ STAMP="$VENV/.ztmw-installed-$1"
 if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   "$VENV/bin/python" -m pip install --quiet -e "$ROOT[$1]"
+  if [ "$1" = "test" ]; then "$VENV/bin/python" -m pip install --quiet -e "$ROOT/tests/sample_plugin"; fi
   touch "$STAMP"
 fi
