@@ -84,6 +84,7 @@ async def run_demo(*, verbose: bool = False) -> int:
             "resource": {"identifier": AUDIENCE, "public_origin": origin, "realm": "demo"},
             "issuers": [issuer.issuer_config(audiences=[AUDIENCE])],
             "verifiers": {"enabled": ["bearer", "dpop", "mtls"]},
+            "dpop": {"require_nonce": True},
             "trust": SAMPLE_TRUST,
             "identity": {"links": [{"issuer": issuer.issuer, "subject": "alice-social", "account": "alice"}]},
             "rules": SAMPLE_RULES,
@@ -132,12 +133,16 @@ async def _run_scenarios(
         before = len(sink.events)
         async with session.request(method, origin + path, headers=headers) as response:
             await response.read()
+            if "DPoP-Nonce" in response.headers:  # RFC 9449 §8/§9: use the newest nonce the server gave
+                nonce["value"] = response.headers["DPoP-Nonce"]
             reason = sink.events[-1].reason if len(sink.events) > before else "(not audited: no route)"
             results.append(Result(name, f"{method} {path}", expected, response.status, reason,
                                   _summarise_challenge(response)))
 
+    nonce: dict[str, str | None] = {"value": None}
+
     def dpop_proof(method: str, path: str, token: str) -> str:
-        return dpop_key.proof(method, origin + path, access_token=token)
+        return dpop_key.proof(method, origin + path, access_token=token, nonce=nonce["value"])
 
     try:
         read = issuer.mint("alice", scope="profile:read transactions:read")
@@ -170,8 +175,11 @@ async def _run_scenarios(
         bearer_pay = issuer.mint("alice", scope=pay, **strong)  # type: ignore[arg-type]
         await call("payment with an unbound bearer token", 401, "POST", "/payments", token=bearer_pay)
         bound = issuer.mint("alice", scope=pay, cnf={"jkt": dpop_key.thumbprint}, **strong)  # type: ignore[arg-type]
+        await call("DPoP proof without the server's nonce", 401, "POST", "/payments", token=bound, scheme="DPoP",
+                   proof=dpop_proof("POST", "/payments", bound))
         proof = dpop_proof("POST", "/payments", bound)
-        await call("DPoP-bound payment", 201, "POST", "/payments", token=bound, scheme="DPoP", proof=proof)
+        await call("DPoP-bound payment, retried with the nonce", 201, "POST", "/payments", token=bound,
+                   scheme="DPoP", proof=proof)
         await call("DPoP proof replayed", 401, "POST", "/payments", token=bound, scheme="DPoP", proof=proof)
         await call("stolen DPoP token sent as Bearer", 401, "POST", "/payments", token=bound)
         await call("DPoP proof for another URL", 401, "POST", "/payments", token=bound, scheme="DPoP",

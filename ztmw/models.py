@@ -183,5 +183,6 @@ class AuditEvent:
     aal: int | None = None
     ial: int | None = None
     failed_requirement: str | None = None
+    trust_inputs: tuple[str, ...] | None = None
     duration_ms: float = 0.0
     security: bool = False

@@ -227,6 +227,7 @@ class Pipeline:
             aal=outcome.trust.aal if principal else None,
             ial=outcome.trust.ial if principal else None,
             failed_requirement=outcome.decision.failed_requirement,
+            trust_inputs=outcome.trust.inputs if principal and outcome.trust.inputs else None,
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
             security=bool(getattr(error, "security", False)),
         ))
