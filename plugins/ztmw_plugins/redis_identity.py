@@ -74,7 +74,7 @@ def _open_client(url: str, timeout: float) -> Any:
         from redis.backoff import NoBackoff
         from redis.retry import Retry
     except ImportError:  # pragma: no cover - depends on the installed extras
-        raise ConfigurationError("plugins.redis: the redis identity resolver needs the 'redis' extra") from None
+        raise ConfigurationError("plugins.redis: the redis resolver needs the 'redis' extra") from None
     return aioredis.from_url(
         url,
         socket_timeout=timeout,
@@ -205,7 +205,7 @@ async def unlink(
     prefix: str = DEFAULT_PREFIX,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> bool:
-    """Remove the link of `(issuer, subject)`; True when one existed. The login then resolves to its raw `sub`."""
+    """Remove the link of `(issuer, subject)`; True when one existed. The login then resolves to its `sub`."""
     key = link_key(issuer, subject, prefix)
 
     async def delete(client: Any) -> bool:

@@ -1,4 +1,4 @@
-"""The `redis` identity resolver alone, against a real Redis (database 15): links, hashed keys, fail closed."""
+"""The `redis` identity resolver alone, against a real Redis (database 15): links, hashed keys, errors."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-# -- link, resolve, unlink ------------------------------------------------------------------------------------
+# -- link, resolve, unlink -----------------------------------------------------------------------------------
 
 async def test_every_login_of_one_person_resolves_to_one_account(
     resolver: RedisIdentityResolver, client: Any, prefix: str
@@ -105,13 +105,17 @@ async def test_every_login_of_one_person_resolves_to_one_account(
     assert await resolver.resolve(SOCIAL, "google|43") == "acct-jane"
 
 
-async def test_unknown_login_resolves_to_none(resolver: RedisIdentityResolver, client: Any, prefix: str) -> None:
+async def test_unknown_login_resolves_to_none(
+    resolver: RedisIdentityResolver, client: Any, prefix: str
+) -> None:
     assert await resolver.resolve(SOCIAL, "google|99") is None
     await link(client, SOCIAL, "google|42", "acct-john", prefix=prefix)
     assert await resolver.resolve(SOCIAL, "google|99") is None
 
 
-async def test_links_are_per_issuer_and_exact(resolver: RedisIdentityResolver, client: Any, prefix: str) -> None:
+async def test_links_are_per_issuer_and_exact(
+    resolver: RedisIdentityResolver, client: Any, prefix: str
+) -> None:
     await link(client, BANK, "19800101-1234", "acct-john", prefix=prefix)
     assert await resolver.resolve(SOCIAL, "19800101-1234") is None  # same sub, other issuer: another person
     assert await resolver.resolve(BANK + "/", "19800101-1234") is None
@@ -173,7 +177,7 @@ async def test_link_refuses_empty_values(client: Any, prefix: str) -> None:
     assert [key async for key in client.scan_iter(match=prefix + "*")] == []
 
 
-# -- key names are hashes ---------------------------------------------------------------------------------------
+# -- key names are hashes ------------------------------------------------------------------------------------
 
 async def test_key_names_are_sha256_of_issuer_nul_subject(client: Any, prefix: str) -> None:
     subject = "john.doe@example.com"
@@ -194,7 +198,7 @@ def test_link_key_default_prefix() -> None:
     assert link_key(SOCIAL, "google|43") != key
 
 
-# -- fail closed: Redis errors and corrupt data propagate --------------------------------------------------------
+# -- fail closed: Redis errors and corrupt data propagate ----------------------------------------------------
 
 async def test_unreachable_redis_raises_never_answers_none() -> None:
     resolver = RedisIdentityResolver(f"redis://127.0.0.1:{closed_port()}/15", timeout=0.5)
@@ -219,7 +223,7 @@ async def test_corrupt_value_raises(resolver: RedisIdentityResolver, client: Any
         await resolver.resolve(SOCIAL, "google|42")
 
 
-# -- lifetime ------------------------------------------------------------------------------------------------------
+# -- lifetime ------------------------------------------------------------------------------------------------
 
 async def test_factory_registers_lifetime_hooks(redis_url: str, client: Any, prefix: str) -> None:
     hooks = Hooks()
@@ -258,7 +262,7 @@ def test_loaded_by_entry_point_name() -> None:
     assert loaded.instance.timeout == 0.5
 
 
-# -- settings ----------------------------------------------------------------------------------------------------
+# -- settings ------------------------------------------------------------------------------------------------
 
 def test_settings_defaults() -> None:
     instance = create({"url": "redis://127.0.0.1:6379/15"}, deps())
