@@ -79,7 +79,7 @@ class NetworkCondition:
             return any(address in net for net in self._v4)
         if any(address in net for net in self._v6):
             return True
-        mapped = address.ipv4_mapped  # type: ignore[union-attr]
+        mapped = address.ipv4_mapped
         return mapped is not None and any(mapped in net for net in self._v4)
 
     def check(self, principal: Principal | None, trust: TrustAssessment, request: RequestView) -> bool:
@@ -131,7 +131,9 @@ class TimeWindowCondition:
         if self.start < self.end:
             return weekday in self.days and self.start <= minute < self.end
         yesterday = (weekday - 1) % 7
-        return (weekday in self.days and minute >= self.start) or (yesterday in self.days and minute < self.end)
+        if weekday in self.days and minute >= self.start:
+            return True
+        return yesterday in self.days and minute < self.end
 
     def check(self, principal: Principal | None, trust: TrustAssessment, request: RequestView) -> bool:
         return self.allows_at(self._clock())
@@ -154,8 +156,9 @@ def _zone(value: Any, key: str) -> ZoneInfo:
     try:
         return ZoneInfo(value)
     except (ZoneInfoNotFoundError, ValueError, OSError):
-        raise ConfigurationError(f"{key}: unknown time zone {value!r} (use an IANA name such as \"Europe/Oslo\")"
-                                 ) from None
+        raise ConfigurationError(
+            f"{key}: unknown time zone {value!r} (use an IANA name such as \"Europe/Oslo\")"
+        ) from None
 
 
 def create_time_window(settings: Mapping[str, Any], deps: PluginDeps) -> TimeWindowCondition:

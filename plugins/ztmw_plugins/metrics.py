@@ -25,7 +25,8 @@ apps in one process keep separate counts; it is exposed as `.registry` for apps 
 Labels have bounded cardinality by construction: only decision, reason, rule id, status and binding, whose
 values come from the configuration and from code, never from the request (no subject, client id, token id,
 issuer or path). As a second fence every label accepts at most `MAX_LABEL_VALUES` distinct values beyond the
-configured rule ids and the core's reason ids, and only tame ones (`[A-Za-z0-9_.:-]`); anything else is counted as "other".
+configured rule ids and the core's reason ids, and only tame ones (`[A-Za-z0-9_.:-]`); anything else is
+counted as "other".
 
 `emit` never raises and never blocks: prometheus_client updates are in-memory.
 """
@@ -127,10 +128,10 @@ class MetricsSink:
             ("reason",), registry=self.registry,
         )
         self.token_binding = Counter(
-            "ztmw_token_binding_total", "Requests with a verified token, by how the caller proved possession.",
+            "ztmw_token_binding_total", "Requests with a verified token, by how the caller proved possession",
             ("binding",), registry=self.registry,
         )
-        for result in ("hit", "miss"):  # zero-valued series from the start, so rate() works from the first hit
+        for result in ("hit", "miss"):  # series exist at zero from the start, so rate() sees the first hit
             self.token_cache.labels(result=result)
         for binding in sorted(BINDINGS):
             self.token_binding.labels(binding=binding)

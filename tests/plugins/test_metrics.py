@@ -1,4 +1,4 @@
-"""The `metrics` audit sink end to end: `ztmw.setup` on a real server, scraped over HTTP like Prometheus would.
+"""The `metrics` audit sink end to end: `ztmw.setup` on a real server, scraped over HTTP as Prometheus does.
 
 The scrape route is an ordinary protected route (deny by default); the exposition text is parsed with
 prometheus_client's own parser, and counts are checked after a known mix of requests. Nothing is mocked;
@@ -56,7 +56,7 @@ async def scrape_text(client: Any, path: str = "/metrics", **headers: str) -> st
     body = await response.text()
     assert response.status == 200, body
     assert response.headers["Content-Type"] == CONTENT_TYPE_LATEST
-    return body
+    return str(body)
 
 
 def parse(text: str) -> Samples:
@@ -109,10 +109,12 @@ async def test_counts_after_a_known_mix_of_requests(client: Any, issuer: DevIssu
     decisions = "ztmw_decisions_total"
     assert value(samples, decisions, decision="allow", reason="allowed", rule_id="read", status="200") == 2
     assert value(samples, decisions, decision="allow", reason="allowed", rule_id="own", status="200") == 1
-    assert value(samples, decisions, decision="deny", reason="no_credentials", rule_id="read", status="401") == 1
+    assert value(samples, decisions, decision="deny", reason="no_credentials", rule_id="read",
+                 status="401") == 1
     assert value(samples, decisions, decision="deny", reason="insufficient_scope", rule_id="read",
                  status="403") == 1
-    assert value(samples, decisions, decision="deny", reason="token_expired", rule_id="read", status="401") == 1
+    assert value(samples, decisions, decision="deny", reason="token_expired", rule_id="read",
+                 status="401") == 1
     assert value(samples, decisions, decision="deny", reason="no_rule", rule_id="", status="403") == 1
     assert value(samples, decisions, decision="allow", reason="public", rule_id="health", status="200") == 1
     assert total(samples, decisions) == 8  # the scrape in progress is counted once it has been answered
