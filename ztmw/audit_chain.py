@@ -29,8 +29,8 @@ Writing: `emit` never raises. Each line is assembled in memory and handed to the
 crash can lose the last lines, which verification then cannot tell from truncation). That costs a JSON dump,
 a hash and one syscall to the page cache: it does not block the event loop for long unless the disk itself
 stalls (keep the file on a local disk). One write per line also keeps lines from several processes appending
-to the same local file from interleaving. A write that fails still consumes its ``seq``, so the loss shows up as a
-gap when the file is verified, and a warning ``ztmw.audit_chain_write_failed`` is logged.
+to the same local file from interleaving. A write that fails still consumes its ``seq``, so the loss shows up
+as a gap when the file is verified, and a warning ``ztmw.audit_chain_write_failed`` is logged.
 
 Events carry no token, proof or secret by construction (see `ztmw.models.AuditEvent`); the subject is
 pseudonymised as ``[audit] subject`` says.
