@@ -92,7 +92,8 @@ class _Settings:
         secret = os.environ.get(secret_env)
         if not secret:
             raise ConfigurationError(
-                f"plugins.introspection.client_secret_env: environment variable {secret_env} is not set or empty"
+                f"plugins.introspection.client_secret_env: environment variable {secret_env} is not set "
+                "or empty"
             )
         self.authorization = _basic_authorization(self.client_id, secret)
         self.issuer = _string(raw, "issuer")
@@ -211,7 +212,8 @@ class IntrospectionVerifier:
             await asyncio.gather(*pending, return_exceptions=True)
 
     def __repr__(self) -> str:  # no secret, no Authorization value
-        return f"IntrospectionVerifier(endpoint={self._settings.endpoint!r}, issuer={self._settings.issuer!r})"
+        settings = self._settings
+        return f"IntrospectionVerifier(endpoint={settings.endpoint!r}, issuer={settings.issuer!r})"
 
     @property
     def issuer(self) -> str:
@@ -224,7 +226,8 @@ class IntrospectionVerifier:
             try:
                 response = await self._introspect(token)
             except _Unavailable as exc:
-                self._log.warning("introspection_unavailable", endpoint=self._settings.endpoint, cause=exc.cause)
+                self._log.warning("introspection_unavailable", endpoint=self._settings.endpoint,
+                                  cause=exc.cause)
                 raise UpstreamUnavailable(UNAVAILABLE) from None
             return self._verified(token, response)
         except (InvalidToken, UpstreamUnavailable):
@@ -269,7 +272,7 @@ class IntrospectionVerifier:
                     headers=headers,
                     allow_redirects=False,
                     timeout=aiohttp.ClientTimeout(total=settings.timeout),
-                    **({"ssl": settings.ssl} if settings.ssl is not None else {}),
+                    ssl=settings.ssl if settings.ssl is not None else True,  # verification always on
                 ) as response:
                     if response.status != 200:
                         raise _Unavailable(f"http_{response.status}")
