@@ -54,6 +54,7 @@ MAX_LABEL_VALUES = 200
 OTHER = "other"
 DECISION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BINDINGS = frozenset({"bearer", "dpop", "mtls"})
+CACHE_RESULTS = ("hit", "shared", "miss")  # in-process hit, found in the shared (Redis) cache, verified anew
 KNOWN_REASONS = frozenset(DESCRIPTIONS) | {"allowed", "public", "dpop_replay", "plugin_error",
                                           "upstream_unavailable"}
 _TAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -115,7 +116,8 @@ class MetricsSink:
             ("decision", "rule_id"), buckets=DECISION_BUCKETS, registry=self.registry,
         )
         self.token_cache = Counter(
-            "ztmw_token_cache_total", "Token verification cache lookups by result (hit or miss).",
+            "ztmw_token_cache_total",
+            "Token verification cache lookups by result: hit (this process), shared (shared cache), miss.",
             ("result",), registry=self.registry,
         )
         self.dpop_replays = Counter(
@@ -131,7 +133,7 @@ class MetricsSink:
             "ztmw_token_binding_total", "Requests with a verified token, by how the caller proved possession",
             ("binding",), registry=self.registry,
         )
-        for result in ("hit", "miss"):  # series exist at zero from the start, so rate() sees the first hit
+        for result in CACHE_RESULTS:  # series exist at zero from the start, so rate() sees the first hit
             self.token_cache.labels(result=result)
         for binding in sorted(BINDINGS):
             self.token_binding.labels(binding=binding)
@@ -153,7 +155,7 @@ class MetricsSink:
         duration = event.duration_ms
         if isinstance(duration, (int, float)) and math.isfinite(duration) and duration >= 0:
             self.decision_seconds.labels(decision=decision, rule_id=rule_id).observe(duration / 1000.0)
-        if event.cache in ("hit", "miss"):
+        if event.cache in CACHE_RESULTS:
             self.token_cache.labels(result=event.cache).inc()
         if event.reason == "dpop_replay":
             self.dpop_replays.inc()

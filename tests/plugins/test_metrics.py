@@ -126,6 +126,7 @@ async def test_counts_after_a_known_mix_of_requests(client: Any, issuer: DevIssu
 
     assert value(samples, "ztmw_token_cache_total", result="miss") == 2
     assert value(samples, "ztmw_token_cache_total", result="hit") == 2
+    assert value(samples, "ztmw_token_cache_total", result="shared") == 0  # no shared cache configured
     assert value(samples, "ztmw_token_binding_total", binding="bearer") == 4  # verified, allowed or not
     assert value(samples, "ztmw_token_binding_total", binding="dpop") == 0
     assert value(samples, "ztmw_dpop_replays_total") == 0
@@ -316,6 +317,16 @@ def test_label_values_are_bounded_whatever_the_events_say() -> None:
     after = parse(generate_latest(sink.registry).decode())
     assert value(after, "ztmw_decisions_total", decision="deny", reason="no_credentials", rule_id="read",
                  status="401") == 1
+
+
+def test_cache_results_including_the_shared_tier() -> None:
+    sink = MetricsSink()
+    for cache in ("hit", "shared", "shared", "miss", None, "warm"):
+        sink.emit(_event(decision="allow", reason="allowed", status=200, cache=cache, verifier="bearer"))
+    samples = parse(generate_latest(sink.registry).decode())
+    counts = {r: value(samples, "ztmw_token_cache_total", result=r)
+              for r in ("hit", "shared", "miss", "warm")}
+    assert counts == {"hit": 1, "shared": 2, "miss": 1, "warm": 0}
 
 
 def test_each_sink_has_its_own_registry() -> None:
