@@ -1,20 +1,32 @@
-"""One issuer's JSON Web Key Set: loaded once, refetched sparingly, never trusted blindly.
+"""One issuer's JSON Web Key Set: loaded once, refreshed before it goes stale, never trusted blindly.
 
 A `KeySet` holds the keys of exactly one issuer (RFC 8725 §3.8: a key is only ever looked up in the set of the
 issuer the token names). Keys are imported into joserfc key objects once per fetch, so the hot path is a dict
 lookup. Fetching is defensive because the key server is a network peer like any other: no redirects, a size
 cap, a key-count cap, a timeout, and every key that is not an unambiguous, canonical, verification-only
-asymmetric key is dropped (checklist JWKS-01..13). A failed fetch never throws keys away (stale-if-error),
-and an unknown `kid` can cause at most one fetch per cooldown, shared by all requests that wait (JWKS-10).
+asymmetric key is dropped (checklist JWKS-01..13).
+
+Freshness (JWKS-10, DESIGN §4.5): a fetched set is fresh for the response's `Cache-Control: max-age` (minus
+`Age`), clamped to [`MIN_LIFETIME`, `MAX_LIFETIME`], `DEFAULT_LIFETIME` without one, `MIN_LIFETIME` with
+`no-store`/`no-cache`. A background task refetches at `REFRESH_AT` of the lifetime, so a key the issuer
+removed stops being accepted within one lifetime even when no token names an unknown kid. A failed fetch
+never throws keys away (stale-if-error), but only for `STALE_MAX` past the end of their lifetime; after that
+lookups fail closed with `UpstreamUnavailable` until a fetch succeeds. An unknown `kid` causes at most one
+fetch per cooldown, shared by all requests that wait, and a kid a successful fetch proved absent is
+remembered (bounded, LRU) so that requests naming it again fail at once instead of waiting on or triggering
+a fetch. Every successful fetch that changes the keys bumps `version`; one that removes keys notifies the
+`on_change` callbacks (the token cache drops what those keys verified).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
+import math
+import re
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import aiohttp
 
@@ -25,6 +37,36 @@ from ztmw.typing import PluginDeps
 
 MAX_JWKS_BYTES = 512 * 1024
 MAX_KEYS = 100
+
+# Freshness of a fetched set (seconds). 5 min floor: a key server that says `no-store`, `max-age=0` or garbage
+# still costs at most one background fetch per 5 min (per verifier process). 24 h ceiling: an issuer that says
+# "cache for a year" still has a removed key dropped within a day. 1 h default: what common AS deployments
+# send and what most JWT libraries assume when the key server gives no hint.
+MIN_LIFETIME = 300.0
+MAX_LIFETIME = 86_400.0
+DEFAULT_LIFETIME = 3_600.0
+# The background refresh runs when this fraction of the lifetime has passed (54 min of a 1 h lifetime), so a
+# removal is normally seen before the lifetime ends and a failed attempt still leaves room for retries.
+REFRESH_AT = 0.9
+# Stale-if-error bound: after the lifetime ends keys are served for at most this long while every fetch fails,
+# then lookups fail closed (503). 24 h rides out a key server outage of a working day without trusting a
+# possibly withdrawn key indefinitely; overridable per KeySet (`stale_max=`).
+STALE_MAX = 86_400.0
+# Negative-kid memory: a kid a successful fetch proved absent fails fast (no fetch, no wait) until the next
+# successful fetch or for at most NEGATIVE_TTL, whichever is first; at most UNKNOWN_KIDS_MAX kids, LRU. The
+# TTL bounds the harm of a kid the AS published while our fetch was already under way (or behind a lagging
+# CDN): such a kid is retried after 5 min at the latest instead of waiting for the next background refresh.
+UNKNOWN_KIDS_MAX = 1_000
+NEGATIVE_TTL = 300.0
+# Longest real-time sleep of the background task between clock checks (a wall-clock jump, such as a suspended
+# host, is noticed within this; each check without a fetch is one comparison).
+CHECK_INTERVAL = 60.0
+
+_DELTA_SECONDS = re.compile(r"[0-9]+")  # RFC 9111 §1.2.2 delta-seconds
+_DELTA_MAX = 2.0**31  # RFC 9111 §1.2.2: a larger delta-seconds counts as 2^31
+
+ChangeCallback = Callable[[str, frozenset[str]], None]
+
 _KEY_TYPES = frozenset(kty for kty, _ in ALGORITHM_KEY_TYPES.values())
 
 
@@ -48,11 +90,15 @@ class PublicKey:
 class KeyIndex:
     """The usable keys of one JWKS document, indexed by `kid` and by algorithm; immutable once built."""
 
-    __slots__ = ("by_kid", "by_alg", "keys")
+    __slots__ = ("by_kid", "by_alg", "keys", "fingerprints", "identity")
 
     def __init__(self, keys: list[PublicKey]) -> None:
         self.keys = tuple(keys)
         self.by_kid = {k.kid: k for k in keys if k.kid is not None}
+        # what a key verifies with: RFC 7638 thumbprint of the material plus the algorithms it may be used
+        # for; a kid whose fingerprint changes between fetches counts as removed (its old key is gone)
+        self.fingerprints = {k.kid: (k.key.thumbprint(), k.algorithms) for k in keys if k.kid is not None}
+        self.identity = frozenset((k.kid, k.key.thumbprint(), k.algorithms) for k in keys)
         by_alg: dict[str, list[PublicKey]] = {}
         for key in keys:
             for alg in key.algorithms:
@@ -85,6 +131,36 @@ def parse_jwks(document: Any, *, pins: tuple[str, ...] = ()) -> KeyIndex:
     return KeyIndex([key for key in keys if key.kid is None or counts[key.kid] == 1])  # JWKS-13: fail closed
 
 
+def freshness_lifetime(cache_control: Iterable[str], age: str | None = None) -> float:
+    """Seconds a fetched JWKS stays fresh, from its `Cache-Control` field lines and `Age` (RFC 9111 §4.2).
+
+    `no-store` or `no-cache` -> `MIN_LIFETIME` (refresh as often as we ever do); no `max-age` ->
+    `DEFAULT_LIFETIME`; a malformed or conflicting `max-age` counts as stale (RFC 9111 §4.2.1) ->
+    `MIN_LIFETIME`; otherwise `max-age - Age`, clamped to [`MIN_LIFETIME`, `MAX_LIFETIME`]. `Expires` and
+    `s-maxage` are ignored: the first trusts the AS clock, the second is for shared caches.
+    """
+    directives: dict[str, list[str | None]] = {}
+    for line in cache_control:
+        for part in line.split(","):
+            name, equals, value = part.partition("=")
+            name, value = name.strip().lower(), value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            if name:
+                directives.setdefault(name, []).append(value if equals else None)
+    if "no-store" in directives or "no-cache" in directives:
+        return MIN_LIFETIME
+    values = directives.get("max-age")
+    if not values:
+        return DEFAULT_LIFETIME
+    if len(set(values)) != 1 or values[0] is None or not _DELTA_SECONDS.fullmatch(values[0]):
+        return MIN_LIFETIME
+    seconds = min(float(values[0]), _DELTA_MAX)
+    if age is not None and _DELTA_SECONDS.fullmatch(age.strip()):
+        seconds -= min(float(age.strip()), _DELTA_MAX)
+    return min(max(seconds, MIN_LIFETIME), MAX_LIFETIME)
+
+
 def _usable_key(entry: Any) -> PublicKey | None:
     """One JWK, or None when it is not an asymmetric verification key in canonical form (JWKS-01..07, 11)."""
     if not isinstance(entry, Mapping) or entry.get("kty") not in _KEY_TYPES:  # unknown kty, `oct` (JWKS-07)
@@ -114,11 +190,13 @@ def _usable_key(entry: Any) -> PublicKey | None:
 
 
 class KeySet:
-    """The keys of one issuer, from `jwks_file` (read now) or `jwks_uri` (fetched at start-up and on demand).
+    """The keys of one issuer, from `jwks_file` (read now) or `jwks_uri` (fetched at start-up, kept fresh).
 
-    Registers its own start-up and cleanup hooks on `deps`. A start-up fetch failure does not stop start-up:
-    a background task retries (with backoff from `retry_initial` to `retry_max` seconds) until one succeeds,
-    and meanwhile lookups raise `UpstreamUnavailable`.
+    Registers its own start-up and cleanup hooks on `deps`. Start-up fetches once and then starts a background
+    task that refreshes the set before its lifetime ends (`refresh_if_due`). A start-up fetch failure does not
+    stop start-up: the task retries (with backoff from `retry_initial` to `retry_max` seconds) until a fetch
+    succeeds, and meanwhile lookups raise `UpstreamUnavailable`. Every freshness decision reads `deps.clock`;
+    the task only sleeps in real time, at most `check_interval` seconds between two looks at the clock.
     """
 
     def __init__(
@@ -128,6 +206,8 @@ class KeySet:
         *,
         retry_initial: float = 1.0,
         retry_max: float = 30.0,
+        stale_max: float = STALE_MAX,
+        check_interval: float = CHECK_INTERVAL,
     ) -> None:
         self.issuer = issuer.issuer
         self._uri = issuer.jwks_uri
@@ -138,12 +218,21 @@ class KeySet:
         self._log = deps.logger
         self._retry_initial = retry_initial
         self._retry_max = retry_max
+        self._stale_max = stale_max
+        self._check_interval = check_interval
         self._index: KeyIndex | None = None
+        self._version = 0
+        self._lifetime: float | None = None
+        self._refresh_at = math.inf  # clock time of the next background refresh
+        self._usable_until = math.inf  # clock time after which the keys are too stale to use (fail closed)
+        self._unknown: OrderedDict[str, float] = OrderedDict()  # kid -> when a fetch proved it absent
+        self._listeners: list[ChangeCallback] = []
         self._last_fetch: float | None = None
         self._inflight: asyncio.Future[bool] | None = None
-        self._retry_task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None
         if issuer.jwks_file is not None:
             self._index = _read_file(issuer.jwks_file, self._pins)
+            self._version = 1
         if self._uri is not None:
             deps.on_startup(self.start)
             deps.on_cleanup(self.close)
@@ -152,9 +241,30 @@ class KeySet:
     def loaded(self) -> bool:
         return self._index is not None
 
+    @property
+    def version(self) -> int:
+        """0 until keys are loaded; +1 on every successful fetch that changed the usable keys (kid, key
+        material or algorithms). Equal versions of one KeySet mean the same keys."""
+        return self._version
+
+    @property
+    def lifetime(self) -> float | None:
+        """Freshness lifetime (seconds) of the last fetched set; None for a `jwks_file` or before a fetch."""
+        return self._lifetime
+
     def knows(self, kid: str) -> bool:
         """Whether `kid` is one of this issuer's current keys (no fetch); used to flag cross-issuer keys."""
         return self._index is not None and kid in self._index.by_kid
+
+    def on_change(self, callback: ChangeCallback) -> None:
+        """Call `callback(issuer, removed_kids)` after each successful fetch that removed keys.
+
+        `removed_kids` holds the kids that left the set and the kids that now name other key material or
+        algorithms (their old key is gone either way). Called synchronously, after the new keys are in
+        place; an exception is logged and does not affect the fetch or the other callbacks. Keys without
+        a `kid` are not reported (compare `version` for those).
+        """
+        self._listeners.append(callback)
 
     async def key_for(self, kid: str | None, alg: str) -> PublicKey:
         """The key to verify a token with, or `InvalidToken("unknown_key")` / `UpstreamUnavailable`.
@@ -164,33 +274,73 @@ class KeySet:
         """
         if self._pins and kid is not None and kid not in self._pins:
             raise InvalidToken("unknown_key")  # pinned: no fetch could ever make this kid acceptable (AT-14)
-        index = self._index
+        index = self._usable()
         found = index.find(kid, alg) if index is not None else None
-        if found is None and self._uri is not None and (self._inflight is not None or self._cooldown_over()):
-            await self._refresh()
-            index = self._index
-            found = index.find(kid, alg) if index is not None else None
         if found is not None:
             return found
+        if index is not None and kid is not None and self._known_absent(kid):
+            raise InvalidToken("unknown_key")  # proven absent by a recent fetch: no fetch, no wait
+        if self._uri is not None and (self._inflight is not None or self._cooldown_over()):
+            fetched = await self._refresh()
+            index = self._usable()
+            found = index.find(kid, alg) if index is not None else None
+            if found is not None:
+                return found
+            if fetched and kid is not None and index is not None:
+                self._remember_absent(kid)
         if index is None:
             raise UpstreamUnavailable("jwks_unavailable")
         raise InvalidToken("unknown_key")
 
+    async def refresh_if_due(self) -> bool | None:
+        """Fetch when no keys are loaded or the set has reached `REFRESH_AT` of its lifetime.
+
+        Returns None when nothing was due (no fetch), else whether the fetch succeeded. Joins a fetch that is
+        already under way instead of starting another. The background task calls this; tests can too.
+        """
+        if self._uri is None or (self._index is not None and self._deps.clock() < self._refresh_at):
+            return None
+        return await self._refresh()
+
     async def start(self) -> None:
-        """Start-up hook: first fetch; on failure, retry in the background instead of failing start-up."""
-        if not await self._refresh():
-            self._retry_task = asyncio.create_task(self._retry_until_loaded())
+        """Start-up hook: first fetch (a failure does not fail start-up), then the background refresh task."""
+        fetched = await self._refresh()
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._maintain(failing=not fetched), name=f"jwks {self.issuer}")
 
     async def close(self) -> None:
-        """Cleanup hook: stop the background retry and any fetch still running."""
-        for task in (self._retry_task, self._inflight):
+        """Cleanup hook: stop the background task and any fetch still running."""
+        for task in (self._task, self._inflight):
             if task is not None and not task.done():
                 task.cancel()
                 try:
                     await task
                 except asyncio.CancelledError:
                     pass
-        self._retry_task = self._inflight = None
+        self._task = self._inflight = None
+
+    def _usable(self) -> KeyIndex | None:
+        """The current keys; None when there are none or they are over `stale_max` past their lifetime."""
+        index = self._index
+        if index is not None and self._deps.clock() >= self._usable_until:
+            return None
+        return index
+
+    def _known_absent(self, kid: str) -> bool:
+        when = self._unknown.get(kid)
+        if when is None:
+            return False
+        if self._deps.clock() - when >= NEGATIVE_TTL:
+            del self._unknown[kid]
+            return False
+        self._unknown.move_to_end(kid)
+        return True
+
+    def _remember_absent(self, kid: str) -> None:
+        self._unknown[kid] = self._deps.clock()
+        self._unknown.move_to_end(kid)
+        while len(self._unknown) > UNKNOWN_KIDS_MAX:
+            self._unknown.popitem(last=False)
 
     def _cooldown_over(self) -> bool:
         return self._last_fetch is None or self._deps.clock() - self._last_fetch >= self._cooldown
@@ -203,28 +353,62 @@ class KeySet:
         # shield: a cancelled request must not cancel the fetch other requests are waiting for
         return await asyncio.shield(self._inflight)
 
-    async def _retry_until_loaded(self) -> None:
+    async def _maintain(self, failing: bool) -> None:
+        """Background task: retry with backoff while fetches fail, else sleep until the refresh is due."""
         delay = self._retry_initial
-        while self._index is None:
-            await asyncio.sleep(delay)
-            await self._refresh()
-            delay = min(delay * 2, self._retry_max)
+        while True:
+            if failing:
+                wait = delay
+                delay = min(delay * 2, self._retry_max)
+            else:
+                delay = self._retry_initial
+                # at least a moment between looks, so a clock that stands still cannot make this spin
+                wait = min(max(self._refresh_at - self._deps.clock(), 1.0), self._check_interval)
+            await asyncio.sleep(wait)
+            failing = await self.refresh_if_due() is False
 
     async def _fetch(self) -> bool:
+        started = self._deps.clock()
         try:
-            self._index = parse_jwks(await self._download(), pins=self._pins)
-            self._log.info("jwks_fetched", issuer=self.issuer, keys=len(self._index.keys))
-            return True
+            document, lifetime = await self._download()
+            index = parse_jwks(document, pins=self._pins)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # any failure of a network peer means "unavailable"; old keys stay (JWKS-10)
             reason = getattr(exc, "reason", None) or type(exc).__name__
-            self._log.warning("jwks_fetch_failed", issuer=self.issuer, reason=reason)
+            self._log.warning("jwks_fetch_failed", issuer=self.issuer, reason=reason,
+                              stale=self._index is not None and started >= self._refresh_at)
             return False
         finally:
             self._inflight = None
+        self._install(index, lifetime, started)
+        return True
 
-    async def _download(self) -> Any:
+    def _install(self, index: KeyIndex, lifetime: float, fetched_at: float) -> None:
+        """Swap in a successfully fetched set (no await: callers see the old set or the new, never a mix)."""
+        old = self._index
+        self._index = index
+        self._lifetime = lifetime
+        # counted from when the fetch started: the document may have been produced at any time after that
+        self._refresh_at = fetched_at + lifetime * REFRESH_AT
+        self._usable_until = fetched_at + lifetime + self._stale_max
+        self._unknown.clear()
+        changed = old is None or old.identity != index.identity
+        if changed:
+            self._version += 1
+        removed = frozenset(
+            kid for kid, fingerprint in old.fingerprints.items() if index.fingerprints.get(kid) != fingerprint
+        ) if old is not None else frozenset()
+        self._log.info("jwks_fetched", issuer=self.issuer, keys=len(index.keys), version=self._version,
+                       changed=changed, removed=sorted(removed), lifetime=lifetime)
+        if removed:
+            for callback in tuple(self._listeners):
+                try:
+                    callback(self.issuer, removed)
+                except Exception:
+                    self._log.exception("jwks_change_callback_failed", issuer=self.issuer)
+
+    async def _download(self) -> tuple[Any, float]:
         assert self._uri is not None
         async with asyncio.timeout(self._timeout):
             async with self._deps.http().get(
@@ -237,12 +421,14 @@ class KeySet:
                     raise JWKSRejected(f"http_{response.status}")
                 if response.content_length is not None and response.content_length > MAX_JWKS_BYTES:
                     raise JWKSRejected("too_large")
+                lifetime = freshness_lifetime(response.headers.getall("Cache-Control", ()),
+                                              response.headers.get("Age"))
                 body = bytearray()
                 async for chunk in response.content.iter_chunked(65536):
                     body += chunk
                     if len(body) > MAX_JWKS_BYTES:
                         raise JWKSRejected("too_large")
-        return strict_json_object(bytes(body))
+        return strict_json_object(bytes(body)), lifetime
 
 
 def _read_file(path: str, pins: tuple[str, ...]) -> KeyIndex:

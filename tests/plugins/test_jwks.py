@@ -1,10 +1,13 @@
-"""KeySet: what a JWKS may contain (JWKS-01..13) and how it is fetched (real loopback servers, fake clock)."""
+"""KeySet: what a JWKS may contain (JWKS-01..13), how it is fetched and kept fresh (Cache-Control lifetimes,
+background refresh, bounded stale-if-error, negative-kid memory, version and removal notices). Real loopback
+key servers, a fake clock, and no assertion about how long anything takes."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import json
+import secrets
 import socket
 from dataclasses import replace
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -14,13 +17,28 @@ import pytest
 import structlog
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
+from multidict import CIMultiDict
 
 from ztmw.config import Config, IssuerConfig, load_config
 from ztmw.errors import ConfigurationError, InvalidToken, UpstreamUnavailable
 from ztmw.testing.clock import FakeClock
 from ztmw.testing.issuer import DevIssuer
 from ztmw.typing import PluginDeps
-from ztmw_plugins.jwks import MAX_JWKS_BYTES, MAX_KEYS, JWKSRejected, KeySet, parse_jwks
+from ztmw_plugins.jwks import (
+    DEFAULT_LIFETIME,
+    MAX_JWKS_BYTES,
+    MAX_KEYS,
+    MAX_LIFETIME,
+    MIN_LIFETIME,
+    NEGATIVE_TTL,
+    REFRESH_AT,
+    STALE_MAX,
+    UNKNOWN_KIDS_MAX,
+    JWKSRejected,
+    KeySet,
+    freshness_lifetime,
+    parse_jwks,
+)
 
 
 class Hooks:
@@ -415,7 +433,7 @@ async def test_cleanup_cancels_the_background_retry(make_keyset: Any, session: A
                       on_startup=hooks.startup.append, on_cleanup=hooks.cleanup.append)
     keyset = KeySet(cfg, deps, retry_initial=30)
     await hooks.start()
-    task = keyset._retry_task
+    task = keyset._task
     assert task is not None and not task.done()
     await hooks.stop()
     assert task.cancelled()
@@ -502,3 +520,416 @@ async def test_requests_fetch_when_start_up_never_ran(make_keyset: Any) -> None:
         keyset = await make_keyset(issuer_config(jwks_uri=issuer.jwks_uri), start=False)
         assert (await keyset.key_for(issuer.kid, "ES256")).kid == issuer.kid
         assert issuer.fetch_count == 1
+
+
+# -- freshness: helpers -------------------------------------------------------------------------------------
+
+async def outcome(keyset: KeySet, kid: str | None, alg: str = "ES256") -> str:
+    """What a lookup ends in: the kid found, or the error's reason."""
+    try:
+        return (await keyset.key_for(kid, alg)).kid or "found"
+    except (InvalidToken, UpstreamUnavailable) as exc:
+        return exc.reason
+
+
+async def eventually(condition: Callable[[], bool]) -> bool:
+    """Let the event loop run until `condition` holds (bounded number of turns, no timing assertion)."""
+    for _ in range(1000):
+        if condition():
+            return True
+        await asyncio.sleep(0.005)
+    return condition()
+
+
+def other_key(kid: str | None = None) -> dict[str, Any]:
+    jwk = DevIssuer("https://as.example.com").jwks()["keys"][0]
+    return jwk if kid is None else {**jwk, "kid": kid}
+
+
+# -- Cache-Control -> freshness lifetime ----------------------------------------------------------------
+
+@pytest.mark.parametrize(("lines", "age", "expected"), [
+    ([], None, DEFAULT_LIFETIME),
+    (["public"], None, DEFAULT_LIFETIME),
+    (["s-maxage=7200"], None, DEFAULT_LIFETIME),
+    (["max-age=600"], None, 600),
+    (["public, max-age=7200, must-revalidate"], None, 7200),
+    (['MAX-AGE="900"'], None, 900),
+    (["max-age=600", "max-age=600"], None, 600),
+    (["max-age=3600"], "600", 3000),
+    (["max-age=3600"], "soon", 3600),
+    (["max-age=10"], None, MIN_LIFETIME),
+    (["max-age=0"], None, MIN_LIFETIME),
+    (["max-age=31536000"], None, MAX_LIFETIME),
+    (["max-age=" + "9" * 5000], "9" * 5000, MIN_LIFETIME),
+    (["max-age=" + "9" * 5000], None, MAX_LIFETIME),
+    (["max-age=600"], "900", MIN_LIFETIME),
+    (["no-store"], None, MIN_LIFETIME),
+    (["max-age=7200, no-cache"], None, MIN_LIFETIME),
+    (['no-cache="Set-Cookie, X-Other"', "max-age=7200"], None, MIN_LIFETIME),
+    (["max-age=7200", "No-Store"], None, MIN_LIFETIME),
+    (["max-age=abc"], None, MIN_LIFETIME),
+    (["max-age=-5"], None, MIN_LIFETIME),
+    (["max-age=1.5e3"], None, MIN_LIFETIME),
+    (["max-age=\u0663\u0660\u0660"], None, MIN_LIFETIME),  # Arabic-Indic digits are not delta-seconds
+    (["max-age"], None, MIN_LIFETIME),
+    (["max-age=600", "max-age=900"], None, MIN_LIFETIME),  # conflicting: stale (RFC 9111 §4.2.1)
+])
+def test_freshness_lifetime_from_cache_control(lines: list[str], age: str | None, expected: float) -> None:
+    assert freshness_lifetime(lines, age) == expected
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def cache_server(headers: CIMultiDict[str] | dict[str, str], document: Any) -> Handler:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return web.json_response(document, headers=headers)
+    return answer
+
+
+@pytest.mark.parametrize(("headers", "lifetime"), [
+    ({}, DEFAULT_LIFETIME),
+    ({"Cache-Control": "public, max-age=600"}, 600),
+    ({"Cache-Control": "no-store"}, MIN_LIFETIME),
+    ({"Cache-Control": "no-cache, max-age=7200"}, MIN_LIFETIME),
+    ({"Cache-Control": "max-age=999999999"}, MAX_LIFETIME),
+    ({"Cache-Control": "max-age=7200", "Age": "3600"}, 3600),
+    (CIMultiDict([("Cache-Control", "max-age=600"), ("Cache-Control", "max-age=900")]), MIN_LIFETIME),
+    (CIMultiDict([("Cache-Control", "public"), ("Cache-Control", "max-age=900")]), 900),
+])
+async def test_key_server_cache_control_sets_when_the_background_refresh_is_due(
+        jwks_server: Any, make_keyset: Any, clock: FakeClock, issuer: DevIssuer,
+        headers: Any, lifetime: float) -> None:
+    state, uri = jwks_server
+    state.respond = cache_server(headers, issuer.jwks())
+    keyset = await make_keyset(issuer_config(jwks_uri=uri))
+    assert keyset.lifetime == lifetime and state.count == 1
+    clock.now += lifetime * REFRESH_AT - 1
+    assert await keyset.refresh_if_due() is None
+    assert state.count == 1
+    clock.now += 1
+    assert await keyset.refresh_if_due() is True
+    assert state.count == 2
+    assert await keyset.refresh_if_due() is None  # the new set is fresh again
+
+
+async def test_jwks_file_is_never_refreshed(tmp_path: Any, make_keyset: Any, clock: FakeClock,
+                                            issuer: DevIssuer) -> None:
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(issuer.jwks()))
+    keyset = await make_keyset(issuer_config(jwks_file=str(path)))
+    assert keyset.version == 1 and keyset.lifetime is None
+    clock.now += 10 * MAX_LIFETIME + STALE_MAX
+    assert await keyset.refresh_if_due() is None
+    assert await outcome(keyset, issuer.kid) == issuer.kid
+
+
+# -- background refresh -----------------------------------------------------------------------------------
+
+async def test_removed_key_stops_being_accepted_within_one_lifetime(make_keyset: Any,
+                                                                    clock: FakeClock) -> None:
+    async with DevIssuer() as issuer:
+        keyset = await make_keyset(issuer_config(jwks_uri=issuer.jwks_uri))
+        old = issuer.kid
+        new = issuer.rotate_key()
+        clock.now += DEFAULT_LIFETIME * REFRESH_AT - 1
+        assert await keyset.refresh_if_due() is None
+        assert await outcome(keyset, old) == old  # still within its lifetime, known kid: no fetch
+        assert issuer.fetch_count == 1
+        clock.now += 1  # still before the lifetime ends
+        assert await keyset.refresh_if_due() is True
+        assert issuer.fetch_count == 2
+        assert await outcome(keyset, old) == "unknown_key"
+        assert await outcome(keyset, new) == new
+        assert not keyset.knows(old) and keyset.knows(new)
+
+
+async def test_background_task_refreshes_when_due_and_is_cancelled_by_cleanup(make_keyset: Any,
+                                                                              clock: FakeClock) -> None:
+    async with DevIssuer() as issuer:
+        keyset = await make_keyset(issuer_config(jwks_uri=issuer.jwks_uri), check_interval=0.005)
+        task = keyset._task
+        assert task is not None and not task.done()
+        for _ in range(20):  # the task looks at the clock many times; nothing is due, nothing is fetched
+            await asyncio.sleep(0.005)
+        assert issuer.fetch_count == 1
+        old = issuer.kid
+        issuer.rotate_key()
+        clock.now += DEFAULT_LIFETIME * REFRESH_AT
+        assert await eventually(lambda: issuer.fetch_count == 2)
+        assert await eventually(lambda: not keyset.knows(old))
+        for _ in range(20):
+            await asyncio.sleep(0.005)
+        assert issuer.fetch_count == 2  # fresh again: no further fetch
+        await keyset.close()
+        assert task.cancelled() and keyset._task is None
+        await keyset.close()  # idempotent (the fixture's cleanup calls it again too)
+
+
+async def test_background_task_retries_failed_refreshes_and_recovers(
+        jwks_server: Any, make_keyset: Any, clock: FakeClock, issuer: DevIssuer) -> None:
+    state, uri = jwks_server
+    state.document = issuer.jwks()
+    keyset = await make_keyset(issuer_config(jwks_uri=uri), check_interval=0.005, retry_initial=0.005,
+                               retry_max=0.01)
+
+    async def broken(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=503)
+
+    state.respond = broken
+    clock.now += DEFAULT_LIFETIME * REFRESH_AT
+    assert await eventually(lambda: state.count >= 4)  # retried, with backoff, while it keeps failing
+    assert await outcome(keyset, issuer.kid) == issuer.kid  # stale-if-error meanwhile
+    new = issuer.rotate_key()
+    state.document = issuer.jwks()
+    state.respond = state.ok
+    assert await eventually(lambda: keyset.knows(new))
+    settled = state.count
+    for _ in range(20):
+        await asyncio.sleep(0.005)
+    assert state.count == settled  # back to sleeping until the next refresh is due
+
+
+# -- stale-if-error, bounded --------------------------------------------------------------------------------
+
+async def test_stale_keys_are_served_for_stale_max_then_fail_closed(
+        jwks_server: Any, make_keyset: Any, clock: FakeClock, issuer: DevIssuer) -> None:
+    state, uri = jwks_server
+    state.respond = cache_server({"Cache-Control": "max-age=600"}, issuer.jwks())
+    keyset = await make_keyset(issuer_config(jwks_uri=uri))
+    fetched_at = clock.now
+
+    async def broken(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=503)
+
+    state.respond = broken
+    clock.now = fetched_at + 600 * REFRESH_AT
+    assert await keyset.refresh_if_due() is False
+    clock.now = fetched_at + 600 + STALE_MAX - 1
+    assert await outcome(keyset, issuer.kid) == issuer.kid  # stale but within the bound
+    assert await outcome(keyset, "unknown") == "unknown_key"  # a usable set: unknown key (one refetch)
+    count = state.count
+    clock.now += 1
+    assert await outcome(keyset, issuer.kid) == "jwks_unavailable"  # too stale: fail closed (503)
+    assert await outcome(keyset, "unknown") == "jwks_unavailable"
+    assert state.count == count  # within the cooldown: no fetch
+    clock.now += 30
+    assert await outcome(keyset, issuer.kid) == "jwks_unavailable"
+    assert state.count == count + 1  # one refetch attempt per cooldown, failing
+    assert keyset.loaded and keyset.knows(issuer.kid)  # `loaded`/`knows` keep their meaning
+    state.respond = cache_server({"Cache-Control": "max-age=600"}, issuer.jwks())
+    assert await keyset.refresh_if_due() is True
+    assert await outcome(keyset, issuer.kid) == issuer.kid
+    clock.now += 600 + STALE_MAX - 1  # the bound counts from the successful fetch
+    assert await outcome(keyset, issuer.kid) == issuer.kid
+
+
+async def test_stale_max_can_be_set_per_key_set(jwks_server: Any, make_keyset: Any, clock: FakeClock,
+                                                issuer: DevIssuer) -> None:
+    state, uri = jwks_server
+    state.document = issuer.jwks()
+    keyset = await make_keyset(issuer_config(jwks_uri=uri), stale_max=0)
+
+    async def broken(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=503)
+
+    state.respond = broken
+    clock.now += DEFAULT_LIFETIME - 1
+    assert await outcome(keyset, issuer.kid) == issuer.kid
+    clock.now += 1
+    assert await outcome(keyset, issuer.kid) == "jwks_unavailable"
+
+
+# -- key-set version and removal notices ------------------------------------------------------------------
+
+async def test_version_counts_changes_and_callbacks_hear_about_removals(make_keyset: Any,
+                                                                        clock: FakeClock) -> None:
+    async with DevIssuer() as issuer:
+        keyset = await make_keyset(issuer_config(jwks_uri=issuer.jwks_uri), start=False)
+        heard: list[tuple[str, frozenset[str]]] = []
+
+        def broken_listener(iss: str, removed: frozenset[str]) -> None:
+            raise RuntimeError("a listener bug must not break key refresh")
+
+        keyset.on_change(broken_listener)
+        keyset.on_change(lambda iss, removed: heard.append((iss, removed)))
+        assert keyset.version == 0
+        assert await keyset.refresh_if_due() is True  # nothing loaded: due
+        assert keyset.version == 1 and heard == []
+
+        clock.now += DEFAULT_LIFETIME
+        assert await keyset.refresh_if_due() is True  # same keys
+        assert keyset.version == 1 and heard == []
+
+        added = issuer.add_key("PS256")
+        clock.now += DEFAULT_LIFETIME
+        assert await keyset.refresh_if_due() is True  # a key added, none removed
+        assert keyset.version == 2 and heard == [] and keyset.knows(added)
+
+        old = issuer.kid
+        new = issuer.rotate_key()
+        clock.now += DEFAULT_LIFETIME
+        assert await keyset.refresh_if_due() is True
+        assert keyset.version == 3
+        assert heard == [(keyset.issuer, frozenset({old}))]
+        assert await outcome(keyset, new) == new  # the new keys were in place despite the broken listener
+
+
+async def test_kid_with_new_key_material_counts_as_removed(jwks_server: Any, make_keyset: Any,
+                                                           clock: FakeClock) -> None:
+    state, uri = jwks_server
+    first, second, kept = other_key("k1"), other_key("k1"), rsa_jwk(2048, "k2")
+    state.document = {"keys": [first, kept]}
+    keyset = await make_keyset(issuer_config(jwks_uri=uri))
+    heard: list[frozenset[str]] = []
+    keyset.on_change(lambda iss, removed: heard.append(removed))
+    before = (await keyset.key_for("k1", "ES256")).key.thumbprint()
+
+    state.document = {"keys": [second, kept]}  # same kid, other key
+    clock.now += DEFAULT_LIFETIME
+    assert await keyset.refresh_if_due() is True
+    assert heard == [frozenset({"k1"})] and keyset.version == 2
+    assert (await keyset.key_for("k1", "ES256")).key.thumbprint() != before
+
+    state.document = {"keys": [second, {**kept, "alg": "PS256"}]}  # same material, narrower algorithms
+    clock.now += DEFAULT_LIFETIME
+    assert await keyset.refresh_if_due() is True
+    assert heard[-1] == frozenset({"k2"}) and keyset.version == 3
+
+
+async def test_unknown_kid_refetch_also_reports_removals_and_failures_change_nothing(
+        jwks_server: Any, make_keyset: Any, clock: FakeClock, issuer: DevIssuer) -> None:
+    state, uri = jwks_server
+    state.document = issuer.jwks()
+    keyset = await make_keyset(issuer_config(jwks_uri=uri))
+    heard: list[frozenset[str]] = []
+    keyset.on_change(lambda iss, removed: heard.append(removed))
+
+    async def broken(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=500)
+
+    state.respond = broken
+    clock.now += 30
+    assert await outcome(keyset, "new-kid") == "unknown_key"
+    assert state.count == 2 and keyset.version == 1 and heard == []
+
+    state.respond = state.ok
+    state.document = {"keys": [other_key("new-kid")]}
+    clock.now += 30
+    assert await outcome(keyset, "new-kid") == "new-kid"
+    assert keyset.version == 2 and heard == [frozenset({issuer.kid})]
+
+
+# -- negative-kid memory ---------------------------------------------------------------------------------
+
+async def test_kid_proven_absent_causes_no_further_fetch(make_keyset: Any, clock: FakeClock) -> None:
+    async with DevIssuer() as issuer:
+        keyset = await make_keyset(issuer_config(jwks_uri=issuer.jwks_uri, refetch_cooldown=30))
+        clock.now += 30
+        assert await outcome(keyset, "ghost") == "unknown_key"
+        assert issuer.fetch_count == 2
+        for _ in range(3):
+            clock.now += 30  # the cooldown is over each time, but "ghost" is remembered
+            assert await outcome(keyset, "ghost") == "unknown_key"
+        assert issuer.fetch_count == 2
+        assert await outcome(keyset, "another-ghost") == "unknown_key"  # an unremembered kid still may fetch
+        assert issuer.fetch_count == 3
+        assert await outcome(keyset, issuer.kid) == issuer.kid
+
+
+async def test_remembered_kid_fails_without_waiting_for_a_fetch_in_flight(
+        jwks_server: Any, make_keyset: Any, clock: FakeClock, issuer: DevIssuer) -> None:
+    state, uri = jwks_server
+    state.document = issuer.jwks()
+    keyset = await make_keyset(issuer_config(jwks_uri=uri, fetch_timeout=30))
+    clock.now += 30
+    assert await outcome(keyset, "ghost") == "unknown_key"
+    assert state.count == 2
+
+    async def held(request: web.Request) -> web.StreamResponse:
+        await state.release.wait()
+        return web.json_response(state.document)
+
+    state.respond = held
+    clock.now += 30
+    waiting = asyncio.create_task(outcome(keyset, "other"))
+    assert await eventually(lambda: state.count == 3)  # the fetch is at the server, held there
+    assert await outcome(keyset, "ghost") == "unknown_key"
+    assert not waiting.done()  # "ghost" did not wait on the fetch "other" is waiting on
+    state.release.set()
+    assert await waiting == "unknown_key"
+    assert state.count == 3
+
+
+async def test_remembered_kid_is_forgotten_after_the_next_successful_fetch(
+        jwks_server: Any, make_keyset: Any, clock: FakeClock, issuer: DevIssuer) -> None:
+    state, uri = jwks_server
+    late = other_key()
+    state.document = issuer.jwks()
+    keyset = await make_keyset(issuer_config(jwks_uri=uri))
+    clock.now += 30
+    assert await outcome(keyset, late["kid"]) == "unknown_key"  # proven absent
+    state.document = {"keys": [*issuer.jwks()["keys"], late]}  # then published
+    clock.now += 30
+    assert await outcome(keyset, late["kid"]) == "unknown_key"  # remembered: no fetch
+    assert state.count == 2
+    assert await outcome(keyset, "someone-else") == "unknown_key"  # a successful fetch for another kid...
+    assert state.count == 3
+    assert await outcome(keyset, late["kid"]) == late["kid"]  # ...forgets it, and the new set has it
+
+
+async def test_remembered_kid_is_retried_after_the_negative_ttl(jwks_server: Any, make_keyset: Any,
+                                                                clock: FakeClock, issuer: DevIssuer) -> None:
+    state, uri = jwks_server
+    late = other_key()
+    state.document = issuer.jwks()
+    keyset = await make_keyset(issuer_config(jwks_uri=uri))
+    clock.now += 30
+    assert await outcome(keyset, late["kid"]) == "unknown_key"
+    state.document = {"keys": [*issuer.jwks()["keys"], late]}  # published after our fetch (or a lagging CDN)
+    clock.now += NEGATIVE_TTL - 1
+    assert await outcome(keyset, late["kid"]) == "unknown_key"
+    assert state.count == 2
+    clock.now += 1
+    assert await outcome(keyset, late["kid"]) == late["kid"]
+    assert state.count == 3
+
+
+async def test_negative_memory_is_bounded(jwks_server: Any, make_keyset: Any, clock: FakeClock,
+                                          issuer: DevIssuer) -> None:
+    state, uri = jwks_server
+    state.document = issuer.jwks()
+    keyset = await make_keyset(issuer_config(jwks_uri=uri))
+    clock.now += 30
+    kids = [f"flood-{i}" for i in range(UNKNOWN_KIDS_MAX + 500)]
+    assert set(await asyncio.gather(*(outcome(keyset, kid) for kid in kids))) == {"unknown_key"}
+    assert state.count == 2  # one shared fetch
+    remembered = set(keyset._unknown)
+    assert len(remembered) == UNKNOWN_KIDS_MAX  # every waiter was proven absent; the oldest were dropped
+    forgotten = next(kid for kid in kids if kid not in remembered)
+    kept = next(reversed(keyset._unknown))
+    clock.now += 30
+    assert await outcome(keyset, kept) == "unknown_key"
+    assert state.count == 2
+    assert await outcome(keyset, forgotten) == "unknown_key"  # dropped from memory: it may fetch again
+    assert state.count == 3
+    assert len(keyset._unknown) == 1  # the successful fetch cleared the memory, then remembered this kid
+
+
+async def test_random_kid_flood_costs_at_most_one_fetch_per_cooldown(make_keyset: Any,
+                                                                     clock: FakeClock) -> None:
+    cooldown, step, duration = 30, 3, 600
+    async with DevIssuer() as issuer:
+        keyset = await make_keyset(issuer_config(jwks_uri=issuer.jwks_uri, refetch_cooldown=cooldown))
+        seen: list[str] = []
+        for _ in range(duration // step):
+            clock.now += step
+            fresh = [f"rnd-{secrets.token_urlsafe(8)}" for _ in range(25)]
+            repeated = seen[-25:]
+            seen += fresh
+            results = await asyncio.gather(*(outcome(keyset, kid) for kid in fresh + repeated),
+                                           outcome(keyset, issuer.kid))
+            assert set(results[:-1]) == {"unknown_key"} and results[-1] == issuer.kid
+        refetches = issuer.fetch_count - 1
+        assert 1 <= refetches <= duration // cooldown
