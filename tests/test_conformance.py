@@ -124,3 +124,159 @@ class TestMappingConformance(TrustEvaluatorConformance):
     @pytest.mark.xfail(strict=True, reason="MappingTrustEvaluator ignores `current` (ztmw/trust.py): reported")
     def test_every_change_is_explained(self, evaluator: Any) -> None:
         super().test_every_change_is_explained(evaluator)
+
+
+# -- the kit catches what it claims to catch ---------------------------------------------------------------
+
+BAD_VERIFIERS = textwrap.dedent('''
+    from types import MappingProxyType
+    from ztmw import InvalidToken, VerifiedToken
+    from ztmw.testing.conformance import TokenVerifierConformance
+
+    GOOD, BOUND = "good-token-for-the-kit-0123456789", "bound-token-for-the-kit-0123456789"
+
+
+    class Verifier:
+        name = "kit-check"
+
+        def __init__(self, deps, cnf):
+            self.deps, self.cnf = deps, cnf
+
+        def result(self, token):
+            return VerifiedToken(issuer="urn:kit", subject="s", audience=("https://api.example.com",),
+                                 expires_at=4102444800.0, token_id="t", verifier=self.name,
+                                 cnf=MappingProxyType(dict(self.cnf)) if token == BOUND else MappingProxyType({}))
+
+        async def verify_token(self, token):
+            if token in (GOOD, BOUND):
+                return self.result(token)
+            raise InvalidToken("invalid_token")
+
+
+    class Conforming(TokenVerifierConformance):
+        def create_verifier(self, deps):
+            return self.verifier_class(deps, self.cnf)
+
+        verifier_class = Verifier
+
+        def config(self):
+            return {"resource": {"identifier": "https://api.example.com"}}
+
+        async def valid_token(self):
+            return GOOD
+
+        async def bound_token(self, cnf):
+            self.cnf = cnf
+            return BOUND
+
+        def token_expires_at(self, token):
+            return 4102444800.0
+
+        cnf = {}
+
+
+    class TestConforming(Conforming):
+        pass
+
+
+    class AcceptsAnything(Verifier):
+        async def verify_token(self, token):
+            return self.result(token)
+
+
+    class TestAcceptsAnything(Conforming):
+        verifier_class = AcceptsAnything
+
+
+    class ExpiresFromNow(Verifier):
+        def result(self, token):
+            import dataclasses
+            return dataclasses.replace(super().result(token), expires_at=self.deps.clock() + 300)
+
+
+    class TestExpiresFromNow(Conforming):
+        verifier_class = ExpiresFromNow
+
+
+    class OutlivesToken(Verifier):
+        def result(self, token):
+            import dataclasses
+            return dataclasses.replace(super().result(token), expires_at=4102444800.0 + 3600)
+
+
+    class TestOutlivesToken(Conforming):
+        verifier_class = OutlivesToken
+
+
+    class DropsCnf(Verifier):
+        def result(self, token):
+            import dataclasses
+            return dataclasses.replace(super().result(token), cnf=MappingProxyType({}))
+
+
+    class TestDropsCnf(Conforming):
+        verifier_class = DropsCnf
+
+
+    class LogsToken(Verifier):
+        async def verify_token(self, token):
+            self.deps.logger.info("checking token", token=token)
+            return await super().verify_token(token)
+
+
+    class TestLogsToken(Conforming):
+        verifier_class = LogsToken
+
+
+    class CrashesOnGarbage(Verifier):
+        async def verify_token(self, token):
+            if token not in (GOOD, BOUND):
+                raise ValueError("cannot parse")
+            return self.result(token)
+
+
+    class TestCrashesOnGarbage(Conforming):
+        verifier_class = CrashesOnGarbage
+''')
+
+
+@pytest.fixture
+def kit_outcomes(pytester: pytest.Pytester) -> dict[str, str]:
+    """Run the kit on deliberately broken verifiers in a child pytest: {"Class::test[id]": outcome}."""
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makepyfile(test_bad_verifiers=BAD_VERIFIERS)
+    selection = " or ".join([
+        "TestConforming",
+        "TestAcceptsAnything and (vec-9449-2 or refuses_hostile)",
+        "TestExpiresFromNow and pure",
+        "TestOutlivesToken and expires_at",
+        "TestDropsCnf and binding",
+        "TestLogsToken and logs",
+        "TestCrashesOnGarbage and alg-none",
+    ])
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA", "-q", "-k", selection)
+    outcomes: dict[str, str] = {}
+    for line in result.outlines:
+        outcome, _, test_id = line.partition(" ")
+        if outcome in ("PASSED", "FAILED", "SKIPPED", "ERROR") and "::" in test_id:
+            outcomes[test_id.split(" - ")[0].split("::", 1)[1]] = outcome
+    assert outcomes, "\n".join(result.outlines[-30:])
+    return outcomes
+
+
+def test_kit_passes_a_conforming_verifier_and_fails_each_broken_one(kit_outcomes: dict[str, str]) -> None:
+    conforming = {k: v for k, v in kit_outcomes.items() if k.startswith("TestConforming::")}
+    assert conforming and set(conforming.values()) == {"PASSED"}, conforming
+
+    def failed(cls: str, test: str) -> bool:
+        return any(v == "FAILED" for k, v in kit_outcomes.items() if k.startswith(f"{cls}::{test}"))
+
+    assert failed("TestAcceptsAnything", "test_hostile_token_gets_a_catalogue_refusal[vec-9449-2-opaque]")
+    assert failed("TestAcceptsAnything", "test_verify_token_refuses_hostile_token_with_invalid_token")
+    assert failed("TestExpiresFromNow", "test_verify_token_is_pure_in_the_token")
+    assert failed("TestOutlivesToken", "test_expires_at_is_not_beyond_the_tokens_exp")
+    assert failed("TestDropsCnf", "test_binding_is_confirmed_on_every_request_even_on_cache_hits")
+    assert failed("TestLogsToken", "test_no_token_text_in_logs_or_cache_keys")
+    assert failed("TestCrashesOnGarbage", "test_verify_token_refuses_hostile_token_with_invalid_token[alg-none]")
+    # the core still keeps the app closed for the crashing one: only the direct check can see it
+    assert kit_outcomes["TestCrashesOnGarbage::test_hostile_token_gets_a_catalogue_refusal[alg-none]"] == "PASSED"
