@@ -1,4 +1,4 @@
-"""The `ztmw` command: demo, serve, check, token, bench (DESIGN.md §4.3).
+"""The `ztmw` command: demo, serve, check, token, bench, audit verify (DESIGN.md §4.3).
 
 The library never configures logging; this command does, as an application would: JSON lines on stdout.
 """
@@ -145,6 +145,12 @@ def cmd_bench(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return subprocess.call([sys.executable, str(script), *extra])
 
 
+def cmd_audit_verify(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from . import audit_chain
+
+    return audit_chain.run_verify(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ztmw", description="Zero-trust security layer for aiohttp servers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -178,6 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="run the load scripts in benchmarks/ and print the comparison")
     bench.set_defaults(func=cmd_bench)
+
+    audit = sub.add_parser("audit", help="tamper-evident audit log tools ([plugins.chain])")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    audit_verify = audit_sub.add_parser(
+        "verify", help="check every hash chain in an audit file (exit 0 intact, 1 broken link, 2 unreadable)")
+    from . import audit_chain
+
+    audit_chain.add_arguments(audit_verify)
+    audit_verify.set_defaults(func=cmd_audit_verify)
     return parser
 
 
