@@ -1,14 +1,16 @@
 -- wrk script used by every scenario: GET a path, optionally with per-request headers from a file.
 --
---   wrk -t1 -c50 -d10s -s rotate.lua http://127.0.0.1:PORT -- PATH [LINES_FILE [once|cycle] [LIMIT]]
+--   wrk -t1 -c50 -d10s -s rotate.lua http://127.0.0.1:PORT -- PATH [LINES_FILE [once|cycle] [LIMIT [DONE_FILE]]]
 --
 -- LINES_FILE: one request per line, its headers separated by TAB ("Authorization: Bearer x<TAB>DPoP: y").
 --   cycle: rotate through the lines (distinct tokens: the cache never sees the same one twice in a row);
 --   once:  send each line at most once (DPoP proofs: every request needs a fresh jti) and stop when done.
 -- LIMIT: stop after this many responses (0: no limit, the -d duration bounds the run).
+-- DONE_FILE: created when the thread stops early; wrk itself still sleeps for -d, so the caller (run.py)
+--   watches for this file and sends wrk SIGINT, which ends the run and keeps its req/s honest.
 -- done() prints one JSON line that run.py parses (wrk's own text summary is printed before it).
 
-local reqs, n, i, mode, limit, seen = {}, 0, 0, "cycle", 0, 0
+local reqs, n, i, mode, limit, seen, done_file = {}, 0, 0, "cycle", 0, 0, nil
 local plain
 
 function init(args)
@@ -26,6 +28,7 @@ function init(args)
   end
   mode = args[3] or "cycle"
   limit = tonumber(args[4] or "0") or 0
+  done_file = args[5]
 end
 
 function request()
@@ -40,6 +43,10 @@ end
 function response(status, headers, body)
   seen = seen + 1
   if (mode == "once" and n > 0 and seen >= n) or (limit > 0 and seen >= limit) then
+    if done_file and done_file ~= "" then
+      local fh = io.open(done_file, "w")
+      if fh then fh:write("done\n"); fh:close() end
+    end
     wrk.thread:stop()
   end
 end

@@ -189,6 +189,39 @@ class Server:
 
 # -- load generation -----------------------------------------------------------------------------------------
 
+def run_wrk(argv: list[str], done_file: Path | None, timeout: float, cpus: set[int] | None) -> dict[str, Any]:
+    """Run wrk; when its Lua script writes `done_file` (count reached), SIGINT ends the run right there."""
+    if done_file is not None and done_file.exists():
+        done_file.unlink()
+    process = subprocess.Popen(argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=_pin(cpus))
+    deadline = time.monotonic() + timeout
+    try:
+        while process.poll() is None:
+            if done_file is not None and done_file.exists():
+                process.send_signal(signal.SIGINT)
+                break
+            if time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"wrk did not finish within {timeout:.0f} s")
+            time.sleep(0.05)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    if process.returncode != 0:
+        raise RuntimeError(f"wrk failed ({process.returncode}): {stderr[-2000:]}")
+    return _parse(stdout)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (and its waited-for children), from /proc."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _parse(output: str) -> dict[str, Any]:
     for line in output.splitlines():
         if line.startswith("WRKJSON "):
@@ -236,14 +269,23 @@ class Runner:
             return write_lines(self.workdir / f"{scenario.name}.lines", lines), "once"
         raise ValueError(h)
 
+    @staticmethod
+    def _line_count(path: Path) -> int:
+        with open(path, "rb") as fh:
+            return sum(1 for _ in fh)
+
     def measure(self, scenario: Scenario, server: Server, duration: float) -> dict[str, Any]:
         lines, mode = self.lines_for(scenario, duration)
         generator = self.generator_for(scenario)
         connections = self.args.connections
+        done_file = self.workdir / "wrk.done"
+        cpu_before = cpu_seconds(server.process.pid)
         if generator == "wrk":
             assert self.wrk is not None
             argv = [self.wrk, "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--timeout", "5s",
-                    "-s", str(LUA), server.url, "--", PATH, str(lines) if lines else "-", mode, "0"]
+                    "-s", str(LUA), server.url, "--", PATH, str(lines) if lines else "-", mode, "0",
+                    str(done_file)]
+            result = run_wrk(argv, done_file, duration + 90, self.generator_cpus)
         else:
             argv = [sys.executable, str(HERE / "loadgen.py"), server.url, "--path", PATH,
                     "--duration", str(duration), "--connections", str(connections)]
@@ -252,11 +294,16 @@ class Runner:
             if scenario.tls:
                 argv += ["--cafile", str(self.material.ca_pem), "--cert", str(self.material.client_cert),
                          "--key", str(self.material.client_key)]
-        done = subprocess.run(argv, cwd=HERE, capture_output=True, text=True, timeout=duration + 90,
-                              preexec_fn=_pin(self.generator_cpus))
-        if done.returncode != 0:
-            raise RuntimeError(f"{generator} failed for {scenario.name}: {done.stderr[-2000:]}")
-        result = _parse(done.stdout)
+            done = subprocess.run(argv, cwd=HERE, capture_output=True, text=True, timeout=duration + 90,
+                                  preexec_fn=_pin(self.generator_cpus))
+            if done.returncode != 0:
+                raise RuntimeError(f"{generator} failed for {scenario.name}: {done.stderr[-2000:]}")
+            result = _parse(done.stdout)
+        cpu = cpu_seconds(server.process.pid) - cpu_before
+        result["server_cpu_us_per_req"] = cpu / result["requests"] * 1e6 if result["requests"] else 0.0
+        result["server_cpu_share"] = cpu / (result["duration_us"] / 1e6) if result["duration_us"] else 0.0
+        if mode == "once" and lines is not None and result["requests"] >= self._line_count(lines):
+            result["exhausted"] = True  # ran out of fresh proofs before the duration ended
         seconds = result["duration_us"] / 1e6
         result["rps"] = result["requests"] / seconds if seconds else 0.0
         result["generator"] = generator
@@ -285,13 +332,19 @@ def summarize(samples: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, A
             "errors": sum(r["errors"] for r in runs),
             "requests": sum(r["requests"] for r in runs),
             "generator": runs[0]["generator"] if runs else None,
+            "cpu_us_per_req": median([r["server_cpu_us_per_req"] for r in runs]),
+            "cpu_share": median([r["server_cpu_share"] for r in runs]),
         }
     for name, row in out.items():
         base = BY_NAME[name].baseline
         row["baseline"] = base
         row["ratio"] = row["rps"] / out[base]["rps"] if base in out and out[base]["rps"] else None
+        # the same ratio from server CPU time per request: what a whole core would give, less sensitive to
+        # other processes competing for the CPU than req/s is
+        row["cpu_ratio"] = (out[base]["cpu_us_per_req"] / row["cpu_us_per_req"]
+                            if base in out and row["cpu_us_per_req"] else None)
         if base is None:
-            row["ratio"] = 1.0
+            row["ratio"] = row["cpu_ratio"] = 1.0
     return out
 
 
@@ -301,22 +354,28 @@ def evaluate_targets(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]
         if scenario not in summary or denominator not in summary or not summary[denominator]["rps"]:
             continue
         ratio = summary[scenario]["rps"] / summary[denominator]["rps"]
+        cpu_ratio = (summary[denominator]["cpu_us_per_req"] / summary[scenario]["cpu_us_per_req"]
+                     if summary[scenario]["cpu_us_per_req"] else 0.0)
         rows.append({"target": text, "scenario": scenario, "against": denominator, "minimum": minimum,
-                     "ratio": round(ratio, 3), "pass": ratio >= minimum})
+                     "ratio": round(ratio, 3), "pass": ratio >= minimum, "cpu_ratio": round(cpu_ratio, 3),
+                     "cpu_pass": cpu_ratio >= minimum})
     return rows
 
 
 def table(summary: dict[str, dict[str, Any]]) -> list[str]:
     lines = [f"| {'scenario':<20} | {'req/s':>8} | {'p50 ms':>7} | {'p99 ms':>7} | {'ratio':>6} | "
-             f"{'vs':<9} | {'errors':>6} | generator |",
-             f"|{'-' * 22}|{'-' * 10}:|{'-' * 8}:|{'-' * 8}:|{'-' * 7}:|{'-' * 11}|{'-' * 7}:|-----------|"]
+             f"{'vs':<9} | {'CPU us/req':>10} | {'CPU ratio':>9} | {'errors':>6} | generator |",
+             f"|{'-' * 22}|{'-' * 9}:|{'-' * 8}:|{'-' * 8}:|{'-' * 7}:|{'-' * 11}|{'-' * 11}:|{'-' * 10}:|"
+             f"{'-' * 7}:|-----------|"]
     for s in SCENARIOS:
         row = summary.get(s.name)
         if row is None:
             continue
         ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else "-"
+        cpu_ratio = f"{row['cpu_ratio']:.2f}" if row["cpu_ratio"] is not None else "-"
         lines.append(f"| {s.name:<20} | {row['rps']:>8.0f} | {row['p50_ms']:>7.2f} | {row['p99_ms']:>7.2f} | "
-                     f"{ratio:>6} | {row['baseline'] or '-':<9} | {row['errors']:>6} | {row['generator']:<9} |")
+                     f"{ratio:>6} | {row['baseline'] or '-':<9} | {row['cpu_us_per_req']:>10.0f} | "
+                     f"{cpu_ratio:>9} | {row['errors']:>6} | {row['generator']:<9} |")
     return lines
 
 
@@ -467,8 +526,9 @@ def main(argv: list[str] | None = None) -> int:
                 result = runner.measure(s, servers[s.name], args.duration)
                 samples[s.name].append(result)
                 done = r * len(order) + i + 1
-                elapsed = time.monotonic() - started
                 flag = f"  !! {result['errors']} errors" if result["errors"] else ""
+                flag += "  !! ran out of proofs" if result.get("exhausted") else ""
+                flag += f"  cpu {result['server_cpu_us_per_req']:.0f} us/req ({result['server_cpu_share']:.0%} core)"
                 say(f"round {r + 1}/{args.rounds} [{done}/{total}] {s.name:<20} {result['rps']:8.0f} req/s  "
                     f"p50 {result['p50_us'] / 1000:6.2f} ms  p99 {result['p99_us'] / 1000:6.2f} ms{flag}")
             partial = summarize({k: v for k, v in samples.items() if v})
@@ -484,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
             micro_json = workdir / "micro.json"
             argv = [sys.executable, str(HERE / "micro.py"), "--json", str(micro_json)] + (
                 ["--quick"] if args.quick else [])
-            subprocess.run(argv, cwd=HERE, timeout=600, check=True, preexec_fn=_pin(runner.server_cpus))
+            subprocess.run(argv, cwd=HERE, timeout=600, check=True)
             micro = json.loads(micro_json.read_text())
 
         summary = summarize(samples)
@@ -496,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
             "connections": args.connections, "generator": gen, "audit_log": args.audit_log,
             "unique_tokens": args.unique_tokens, "cpus": os.cpu_count(),
             "pinning": {"server": sorted(runner.server_cpus or []), "generator": sorted(runner.generator_cpus or [])},
+            "loadavg_at_end": os.getloadavg(),
             "python": platform.python_version(), "platform": platform.platform(),
             "elapsed_s": round(time.monotonic() - started, 1),
             "command": " ".join(["python benchmarks/run.py"] + sys.argv[1:]),
@@ -510,8 +571,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"{args.duration:g} s, {args.connections} connections, {gen}, "
                       f"audit -> {args.audit_log}, {meta['elapsed_s']} s)", ""] + lines
         if targets:
-            report += ["", "| target | ratio | result |", "|---|---:|---|"]
-            report += [f"| {t['target']} | {t['ratio']:.2f} | {'PASS' if t['pass'] else 'FAIL'} |" for t in targets]
+            report += ["", "| target | req/s ratio | result | CPU-time ratio | result |", "|---|---:|---|---:|---|"]
+            report += [f"| {t['target']} | {t['ratio']:.2f} | {'PASS' if t['pass'] else 'FAIL'} | "
+                       f"{t['cpu_ratio']:.2f} | {'PASS' if t['cpu_pass'] else 'FAIL'} |" for t in targets]
         if micro:
             report += ["", "| stage | ns/op (median) | best | note |", "|---|---:|---:|---|"]
             report += [f"| {m['stage']} | {m['ns_per_op']:,} | {m['best_ns']:,} | {m['note']} |" for m in micro]
