@@ -58,7 +58,7 @@ _SETTINGS = frozenset({
 })
 _PRINTABLE_ID = re.compile(r"[\x21-\x7e]{1,128}")
 _HINT = re.compile(r"[\x21-\x7e]{1,64}")
-_B64URL_SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
+_B64URL_SEGMENT = re.compile(r"[A-Za-z0-9_-]*")
 
 
 class _Unavailable(Exception):
@@ -294,7 +294,7 @@ class IntrospectionVerifier:
             raise _Unavailable("timeout") from None
         except aiohttp.ClientConnectorCertificateError:
             raise _Unavailable("tls_certificate") from None
-        except (aiohttp.ClientError, OSError, ssl.SSLError) as exc:
+        except Exception as exc:  # transport, TLS, a closed session: the endpoint could not be asked -> 503
             raise _Unavailable(type(exc).__name__) from None
         try:
             return strict_json_object(bytes(body))  # UTF-8, no duplicates or NaN, an object
@@ -367,13 +367,14 @@ class IntrospectionVerifier:
 
 
 def looks_like_jws(token: str) -> bool:
-    """A compact JWS: three non-empty base64url segments, the first a JSON object header with a string `alg`.
+    """A compact JWS: three base64url segments, the first a JSON object header with a string `alg`.
 
-    VEC-9449-2 (`Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU`) has three segments but `~` is not base64url,
+    The payload and signature may be empty (an unsecured `alg: none` JWT is still the bearer verifier's to
+    refuse, and never worth an endpoint call). VEC-9449-2 (`Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU`) has three segments but `~` is not base64url,
     so it is opaque and goes to the endpoint.
     """
     parts = token.split(".")
-    if len(parts) != 3 or not all(_B64URL_SEGMENT.fullmatch(p) for p in parts):
+    if len(parts) != 3 or not parts[0] or not all(_B64URL_SEGMENT.fullmatch(p) for p in parts):
         return False
     try:
         header = strict_json_object(b64url_decode(parts[0]))

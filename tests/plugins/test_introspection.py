@@ -710,6 +710,17 @@ async def test_intro_10_slow_endpoint_times_out(make: Make, auth_server: Authori
     assert cause(await unavailable(make(timeout=0.2), token)) == "timeout"
 
 
+async def test_intro_10_closed_http_session_is_upstream_unavailable(
+    clock: FakeClock, auth_server: AuthorizationServer
+) -> None:
+    """The app is shutting down (the shared session is closed): the endpoint cannot be asked, so 503."""
+    async with aiohttp.ClientSession() as session:
+        verifier = build(session, clock, plugin_settings(auth_server))
+    assert session.closed
+    assert cause(await unavailable(verifier, opaque())) == "RuntimeError"
+    assert auth_server.calls == 0
+
+
 async def test_intro_10_endpoint_down_is_upstream_unavailable(
     http: aiohttp.ClientSession, clock: FakeClock, auth_server: AuthorizationServer
 ) -> None:
@@ -726,6 +737,18 @@ async def test_jwt_is_left_to_bearer_without_calling_the_endpoint(
     jwt = issuer.mint("alice", scope="items:read")
     assert looks_like_jws(jwt)
     assert await refused(make(), jwt) == "malformed_token"
+    assert auth_server.calls == 0
+
+
+@pytest.mark.parametrize("token", [
+    VEC_9449_5,  # a DPoP proof is a JWS too
+    "eyJhbGciOiJub25lIn0.eyJpc3MiOiJqb2UifQ.",  # unsecured (alg none, empty signature): bearer refuses it
+    "eyJhbGciOiJFUzI1NiJ9..c2ln",  # detached payload
+])
+async def test_jws_shapes_never_reach_the_endpoint(make: Make, auth_server: AuthorizationServer,
+                                                   token: str) -> None:
+    assert looks_like_jws(token)
+    assert await refused(make(), token) == "malformed_token"
     assert auth_server.calls == 0
 
 
