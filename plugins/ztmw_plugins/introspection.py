@@ -1,8 +1,8 @@
 """The `introspection` verifier: opaque access tokens checked at the authorization server (RFC 7662).
 
 A token verifier like `bearer`: `verify_token` depends on the token alone (the endpoint's answer about it),
-so the core caches a success keyed by SHA-256 of the token, never beyond `expires_at`, and never caches a
-refusal. What the token is bound to (top-level `cnf`: `jkt`, `x5t#S256`) is confirmed per request by the
+so the core caches a success keyed by SHA-256 of the token, never beyond `expires_at` (INTRO-06). Inactive
+results are not cacheable successes; `inactive_token` is also not one of the core's negative-cache reasons. What the token is bound to (top-level `cnf`: `jkt`, `x5t#S256`) is confirmed per request by the
 `dpop`/`mtls` binding verifiers exactly as for a JWT (INTRO-08, DPOP-18, MTLS-05).
 
 Decisions (checklist §11; each pinned by tests/plugins/test_introspection.py):
