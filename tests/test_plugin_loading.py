@@ -1,7 +1,8 @@
-"""Plugins by name from entry points, with the third-party sample distribution (tests/sample_plugin) installed.
+"""Plugins by name from entry points, with the sample distribution (tests/sample_plugin) installed.
 
-Every way a plugin can fail (unknown name, failing import, refused settings, raising factory, raising at request
-time) ends in a ConfigurationError at start-up or a closed door at request time: never a 500, never an allow.
+Every way a plugin can fail (unknown name, failing import, refused settings, raising factory, raising at
+request time) ends in a ConfigurationError at start-up or a closed door at request time: never a 500, never
+an allow.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ def sample_config(issuer: DevIssuer, **sections: Any) -> dict[str, Any]:
     return config
 
 
+def enabling(issuer: DevIssuer, verifier: str) -> dict[str, Any]:
+    return sample_config(issuer, verifiers={"enabled": ["bearer", verifier]})
+
+
 def app_with_trust_echo() -> web.Application:
     async def echo(request: web.Request) -> web.Response:
         trust = request[ztmw.TRUST]
@@ -56,7 +61,9 @@ async def get(client: Any, path: str, token: str) -> Any:
     return response
 
 
-async def test_sample_plugins_are_loaded_by_name(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock) -> None:
+async def test_sample_plugins_are_loaded_by_name(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
     app = app_with_trust_echo()
     ztmw.setup(app, sample_config(issuer), clock=clock)
     client = await aiohttp_client(app)
@@ -72,9 +79,8 @@ async def test_ip_reputation_lowers_aal_for_a_denied_peer_and_says_why(
     aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
 ) -> None:
     app = app_with_trust_echo()
-    config = sample_config(issuer, plugins={"ip-reputation": {"deny": ["127.0.0.0/8"]},
-                                            "static-api-key": {"keys": [{"id": "k", "sha256": hash_key(API_KEY),
-                                                                         "subject": "svc"}]}})
+    config = sample_config(issuer)
+    config["plugins"]["ip-reputation"]["deny"] = ["127.0.0.0/8"]
     ztmw.setup(app, config, clock=clock)
     client = await aiohttp_client(app)
     token = issuer.mint("alice", scope="items:read", amr=["pwd", "otp"])
@@ -93,7 +99,7 @@ async def test_ip_reputation_lowers_aal_for_a_denied_peer_and_says_why(
 
 def test_unknown_name_names_it_and_lists_what_is_installed(issuer: DevIssuer) -> None:
     with pytest.raises(ztmw.ConfigurationError) as caught:
-        ztmw.setup(web.Application(), sample_config(issuer, verifiers={"enabled": ["bearer", "static-api-kee"]}))
+        ztmw.setup(web.Application(), enabling(issuer, "static-api-kee"))
     message = str(caught.value)
     assert "'static-api-kee'" in message and "ztmw.verifiers" in message
     for installed in ("bearer", "static-api-key", "dpop", "mtls"):
@@ -103,13 +109,14 @@ def test_unknown_name_names_it_and_lists_what_is_installed(issuer: DevIssuer) ->
 def test_unknown_trust_evaluator_name_lists_installed_evaluators(issuer: DevIssuer) -> None:
     config = sample_config(issuer)
     config["trust"]["evaluators"] = ["mapping", "ip-reputaton"]
-    with pytest.raises(ztmw.ConfigurationError, match=r"'ip-reputaton'.*ztmw\.trust_evaluators.*ip-reputation"):
+    expected = r"'ip-reputaton'.*ztmw\.trust_evaluators.*ip-reputation"
+    with pytest.raises(ztmw.ConfigurationError, match=expected):
         ztmw.setup(web.Application(), config)
 
 
 def test_plugin_that_fails_to_import_stops_start_up(issuer: DevIssuer) -> None:
     with pytest.raises(ztmw.ConfigurationError, match=r"'broken-import'.*cannot be imported"):
-        ztmw.setup(web.Application(), sample_config(issuer, verifiers={"enabled": ["bearer", "broken-import"]}))
+        ztmw.setup(web.Application(), enabling(issuer, "broken-import"))
 
 
 def test_factory_that_rejects_its_settings_stops_start_up(issuer: DevIssuer) -> None:
@@ -125,7 +132,7 @@ def test_factory_that_rejects_its_settings_stops_start_up(issuer: DevIssuer) -> 
 
 def test_factory_that_raises_stops_start_up(issuer: DevIssuer) -> None:
     with pytest.raises(ztmw.ConfigurationError, match=r"'raises-at-start' failed to start"):
-        ztmw.setup(web.Application(), sample_config(issuer, verifiers={"enabled": ["bearer", "raises-at-start"]}))
+        ztmw.setup(web.Application(), enabling(issuer, "raises-at-start"))
 
 
 @pytest.mark.parametrize("enabled", [["raises-at-request"], ["bearer", "raises-at-request"],

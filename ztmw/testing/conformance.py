@@ -13,13 +13,13 @@
         async def valid_token(self) -> str:          # a token the verifier must accept (at self.clock's time)
             return "..."
 
-The inherited tests run the verifier twice over: alone, with no app and no request (`verify_token` must be pure
-in the token), and inside a real `ztmw.setup` app served on loopback (what a client sees). They check that hostile
-tokens get catalogue answers (401 `invalid_token` / 400 `invalid_request`, never 500, never 200), that the
-per-request binding check runs on cache hits, that `expires_at` does not outlive the token, that no token text
-reaches a log line or a cache key, and that a failure inside the verifier denies. `TrustEvaluatorConformance`
-does the same, smaller, for trust evaluators. Needs pytest and pytest-asyncio; time is `self.clock`, a
-`FakeClock` shared by the app, the verifier and your fixtures (request the `ztmw_clock` fixture).
+The inherited tests run the verifier twice over: alone, with no app and no request (`verify_token`
+must be pure in the token), and inside a real `ztmw.setup` app served on loopback (what a client sees). They
+check that hostile tokens get catalogue answers (401 `invalid_token` / 400 `invalid_request`, never 500, never
+200), that the per-request binding check runs on cache hits, that `expires_at` does not outlive the token,
+that no token text reaches a log line or a cache key, and that a failure inside the verifier denies.
+`TrustEvaluatorConformance` does the same, smaller, for trust evaluators. Needs pytest and pytest-asyncio;
+time is `self.clock`, a `FakeClock` shared by the app, the verifier and your fixtures (request `ztmw_clock`).
 
 A verifier given through `create_verifier` rather than an entry point is served to the app through a temporary
 entry point of a distribution that exists only while a test runs (`importlib.metadata`'s documented finder
@@ -50,7 +50,15 @@ from structlog.testing import capture_logs
 
 import ztmw
 from ztmw.errors import InvalidToken
-from ztmw.models import ANONYMOUS_TRUST, Caller, Principal, RequestView, RouteRef, TrustAssessment, VerifiedToken
+from ztmw.models import (
+    ANONYMOUS_TRUST,
+    Caller,
+    Principal,
+    RequestView,
+    RouteRef,
+    TrustAssessment,
+    VerifiedToken,
+)
 from ztmw.pipeline import Pipeline
 from ztmw.registry import load_plugin
 from ztmw.typing import PluginDeps, TokenVerifier, TrustEvaluator
@@ -70,9 +78,9 @@ ROUTE = "/conformance"
 RULE_ID = "conformance"
 SHIM_NAME = "conformance-under-test"
 SHIM_DISTRIBUTION = "ztmw-conformance-shim"
-VEC_9449_2 = "Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU"  # spec-checklist VEC-9449-2: opaque, looks like a JWT
+VEC_9449_2 = "Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU"  # spec-checklist VEC-9449-2: opaque, JWT-shaped
 MAX_FIELD_SIZE = 32 * 1024
-_MIN_SECRET_LENGTH = 16  # shorter hostile tokens ("=", ".") occur in ordinary text; longer ones must never be logged
+_MIN_SECRET_LENGTH = 16  # shorter hostile tokens ("=", ".") occur in any text
 
 
 # -- the hostile token table -------------------------------------------------------------------------------
@@ -189,7 +197,7 @@ def _shim(factory: Callable[[Mapping[str, Any], PluginDeps], object]) -> Iterato
 class Served:
     """An app protected by ztmw on a loopback server, for one test."""
 
-    client: TestClient
+    client: TestClient[web.Request, web.Application]
     pipeline: Pipeline
     scheme: str
 
@@ -259,7 +267,9 @@ def conformance_principal(
     return Principal(subject=subject, issuer=issuer, token=token, caller=caller, raw_subject=subject)
 
 
-def conformance_view(peer: str | None = "192.0.2.10", *, method: str = "GET", path: str = ROUTE) -> RequestView:
+def conformance_view(
+    peer: str | None = "192.0.2.10", *, method: str = "GET", path: str = ROUTE
+) -> RequestView:
     """A request as the adapter would describe it."""
     return RequestView(method=method, path=path, route=RouteRef(method, path), peer=peer)
 
@@ -322,8 +332,8 @@ class TokenVerifierConformance:
     """Subclass as `class TestSomething(TokenVerifierConformance)` and provide the hooks below.
 
     Hooks: `entry_point_name` or `create_verifier(deps)`; `config()`; async `valid_token()`; optionally async
-    `bound_token(cnf)`, `token_expires_at(token)` and `scheme`. Token hooks are always called before `config()`,
-    so a verifier whose tokens live in its settings (API keys) can add the token it made to the config.
+    `bound_token(cnf)`, `token_expires_at(token)` and `scheme`. Token hooks are always called before
+    `config()`, so a verifier whose tokens live in its settings (API keys) can add each token it made.
     """
 
     entry_point_name: ClassVar[str | None] = None
@@ -337,7 +347,7 @@ class TokenVerifierConformance:
     # -- hooks ---------------------------------------------------------------------------------------------
 
     def create_verifier(self, deps: PluginDeps) -> TokenVerifier:
-        """The verifier under test; by default the `entry_point_name` plugin with its `[plugins.<name>]` table."""
+        """The verifier under test; by default the `entry_point_name` plugin, given `[plugins.<name>]`."""
         if self.entry_point_name is None:
             raise NotImplementedError("set entry_point_name or override create_verifier(deps)")
         settings = deps.config.plugins.get(self.entry_point_name, {})
@@ -391,7 +401,9 @@ class TokenVerifierConformance:
             return wrap(verifier, own) if wrap else verifier
         return factory
 
-    def _app_config(self, *, shim: bool, extra_verifiers: tuple[str, ...] = (), **sections: Any) -> dict[str, Any]:
+    def _app_config(
+        self, *, shim: bool, extra_verifiers: tuple[str, ...] = (), **sections: Any
+    ) -> dict[str, Any]:
         config = copy.deepcopy(self.config())
         name = self.entry_point_name
         enabled = list(config.get("verifiers", {}).get("enabled", [name] if name else []))
@@ -480,8 +492,10 @@ class TokenVerifierConformance:
 
     @pytest.mark.asyncio
     @pytest.mark.parametrize("make", [m for _, m in HOSTILE_TOKENS], ids=[i for i, _ in HOSTILE_TOKENS])
-    async def test_verify_token_refuses_hostile_token_with_invalid_token(self, make: Callable[[str], str]) -> None:
-        """Called directly (the core would stop some of these earlier): InvalidToken, not another exception."""
+    async def test_verify_token_refuses_hostile_token_with_invalid_token(
+        self, make: Callable[[str], str]
+    ) -> None:
+        """Called directly (the core stops some of these earlier): InvalidToken, not another exception."""
         token = make(await self.valid_token())
         async with self.standalone_verifier() as verifier:
             with pytest.raises(InvalidToken):
@@ -508,7 +522,7 @@ class TokenVerifierConformance:
             pytest.skip("bound_token() returned None: the verifier has no sender-constrained tokens")
         async with self.standalone_verifier() as verifier:
             verified = await verifier.verify_token(token)
-        assert dict(verified.cnf) == holder.cnf, "the verifier dropped or changed cnf: a bound token works for anyone"
+        assert dict(verified.cnf) == holder.cnf, "cnf dropped or changed: the bound token works for anyone"
         mtls = {"source": "header", "trusted_proxies": ["127.0.0.1/32", "::1/128"]}
         async with self.serve(extra_verifiers=("mtls",), mtls=mtls) as served:
             first = await served.get(token, **{"Client-Cert": holder.rfc9440_header()})
@@ -551,7 +565,8 @@ class TokenVerifierConformance:
                 for token in (valid, valid, *hostile):
                     await served.get(token)
                 caches = [served.pipeline.cache, getattr(served.pipeline, "negative_cache", None)]
-                entries = {k: v for cache in caches if cache is not None for k, v in _cache_entries(cache).items()}
+                entries = {key: value for cache in caches if cache is not None
+                           for key, value in _cache_entries(cache).items()}
         assert hashlib.sha256(valid.encode("utf-8")).digest() in entries, "the valid token was not cached"
         for key in entries:
             assert isinstance(key, bytes) and len(key) == 32, f"cache key is not a sha256 digest: {key!r}"
@@ -614,7 +629,9 @@ class TrustEvaluatorConformance:
         if self.entry_point_name is None:
             raise NotImplementedError("set entry_point_name or override create_evaluator(deps)")
         settings = deps.config.plugins.get(self.entry_point_name, {})
-        return load_plugin("ztmw.trust_evaluators", self.entry_point_name, settings, deps).instance
+        instance: TrustEvaluator = load_plugin("ztmw.trust_evaluators", self.entry_point_name, settings,
+                                               deps).instance
+        return instance
 
     def scenarios(self) -> list[tuple[Principal | None, RequestView]]:
         """Requests to evaluate; add the ones your evaluator acts on (a denied peer, a weak login...)."""
@@ -657,7 +674,8 @@ class TrustEvaluatorConformance:
         for principal, view in self.scenarios():
             result = self._evaluate(evaluator, principal, view, self.PRIOR)
             assert result.inputs[: len(self.PRIOR.inputs)] == self.PRIOR.inputs, (
-                f"earlier inputs dropped: {result.inputs} (principal={principal is not None}, peer={view.peer})")
+                f"earlier inputs dropped: {result.inputs} "
+                f"(principal={principal is not None}, peer={view.peer})")
 
     def test_every_change_is_explained(self, evaluator: TrustEvaluator) -> None:
         for principal, view in self.scenarios():

@@ -16,8 +16,8 @@
     cnf = { "x5t#S256" = "..." }               # optional: only usable with that client certificate
 
 The keys themselves are never configured, only their hashes (`hash_key`), so a leaked config file leaks no
-credential. API keys must be long random strings (at least 128 bits): an unsalted SHA-256 is fine for those and
-would not be for passwords. The incoming key is hashed and compared with every configured hash in constant
+credential. API keys must be long random strings (at least 128 bits): an unsalted SHA-256 is fine for those
+and would not be for passwords. The incoming key is hashed and compared with every configured hash in constant
 time, so response timing says nothing about how close a guess was.
 
 `verify_token` depends on the key alone (and on the clock only to refuse an expired key), which is what lets
@@ -117,7 +117,8 @@ def create(settings: Mapping[str, Any], deps: PluginDeps) -> StaticApiKeyVerifie
         raise ConfigurationError(f"plugins.{NAME}.keys: two keys share an id")
     if len({k.digest for k in keys}) != len(keys):
         raise ConfigurationError(f"plugins.{NAME}.keys: the same key is configured twice")
-    return StaticApiKeyVerifier(keys, issuer=issuer, audience=deps.config.resource.identifier, clock=deps.clock)
+    audience = deps.config.resource.identifier
+    return StaticApiKeyVerifier(keys, issuer=issuer, audience=audience, clock=deps.clock)
 
 
 def _key(entry: Any, where: str) -> ApiKey:

@@ -1,4 +1,4 @@
-"""Entry point `ztmw.verifiers: broken-import`: a plugin whose module cannot be imported (a missing dependency)."""
+"""Entry point `ztmw.verifiers: broken-import`: a module that cannot be imported (a missing dependency)."""
 
 from __future__ import annotations
 
