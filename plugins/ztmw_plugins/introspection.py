@@ -2,8 +2,9 @@
 
 A token verifier like `bearer`: `verify_token` depends on the token alone (the endpoint's answer about it),
 so the core caches a success keyed by SHA-256 of the token, never beyond `expires_at` (INTRO-06). Inactive
-results are not cacheable successes; `inactive_token` is also not one of the core's negative-cache reasons. What the token is bound to (top-level `cnf`: `jkt`, `x5t#S256`) is confirmed per request by the
-`dpop`/`mtls` binding verifiers exactly as for a JWT (INTRO-08, DPOP-18, MTLS-05).
+results are not cacheable successes; `inactive_token` is also not one of the core's negative-cache reasons.
+What the token is bound to (top-level `cnf`: `jkt`, `x5t#S256`) is confirmed per request by the `dpop`/`mtls`
+binding verifiers exactly as for a JWT (INTRO-08, DPOP-18, MTLS-05).
 
 Decisions (checklist §11; each pinned by tests/plugins/test_introspection.py):
 - `issuer` stands alone: it need not be an `[[issuers]]` entry (those are JWT issuers with keys; requiring
@@ -370,8 +371,8 @@ def looks_like_jws(token: str) -> bool:
     """A compact JWS: three base64url segments, the first a JSON object header with a string `alg`.
 
     The payload and signature may be empty (an unsecured `alg: none` JWT is still the bearer verifier's to
-    refuse, and never worth an endpoint call). VEC-9449-2 (`Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU`) has three segments but `~` is not base64url,
-    so it is opaque and goes to the endpoint.
+    refuse, and never worth an endpoint call). VEC-9449-2 (`Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU`) has
+    three segments but `~` is not base64url, so it is opaque and goes to the endpoint.
     """
     parts = token.split(".")
     if len(parts) != 3 or not parts[0] or not all(_B64URL_SEGMENT.fullmatch(p) for p in parts):
