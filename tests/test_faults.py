@@ -149,7 +149,10 @@ async def protected_client(aiohttp_client: Any, keys: KeyServer, clock: FakeCloc
     return await aiohttp_client(app)
 
 
-async def call(client: Any, path: str = "/items", headers: dict[str, str] | None = None) -> tuple[int, Any, str]:
+Result = tuple[int, Any, str]
+
+
+async def call(client: Any, path: str = "/items", headers: dict[str, str] | None = None) -> Result:
     async with asyncio.timeout(GUARD):  # a hang is a failure, not a slow test
         response = await client.get(path, headers=headers or {})
         body = await response.text()
@@ -158,6 +161,11 @@ async def call(client: Any, path: str = "/items", headers: dict[str, str] | None
 
 async def bearer(client: Any, token: str) -> tuple[int, Any, str]:
     return await call(client, headers={"Authorization": f"Bearer {token}"})
+
+
+def forge(token: str) -> str:
+    """The same token with another signature tail."""
+    return token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
 
 
 def assert_unavailable(result: tuple[int, Any, str]) -> None:
@@ -210,8 +218,7 @@ async def test_jwks_down_at_start_is_503_until_it_comes_up_then_200_without_rest
     status, _, body = await bearer(client, token)
     assert status == 200, body
     # and a forged token is still refused now that keys are there (recovery is not "allow everything")
-    forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
-    assert_invalid_token(await bearer(client, forged))
+    assert_invalid_token(await bearer(client, forge(token)))
 
 
 async def test_jwks_down_at_start_heals_by_the_background_retry_alone(
@@ -256,7 +263,7 @@ async def test_jwks_down_mid_run_cached_keys_and_tokens_keep_working(
     clock.advance(CACHE_TTL + 1)
     assert (await bearer(client, cached))[0] == 200
     # forged and expired tokens are still refused while the key server is away
-    assert_invalid_token(await bearer(client, fresh[:-4] + ("AAAA" if not fresh.endswith("AAAA") else "BBBB")))
+    assert_invalid_token(await bearer(client, forge(fresh)))
     assert_invalid_token(await bearer(client, keys.issuer.mint(scope="items:read", lifetime=-120)))
 
     # an unknown kid: the refetch fails, so it cannot be verified; never 200, never 500
@@ -440,8 +447,8 @@ class PrivateRedis:
     def start(self) -> None:
         assert self.process is None
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 20
