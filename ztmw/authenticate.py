@@ -120,19 +120,22 @@ class Authenticator:
             if shared is not None and self._still_trusted(shared):
                 self._cache.set(key, shared)
                 return shared, "shared"
-        error: InvalidToken | None = None
+        errors: list[InvalidToken] = []
         for verifier in self._token_verifiers:
             try:
                 verified = await verifier.verify_token(token)
             except InvalidToken as exc:
-                error = error or exc
+                errors.append(exc)
                 continue
             self._cache.set(key, verified)
             if self._shared is not None:
                 await self._shared.set(key, verified, min(self._max_shared_ttl, verified.expires_at - self._clock()))
             return verified, "miss"
-        assert error is not None
-        if self._negative is not None and error.reason in NEGATIVE_CACHEABLE:
+        # "malformed_token" from one verifier means "not my format": report the verifier that took the token on,
+        # and remember the failure only when every verifier's answer is token-intrinsic (an inactive opaque
+        # token may become active; a JWT under a newly rotated key may verify after the next JWKS fetch)
+        error = next((e for e in errors if e.reason != "malformed_token"), errors[0])
+        if self._negative is not None and all(e.reason in NEGATIVE_CACHEABLE for e in errors):
             self._negative.set(key, error.reason)
         raise error
 

@@ -1087,10 +1087,6 @@ async def test_intro_06_inactive_result_never_enters_the_verification_cache(
     assert api.pipeline.cache.get(token_key(token)) is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core: Authenticator._verify_token negative-caches the FIRST verifier's reason; with bearer first every "
-    "opaque token fails there with 'malformed_token' (cacheable), so an inactive token is remembered for "
-    "cache.negative_ttl and audited as malformed_token. Fix proposed to the lead; remove this mark then."))
 async def test_intro_06_inactive_token_is_asked_again_every_time(
     api: Api, auth_server: AuthorizationServer
 ) -> None:
