@@ -27,10 +27,11 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 class Plan:
-    def __init__(self, requests: list[bytes], mode: str, limit: int) -> None:
+    def __init__(self, requests: list[bytes], mode: str, limit: int, offset: int = 0) -> None:
         self.requests = requests
         self.mode = mode
         self.limit = limit
+        self.offset = offset % len(requests)
         self.sent = 0
         self.stop = False
 
@@ -41,7 +42,7 @@ class Plan:
             return None
         if self.mode == "once" and self.sent >= len(self.requests):
             return None
-        request = self.requests[self.sent % len(self.requests)]
+        request = self.requests[(self.offset + self.sent) % len(self.requests)]
         self.sent += 1
         return request
 
@@ -108,6 +109,7 @@ def _percentile(sorted_values: list[float], p: float) -> float:
 
 
 async def run(url: str, path: str, requests_lines: list[str] | None, *, mode: str = "cycle", limit: int = 0,
+              offset: int = 0,
               duration: float = 5.0, connections: int = 50, ssl_context: ssl.SSLContext | None = None
               ) -> dict[str, float | int]:
     parts = urlsplit(url)
@@ -119,7 +121,7 @@ async def run(url: str, path: str, requests_lines: list[str] | None, *, mode: st
         requests = [(head + line.replace("\t", "\r\n") + "\r\n\r\n").encode("latin-1") for line in requests_lines]
     else:
         requests = [(head + "\r\n").encode("latin-1")]
-    plan, stats = Plan(requests, mode if requests_lines else "cycle", limit), Stats()
+    plan, stats = Plan(requests, mode if requests_lines else "cycle", limit, offset), Stats()
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
     timer = loop.call_later(duration, lambda: setattr(plan, "stop", True))
@@ -157,6 +159,7 @@ def main() -> None:
     parser.add_argument("--lines", help="request-lines file (headers separated by TAB)")
     parser.add_argument("--mode", choices=["once", "cycle"], default="cycle")
     parser.add_argument("--limit", type=int, default=0)
+    parser.add_argument("--offset", type=int, default=0, help="start after this many lines (cycle mode)")
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--cafile")
@@ -170,7 +173,7 @@ def main() -> None:
         with open(args.lines, encoding="latin-1") as fh:
             lines = [line.rstrip("\n") for line in fh if line.strip()]
     ctx = client_ssl_context(args.cafile, args.cert, args.key) if args.url.startswith("https") else None
-    result = asyncio.run(run(args.url, args.path, lines, mode=args.mode, limit=args.limit,
+    result = asyncio.run(run(args.url, args.path, lines, mode=args.mode, limit=args.limit, offset=args.offset,
                              duration=args.duration, connections=args.connections, ssl_context=ctx))
     sys.stdout.write(f"{result['requests'] / (result['duration_us'] / 1e6):.0f} req/s\n")
     sys.stdout.write("WRKJSON " + json.dumps(result) + "\n")

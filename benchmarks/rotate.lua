@@ -1,6 +1,6 @@
 -- wrk script used by every scenario: GET a path, optionally with per-request headers from a file.
 --
---   wrk -t1 -c50 -d10s -s rotate.lua http://127.0.0.1:PORT -- PATH [LINES_FILE [once|cycle] [LIMIT [DONE_FILE]]]
+--   wrk -t1 -c50 -d10s -s rotate.lua http://127.0.0.1:PORT -- PATH [LINES_FILE [once|cycle] [LIMIT [DONE_FILE [OFFSET]]]]
 --
 -- LINES_FILE: one request per line, its headers separated by TAB ("Authorization: Bearer x<TAB>DPoP: y").
 --   cycle: rotate through the lines (distinct tokens: the cache never sees the same one twice in a row);
@@ -8,6 +8,8 @@
 -- LIMIT: stop after this many responses (0: no limit, the -d duration bounds the run).
 -- DONE_FILE: created when the thread stops early; wrk itself still sleeps for -d, so the caller (run.py)
 --   watches for this file and sends wrk SIGINT, which ends the run and keeps its req/s honest.
+-- OFFSET: line to start after (run.py continues where the previous run of the same file stopped, so a
+--   small verification cache cannot still hold the first tokens from the run before).
 -- done() prints one JSON line that run.py parses (wrk's own text summary is printed before it).
 
 local reqs, n, i, mode, limit, seen, done_file = {}, 0, 0, "cycle", 0, 0, nil
@@ -29,6 +31,7 @@ function init(args)
   mode = args[3] or "cycle"
   limit = tonumber(args[4] or "0") or 0
   done_file = args[5]
+  if n > 0 then i = (tonumber(args[6] or "0") or 0) % n end
 end
 
 function request()

@@ -242,6 +242,7 @@ class Runner:
         self.generator_cpus = {cpus[1]} if len(cpus) >= 2 and not args.no_pin else None
         self.rate_estimate: dict[str, float] = {}
         self.unique_file: Path | None = None
+        self.offsets: dict[Path, int] = {}  # cycle mode: continue where the last run of a file stopped
 
     def generator_for(self, scenario: Scenario) -> str:
         return "wrk" if self.wrk and not scenario.tls else "loadgen"
@@ -284,13 +285,13 @@ class Runner:
             assert self.wrk is not None
             argv = [self.wrk, "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--timeout", "5s",
                     "-s", str(LUA), server.url, "--", PATH, str(lines) if lines else "-", mode, "0",
-                    str(done_file)]
+                    str(done_file), str(self.offsets.get(lines, 0)) if lines else "0"]
             result = run_wrk(argv, done_file, duration + 90, self.generator_cpus)
         else:
             argv = [sys.executable, str(HERE / "loadgen.py"), server.url, "--path", PATH,
                     "--duration", str(duration), "--connections", str(connections)]
             if lines:
-                argv += ["--lines", str(lines), "--mode", mode]
+                argv += ["--lines", str(lines), "--mode", mode, "--offset", str(self.offsets.get(lines, 0))]
             if scenario.tls:
                 argv += ["--cafile", str(self.material.ca_pem), "--cert", str(self.material.client_cert),
                          "--key", str(self.material.client_key)]
@@ -299,6 +300,8 @@ class Runner:
             if done.returncode != 0:
                 raise RuntimeError(f"{generator} failed for {scenario.name}: {done.stderr[-2000:]}")
             result = _parse(done.stdout)
+        if lines is not None and mode == "cycle":
+            self.offsets[lines] = self.offsets.get(lines, 0) + result["requests"]
         cpu = cpu_seconds(server.process.pid) - cpu_before
         result["server_cpu_us_per_req"] = cpu / result["requests"] * 1e6 if result["requests"] else 0.0
         result["server_cpu_share"] = cpu / (result["duration_us"] / 1e6) if result["duration_us"] else 0.0
