@@ -224,6 +224,7 @@ class KeySet:
         self._version = 0
         self._lifetime: float | None = None
         self._refresh_at = math.inf  # clock time of the next background refresh
+        self._expires_at = math.inf  # clock time the keys' freshness lifetime ends (stale after it)
         self._usable_until = math.inf  # clock time after which the keys are too stale to use (fail closed)
         self._unknown: OrderedDict[str, float] = OrderedDict()  # kid -> when a fetch proved it absent
         self._listeners: list[ChangeCallback] = []
@@ -377,7 +378,8 @@ class KeySet:
         except Exception as exc:  # any failure of a network peer means "unavailable"; old keys stay (JWKS-10)
             reason = getattr(exc, "reason", None) or type(exc).__name__
             self._log.warning("jwks_fetch_failed", issuer=self.issuer, reason=reason,
-                              stale=self._index is not None and started >= self._refresh_at)
+                              stale=self._index is not None and started >= self._expires_at,
+                              fail_closed=self._index is not None and started >= self._usable_until)
             return False
         finally:
             self._inflight = None
@@ -391,7 +393,8 @@ class KeySet:
         self._lifetime = lifetime
         # counted from when the fetch started: the document may have been produced at any time after that
         self._refresh_at = fetched_at + lifetime * REFRESH_AT
-        self._usable_until = fetched_at + lifetime + self._stale_max
+        self._expires_at = fetched_at + lifetime
+        self._usable_until = self._expires_at + self._stale_max
         self._unknown.clear()
         changed = old is None or old.identity != index.identity
         if changed:
