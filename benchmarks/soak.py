@@ -1,4 +1,4 @@
-"""Soak test: many concurrent keep-alive connections of mixed traffic against one `ztmw serve` process.
+"""Soak test: many concurrent keep-alive connections of mixed traffic against one `ztmw serve`.
 
     python benchmarks/soak.py                      # 1,000 connections for 60 s
     python benchmarks/soak.py --quick              # 100 connections for 10 s
@@ -10,10 +10,10 @@ free loopback port, and drives it from one process with hand-rolled HTTP/1.1 ove
 connection per worker, each sending its next request when the previous answer is read).
 
 Every request's expected status is known before it is sent: valid bearer, expired, forged, wrong scope,
-no credentials, ownership, step-up (weak login on a route that needs a strong one), a satisfied step-up, a valid
-DPoP-bound payment with a fresh proof, and that same proof replayed. It reports wrong decisions (must be 0),
-5xx answers (must be 0), transport errors, latency p50/p90/p99 and throughput, and exits 1 when any wrong
-decision, 5xx or transport error happened.
+no credentials, ownership, step-up (weak login on a route that needs a strong one), a satisfied step-up,
+a valid DPoP-bound payment with a fresh proof, and that same proof replayed. It reports wrong decisions
+(must be 0), 5xx answers (must be 0), transport errors, latency p50/p90/p99 and throughput, and exits 1
+when any wrong decision, 5xx or transport error happened.
 
 Bounded: loopback only, at most `--seconds` of traffic (plus start-up and a short drain), and the server is
 terminated (then killed) at the end, also on error or Ctrl-C.
@@ -89,7 +89,8 @@ def write_config(directory: Path, issuer: DevIssuer, port: int) -> Path:
     ]
     for section in ("acr", "amr"):
         for name, levels in SAMPLE_TRUST[section].items():
-            lines += [f"[trust.{section}.{json.dumps(name)}]"] + [f"{k} = {v}" for k, v in levels.items()] + [""]
+            lines.append(f"[trust.{section}.{json.dumps(name)}]")
+            lines += [f"{k} = {v}" for k, v in levels.items()] + [""]
     for rule in SAMPLE_RULES:
         lines.append("[[rules]]")
         lines += [f"{key} = {_toml_value(value)}" for key, value in rule.items()]
@@ -111,7 +112,8 @@ def start_server(config: Path, port: int, log_path: Path) -> subprocess.Popen[by
     log = open(log_path, "wb")
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "ztmw", "serve", "--config", str(config), "--host", HOST, "--port", str(port)],
+            [sys.executable, "-m", "ztmw", "serve", "--config", str(config), "--host", HOST,
+             "--port", str(port)],
             cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "0"},
         )
@@ -125,7 +127,8 @@ def start_server(config: Path, port: int, log_path: Path) -> subprocess.Popen[by
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
                 stop_server(process)
-                raise SystemExit(f"soak: ztmw serve did not start:\n{log_path.read_text(errors='replace')[-3000:]}")
+                tail = log_path.read_text(errors="replace")[-3000:]
+                raise SystemExit(f"soak: ztmw serve did not start:\n{tail}")
             time.sleep(0.1)
 
 
@@ -145,6 +148,7 @@ def stop_server(process: subprocess.Popen[bytes]) -> None:
 class Identity:
     """What one worker presents: tokens minted once, a DPoP key and its bound token."""
 
+    user: str
     valid: str
     expired: str
     forged: str
@@ -166,6 +170,7 @@ def make_identities(issuer: DevIssuer, count: int) -> list[Identity]:
         forged = f"{head}.{payload}.{signature[:-8]}AAAAAAAA"
         key = DPoPKey()
         out.append(Identity(
+            user=user,
             valid=valid,
             expired=issuer.mint(user, scope="profile:read", lifetime=-120),
             forged=forged,
@@ -182,8 +187,9 @@ def make_identities(issuer: DevIssuer, count: int) -> list[Identity]:
 
 
 # (kind, weight): how often each kind is chosen
-MIX = [("valid", 30), ("expired", 8), ("forged", 8), ("wrong_scope", 8), ("no_credentials", 6), ("owner", 6),
-       ("not_owner", 6), ("step_up", 8), ("strong", 6), ("dpop", 10), ("dpop_replay", 6), ("health", 4)]
+MIX = [("valid", 30), ("expired", 8), ("forged", 8), ("wrong_scope", 8), ("no_credentials", 6),
+       ("owner", 6), ("not_owner", 6), ("step_up", 8), ("strong", 6), ("dpop", 10), ("dpop_replay", 6),
+       ("health", 4)]
 
 
 def build_request(kind: str, ident: Identity, index: int, origin: str) -> tuple[bytes, int, str | None]:
@@ -200,9 +206,10 @@ def build_request(kind: str, ident: Identity, index: int, origin: str) -> tuple[
     elif kind == "no_credentials":
         expected = 401
     elif kind == "owner":
-        path, headers["Authorization"] = f"/users/user{index}/transactions", f"Bearer {ident.valid}"
+        path, headers["Authorization"] = f"/users/{ident.user}/transactions", f"Bearer {ident.valid}"
     elif kind == "not_owner":
-        path, headers["Authorization"], expected = f"/users/other{index}/transactions", f"Bearer {ident.valid}", 403
+        path, expected = f"/users/other-than-{ident.user}/transactions", 403
+        headers["Authorization"] = f"Bearer {ident.valid}"
     elif kind == "step_up":
         method, headers["Authorization"], expected = "PUT", f"Bearer {ident.weak}", 401
     elif kind == "strong":
@@ -311,7 +318,9 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
     return sorted_values[index]
 
 
-async def drive(port: int, connections: int, seconds: float, identities: list[Identity]) -> tuple[Stats, float]:
+async def drive(
+    port: int, connections: int, seconds: float, identities: list[Identity]
+) -> tuple[Stats, float]:
     origin = f"http://{HOST}:{port}"
     stats = Stats()
     started = time.monotonic()
