@@ -479,3 +479,15 @@ def test_results_are_frozen(alice: ClientCert) -> None:
         result.certificate = None  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
         describe_certificate(alice.der).subject = "x"  # type: ignore[misc]
+
+
+def test_xfcc_non_ascii_hash_is_malformed_not_an_exception() -> None:
+    from ztmw.config import MTLSConfig
+    from ztmw.testing import TestCA
+
+    cert = TestCA().client_cert("client-a")
+    header = cert.xfcc_header().replace("Hash=", "Hash=é", 1)
+    with pytest.raises(InvalidRequest):
+        certificate_from_request(tls_der=None, header_values=[header], peer="127.0.0.1",
+                                 config=MTLSConfig(source="header", header="X-Forwarded-Client-Cert",
+                                                   header_format="xfcc"))

@@ -109,7 +109,6 @@ class TestIpReputationConformance(TrustEvaluatorConformance):
                 *((None, v) for v in denied)]
 
 
-MAPPING_IGNORES_CURRENT = "MappingTrustEvaluator ignores `current` (ztmw/trust.py): reported"
 
 
 class TestMappingConformance(TrustEvaluatorConformance):
@@ -122,13 +121,6 @@ class TestMappingConformance(TrustEvaluatorConformance):
         return {"resource": RESOURCE, "trust": {"acr": {"urn:ztmw:conformance:acr": {"aal": 2, "ial": 2}},
                                                 "amr": {"otp": {"aal": 2}}}}
 
-    @pytest.mark.xfail(strict=True, reason=MAPPING_IGNORES_CURRENT)
-    def test_earlier_inputs_are_kept(self, evaluator: Any) -> None:
-        super().test_earlier_inputs_are_kept(evaluator)
-
-    @pytest.mark.xfail(strict=True, reason=MAPPING_IGNORES_CURRENT)
-    def test_every_change_is_explained(self, evaluator: Any) -> None:
-        super().test_every_change_is_explained(evaluator)
 
 
 # -- the kit catches what it claims to catch ---------------------------------------------------------------

@@ -235,7 +235,6 @@ def mutate(value: str, data: st.DataObject) -> str:
 
 
 @FAST
-@pytest.mark.filterwarnings("ignore::cryptography.utils.CryptographyDeprecationWarning")  # see the xfail below
 @given(data=st.data(), fmt=st.sampled_from(FORMATS))
 def test_parse_certificate_header_raises_only_invalid_request(
     forwarded: dict[str, Any], data: st.DataObject, fmt: str
@@ -577,7 +576,6 @@ async def cert_api(aiohttp_client: Any, clock: FakeClock, issuer: DevIssuer, req
 
 
 @E2E
-@pytest.mark.filterwarnings("ignore::cryptography.utils.CryptographyDeprecationWarning")  # see the xfail below
 @given(data=st.data())
 async def test_e2e_forwarded_certificate_headers_never_500_and_bind_only_the_right_certificate(
     cert_api: dict[str, Any], data: st.DataObject
@@ -620,11 +618,6 @@ def _negative_serial(der: bytes) -> bytes:
     return der[: at + 2] + bytes([serial[0] | 0x80]) + der[at + 3:]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "FINDING: cryptography warns (CryptographyDeprecationWarning) on a non-positive serial number, and "
-    "client_cert._checked_der / describe_certificate catch only ValueError, so under warnings-as-errors (this "
-    "suite's filterwarnings=error, or python -W error in production) a forwarded certificate header from a "
-    "trusted proxy answers 500; a future cryptography raises instead of warning. Reported to the lead."))
 async def test_e2e_certificate_with_negative_serial_is_a_catalogue_response(
     aiohttp_client: Any, clock: FakeClock, issuer: DevIssuer
 ) -> None:

@@ -138,9 +138,6 @@ async def test_prm_01_path_and_port_are_kept(
     assert (await document(client, path_of(url)))["resource"] == identifier
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug: ztmw.setup registers config.metadata_path (percent-encoded) with app.router.add_get, which "
-    "treats it as a decoded path, so the document is not served at the URL the challenges advertise"))
 async def test_prm_01_percent_encoded_identifier_path_is_served_where_advertised(
     aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
 ) -> None:

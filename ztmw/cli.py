@@ -87,7 +87,10 @@ def cmd_serve(args: argparse.Namespace, extra: Sequence[str]) -> int:
             ssl_context.load_verify_locations(args.tls_client_ca)
             # ask for a certificate; a missing one is then an HTTP 401 from ztmw, not a failed handshake
             ssl_context.verify_mode = ssl.CERT_REQUIRED if args.tls_require_client_cert else ssl.CERT_OPTIONAL
-    web.run_app(app, host=args.host, port=args.port, ssl_context=ssl_context, print=None, access_log=None)
+    # access_log=None: aiohttp's default line carries the query string (a refused ?access_token= would be logged);
+    # a larger max_field_size lets ztmw's own cap answer oversize credentials with a proper challenge
+    web.run_app(app, host=args.host, port=args.port, ssl_context=ssl_context, print=None, access_log=None,
+                handler_args={"max_field_size": 32768})
     return 0
 
 

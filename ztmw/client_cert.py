@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import ipaddress
 import re
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
@@ -208,7 +209,8 @@ def _from_xfcc(value: str) -> bytes:
     if "cert" not in pairs:
         raise InvalidRequest(MALFORMED)
     der = _from_pem(_url_decode(pairs["cert"]))
-    if "hash" in pairs and not hmac.compare_digest(pairs["hash"].lower(), hashlib.sha256(der).hexdigest()):
+    expected = hashlib.sha256(der).hexdigest().encode("ascii")
+    if "hash" in pairs and not hmac.compare_digest(pairs["hash"].lower().encode("utf-8", "replace"), expected):
         raise InvalidRequest(MALFORMED)
     return der
 
@@ -269,9 +271,12 @@ def _from_pem(text: str) -> bytes:
 def _checked_der(der: bytes) -> bytes:
     """The DER must be one X.509 certificate with parseable extensions (the thumbprint covers these bytes)."""
     try:
-        cert = x509.load_der_x509_certificate(der)
-        cert.extensions  # noqa: B018 - parsed lazily; a malformed extension must fail here, not later
-    except ValueError:
+        with warnings.catch_warnings():  # cryptography warns (and will raise) on e.g. a negative serial
+            warnings.simplefilter("error")
+            cert = x509.load_der_x509_certificate(der)
+            cert.extensions  # noqa: B018 - parsed lazily; a malformed extension must fail here, not later
+            cert.serial_number  # noqa: B018 - the same for a non-positive serial
+    except (ValueError, Warning):
         raise InvalidRequest(MALFORMED) from None
     return der
 

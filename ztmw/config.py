@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Iterable, Literal, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from .errors import ConfigurationError
 
@@ -149,6 +149,7 @@ class Config:
     trust: TrustConfig = TrustConfig()
     identity_links: tuple[IdentityLink, ...] = ()
     identity_resolvers: tuple[str, ...] = ("config",)
+    owner_requires_link: bool = False
     audit: AuditConfig = AuditConfig()
     metadata_enabled: bool = True
     limits: LimitsConfig = LimitsConfig()
@@ -160,12 +161,13 @@ class Config:
         """RFC 9728 §3.1: the well-known segment goes between the host and the identifier's path."""
         parts = urlsplit(self.resource.identifier)
         path = parts.path if parts.path != "/" else ""
-        query = f"?{parts.query}" if parts.query else ""
+        query = f"?{parts.query}" if parts.query else ""  # RFC 9728 §3.1 keeps the query
         return f"{parts.scheme}://{parts.netloc}/.well-known/oauth-protected-resource{path}{query}"
 
     @property
     def metadata_path(self) -> str:
-        return urlsplit(self.metadata_url).path
+        """The path the app serves it at: aiohttp routes take decoded paths, the URL is percent-encoded."""
+        return unquote(urlsplit(self.metadata_url).path)
 
 
 def load_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> Config:
@@ -223,6 +225,8 @@ class _Reader:
             identity_links=self.identity(_table(data, "identity")),
             identity_resolvers=_strings(_table(data, "identity").get("resolvers", ["config"]),
                                         "identity.resolvers"),
+            owner_requires_link=_bool(_table(data, "identity").get("owner_requires_link", False),
+                                      "identity.owner_requires_link"),
             audit=self.audit(_table(data, "audit")),
             metadata_enabled=_bool(metadata.get("enabled", True), "metadata.enabled"),
             limits=self.limits(_table(data, "limits")),
@@ -235,6 +239,8 @@ class _Reader:
         identifier = _url(t.get("identifier"), "resource.identifier")
         if urlsplit(identifier).fragment or identifier.endswith("#"):
             raise ConfigurationError("resource.identifier: must not contain a fragment (RFC 9728 §1.2)")
+        if re.search(r"[{}]|%2[fF]", urlsplit(identifier).path):
+            raise ConfigurationError("resource.identifier: the path must not contain '{', '}' or an encoded '/'")
         origin = t.get("public_origin")
         if origin is None:
             parts = urlsplit(identifier)
@@ -353,7 +359,7 @@ class _Reader:
         )
 
     def identity(self, t: Mapping[str, Any]) -> tuple[IdentityLink, ...]:
-        _only(t, "identity", {"links", "resolvers"})
+        _only(t, "identity", {"links", "resolvers", "owner_requires_link"})
         links = []
         for i, item in enumerate(_array(t, "links", prefix="identity")):
             key = f"identity.links[{i}]"

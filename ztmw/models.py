@@ -127,6 +127,8 @@ class Principal:
     raw_subject: str
     scheme: str = "bearer"
     """The Authorization scheme the token came with: policy refusals are rendered on that scheme (RFC 9470 §3)."""
+    linked: bool = False
+    """True when an identity resolver mapped (issuer, sub) to an account: `subject` is then an account id."""
 
     @property
     def scopes(self) -> frozenset[str]:

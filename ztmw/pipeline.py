@@ -103,7 +103,8 @@ class Pipeline:
             rules.insert(0, Rule(id=METADATA_RULE_ID, path=config.metadata_path, methods=frozenset({"GET"}),
                                  public=True))
         self.policy = RulePolicy(rules, acr_levels=config.trust.acr,
-                                 conditions={p.name: p.instance for p in conditions})
+                                 conditions={p.name: p.instance for p in conditions},
+                                 owner_requires_link=config.owner_requires_link)
         self.trust = TrustChain([(p.name, p.instance) for p in evaluators], self.log)
         self.audit_sink: AuditSink | None = None
         if config.audit.enabled:

@@ -51,7 +51,9 @@ class RulePolicy:
         *,
         acr_levels: Mapping[str, Levels] | None = None,
         conditions: Mapping[str, Condition] | None = None,
+        owner_requires_link: bool = False,
     ) -> None:
+        self._owner_requires_link = owner_requires_link
         self.rules = tuple(rules)
         self._conditions = dict(conditions or {})
         missing = {c for rule in self.rules for c in rule.conditions} - set(self._conditions)
@@ -98,8 +100,11 @@ class RulePolicy:
         if missing:
             raise InsufficientScope(params={"scope": " ".join(rule.scopes)})
         self._check_authentication(rule, trust)
-        if rule.owner is not None and request.match_info.get(rule.owner) != principal.subject:
-            raise AccessDenied("not_owner")
+        if rule.owner is not None:
+            if request.match_info.get(rule.owner) != principal.subject:
+                raise AccessDenied("not_owner")
+            if self._owner_requires_link and not principal.linked:  # a raw sub is no account id (see README)
+                raise AccessDenied("not_owner", params={"owner": "link_required"})
         return Decision(True, "allowed", rule.id)
 
     def _check_binding(self, rule: Rule, principal: Principal) -> None:
@@ -110,7 +115,7 @@ class RulePolicy:
             return
         if rule.binding == binding:
             return
-        raise InvalidToken("binding_required")
+        raise InvalidToken("binding_required", params={"binding": rule.binding})
 
     def _check_caller(self, rule: Rule, principal: Principal) -> None:
         token = principal.token

@@ -31,25 +31,28 @@ class MappingTrustEvaluator:
         if principal is None:
             return current
         token = principal.token
-        aal = ial = 0
-        inputs: list[str] = []
+        aal, ial = current.aal, current.ial  # refine what earlier evaluators found; never forget their reasons
+        inputs: list[str] = list(current.inputs)
         if token.acr is not None and token.acr in self._acr:
             levels = self._acr[token.acr]
             aal, ial = max(aal, levels.aal), max(ial, levels.ial)
             inputs.append(f"acr={token.acr}:aal{levels.aal}/ial{levels.ial}")
+        elif token.acr is not None:  # kept for acr_values rules, worth nothing for levels (AMR-03)
+            inputs.append(f"acr={token.acr}:unmapped")
         for method in token.amr:
             levels = self._amr.get(method)
             if levels is not None:
                 aal, ial = max(aal, levels.aal), max(ial, levels.ial)
                 inputs.append(f"amr={method}:aal{levels.aal}/ial{levels.ial}")
-        auth_age = None
+        auth_age = current.auth_age
         if token.auth_time is not None:
             auth_age = max(0.0, self._clock() - token.auth_time)
             inputs.append(f"auth_age={int(auth_age)}s")
         if principal.binding:
             inputs.append(f"binding={principal.binding}")
         return TrustAssessment(
-            aal=aal, ial=ial, binding=principal.binding, auth_age=auth_age, acr=token.acr, inputs=tuple(inputs)
+            aal=aal, ial=ial, binding=principal.binding or current.binding, auth_age=auth_age,
+            acr=token.acr if token.acr is not None else current.acr, inputs=tuple(inputs),
         )
 
 
@@ -75,4 +78,8 @@ class TrustChain:
             except Exception:
                 self._log.exception("ztmw.plugin_error", plugin=name, group="ztmw.trust_evaluators")
                 raise UpstreamUnavailable("plugin_error") from None
+            if not isinstance(assessment, TrustAssessment):  # e.g. an `async def evaluate`: a coroutine
+                self._log.error("ztmw.plugin_error", plugin=name, group="ztmw.trust_evaluators",
+                                error="evaluate did not return a TrustAssessment")
+                raise UpstreamUnavailable("plugin_error")
         return assessment

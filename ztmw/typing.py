@@ -63,9 +63,11 @@ class ReplayStore(Protocol):
 
 
 class VerificationCache(Protocol):
-    async def get(self, key: str) -> VerifiedToken | None: ...
+    """Level 1 of the verification cache: keys are SHA-256 digests of tokens, never tokens."""
 
-    async def set(self, key: str, value: VerifiedToken, ttl: float) -> None: ...
+    def get(self, key: bytes) -> VerifiedToken | None: ...
+
+    def set(self, key: bytes, value: VerifiedToken) -> None: ...
 
 
 class IdentityResolver(Protocol):

@@ -281,15 +281,18 @@ class KeySet:
             return found
         if index is not None and kid is not None and self._known_absent(kid):
             raise InvalidToken("unknown_key")  # proven absent by a recent fetch: no fetch, no wait
+        refetch_failed = False
         if self._uri is not None and (self._inflight is not None or self._cooldown_over()):
             fetched = await self._refresh()
+            refetch_failed = not fetched
             index = self._usable()
             found = index.find(kid, alg) if index is not None else None
             if found is not None:
                 return found
             if fetched and kid is not None and index is not None:
                 self._remember_absent(kid)
-        if index is None:
+        if index is None or refetch_failed:
+            # the key server could not say whether it knows this kid: 503, so the client keeps its token
             raise UpstreamUnavailable("jwks_unavailable")
         raise InvalidToken("unknown_key")
 

@@ -781,7 +781,9 @@ async def test_jwks_10_random_kid_flood_fetches_once_per_cooldown(issuer: DevIss
         await rejects(verifier, token, "unknown_key")
     assert issuer.fetch_count == 2
     clock.now += 30
-    await rejects(verifier, tokens[0], "unknown_key")
+    await rejects(verifier, tokens[0], "unknown_key")  # remembered as unknown: no fetch for it again
+    assert issuer.fetch_count == 2
+    await rejects(verifier, issuer.mint(header={"kid": "kid-fresh"}), "unknown_key")
     assert issuer.fetch_count == 3
 
 
