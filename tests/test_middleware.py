@@ -296,3 +296,24 @@ async def test_stage_middlewares_build_the_view_once_and_vary_on_cert_header(
     assert response.status == 200
     assert response.headers.getall("Vary") == ["Client-Cert"]
     assert [e["reason"] for e in events if e["event"] == "ztmw.security"] == ["untrusted_client_cert_header"]
+
+
+async def test_proven_caller_rule_needs_a_certificate_or_a_bound_token(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    from ztmw.testing import TestCA
+
+    cert = TestCA().client_cert("service-a")
+    config = base_config(issuer, verifiers={"enabled": ["bearer", "mtls"]},
+                         mtls={"source": "header", "trusted_proxies": ["127.0.0.1/32"]})
+    config["rules"][1] = {**config["rules"][1], "proven_caller": True}
+    app = items_app()
+    ztmw.setup(app, config, clock=clock)
+    client = await aiohttp_client(app)
+    token = issuer.mint(scope="items:read")  # not bound to anything
+    assert (await get(client, Authorization=f"Bearer {token}")).status == 403
+    with_cert = await get(client, Authorization=f"Bearer {token}", **{"Client-Cert": cert.rfc9440_header()})
+    assert with_cert.status == 200
+    bound = issuer.mint(scope="items:read", cnf=cert.cnf)
+    assert (await get(client, Authorization=f"Bearer {bound}",
+                      **{"Client-Cert": cert.rfc9440_header()})).status == 200

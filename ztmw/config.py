@@ -131,6 +131,7 @@ class Rule:
     subject_type: Literal["any", "user", "client"] = "any"
     allow_delegation: bool = True
     conditions: tuple[str, ...] = ()
+    proven_caller: bool = False
 
     def covers(self, method: str) -> bool:
         if self.methods is None:
@@ -416,10 +417,11 @@ class _Reader:
                                  ("any", "user", "client")),
             allow_delegation=_bool(t.get("allow_delegation", True), f"{key}.allow_delegation"),
             conditions=_strings(t.get("conditions", []), f"{key}.conditions"),
+            proven_caller=_bool(t.get("proven_caller", False), f"{key}.proven_caller"),
         )
         if public and (rule.scopes or rule.owner or rule.binding != "any" or rule.min_aal or rule.min_ial
                        or rule.max_auth_age is not None or rule.acr_values or rule.clients
-                       or rule.subject_type != "any" or not rule.allow_delegation):
+                       or rule.subject_type != "any" or not rule.allow_delegation or rule.proven_caller):
             raise ConfigurationError(f"{key}: a public rule cannot also carry requirements")
         for name, value in (("scopes", rule.scopes), ("acr_values", rule.acr_values)):
             if any(not re.fullmatch(r"[\x21\x23-\x5b\x5d-\x7e]+", v) for v in value):

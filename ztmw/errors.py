@@ -167,6 +167,7 @@ DESCRIPTIONS: dict[str, str] = {
     "delegation_not_allowed": "Access denied",
     "verifier_error": "Invalid token",
     "condition_failed": "Access denied",
+    "caller_not_proven": "Access denied",
     "inactive_token": "Invalid token",
     "introspection_unavailable": "Introspection unavailable",
     "malformed_client_cert": "Malformed client certificate header",

@@ -121,6 +121,10 @@ class RulePolicy:
         token = principal.token
         if rule.clients and principal.caller.client_id not in rule.clients:
             raise AccessDenied("client_not_allowed")
+        caller = principal.caller
+        if rule.proven_caller and caller.proof is None and caller.certificate is None:
+            # the caller must hold a key: a bound token, or at least a client certificate on this connection
+            raise AccessDenied("caller_not_proven")
         is_client_token = token.client_id is not None and token.subject == token.client_id
         if rule.subject_type == "user" and is_client_token:
             raise AccessDenied("user_required")
