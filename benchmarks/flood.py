@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from fixtures import PATH, b64url, make_material, write_lines  # noqa: E402
-from run import LUA, Scenario, Server, kill_all, run_wrk  # noqa: E402
+from run import LUA, Scenario, Server, install_signal_handlers, kill_all, run_wrk  # noqa: E402
 
 TARGET_MB = 150
 
@@ -55,6 +55,7 @@ def main() -> int:
     args = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("flood.py needs wrk (apt-get install -y wrk)")
+    install_signal_handlers()
     started = time.monotonic()
 
     def say(text: str) -> None:

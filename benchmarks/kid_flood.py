@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE))
 
 from apps import AUDIENCE, ISSUER, SCOPE  # noqa: E402
 from fixtures import PATH, b64url, make_material, write_lines  # noqa: E402
-from run import LUA, Scenario, Server, _parse, kill_all  # noqa: E402
+from run import LUA, Scenario, Server, _parse, install_signal_handlers, kill_all  # noqa: E402
 from ztmw.testing import DevIssuer  # noqa: E402
 
 
@@ -158,6 +158,7 @@ def main() -> int:
         raise SystemExit("kid_flood.py needs wrk (apt-get install -y wrk)")
     if not (1 <= args.duration <= 600 and 1 <= args.tokens <= 1_000_000):
         raise SystemExit("duration 1..600 s, tokens 1..1000000")
+    install_signal_handlers()
     try:
         return asyncio.run(flood(args))
     except KeyboardInterrupt:

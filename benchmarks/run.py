@@ -121,6 +121,17 @@ def kill_all() -> None:
         _kill(_LIVE.pop())
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM and SIGINT both unwind through `finally: kill_all()`; a shell that starts us in the background
+    ignores SIGINT for us, so it is set back explicitly."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 atexit.register(kill_all)
 
 
@@ -482,10 +493,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: adding baseline {s.baseline!r} for {s.name}", file=sys.stderr)
             selected = [x for x in SCENARIOS if x in selected or x.name == s.baseline]
 
-    def forward_sigterm(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, forward_sigterm)
+    install_signal_handlers()
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="ztmw-bench-"))
     out = Path(args.out)
