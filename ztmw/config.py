@@ -265,7 +265,7 @@ class _Reader:
             raise ConfigurationError(f"{key}: set exactly one of jwks_uri and jwks_file")
         if jwks_uri is not None:
             jwks_uri = _url(jwks_uri, f"{key}.jwks_uri")
-            if urlsplit(jwks_uri).scheme != "https" and not _is_loopback(urlsplit(jwks_uri).hostname):
+            if urlsplit(jwks_uri).scheme != "https" and not is_loopback_host(urlsplit(jwks_uri).hostname):
                 raise ConfigurationError(f"{key}.jwks_uri: must be https (plain http only on loopback)")
         if jwks_file is not None:
             jwks_file = str((self.base / _str(jwks_file, f"{key}.jwks_file")).resolve())
@@ -508,7 +508,8 @@ def _url(value: Any, key: str) -> str:
     return text
 
 
-def _is_loopback(host: str | None) -> bool:
+def is_loopback_host(host: str | None) -> bool:
+    """127.0.0.0/8, ::1 or localhost: where plain http is allowed for development and tests."""
     if host is None:
         return False
     if host == "localhost":

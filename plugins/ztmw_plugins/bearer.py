@@ -8,8 +8,6 @@ first, then issuer, algorithm and type, then the key and signature, then the cla
 
 from __future__ import annotations
 
-import hashlib
-import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -19,18 +17,17 @@ from ztmw.jws import (
     MalformedJWS,
     b64url_decode,
     media_type_is,
-    numeric_date,
     parse_compact,
     strict_json_object,
     verify_signature,
 )
-from ztmw.models import VerifiedToken, frozen_mapping
+from ztmw import claims as claims_
+from ztmw.models import VerifiedToken
 from ztmw.typing import PluginDeps
 
 from .jwks import KeySet
 
 _SETTINGS: frozenset[str] = frozenset()
-_PRINTABLE_ID = re.compile(r"[\x21-\x7e]{1,128}")
 _RFC9068_REQUIRED = ("sub", "client_id", "iat", "jti")
 
 
@@ -92,7 +89,7 @@ class BearerVerifier:
         if _never_allowed(alg):  # JOSE-08, JOSE-13, AT-09: never, whatever the config says
             raise InvalidToken("unsupported_algorithm", security=True)
 
-        iss = _required(claims, "iss", str)
+        iss = claims_.required(claims, "iss", str)
         issuer = self._issuers.get(iss)  # exact string match (JOSE-18, AT-03)
         if issuer is None:
             raise InvalidToken("unknown_issuer")
@@ -129,60 +126,24 @@ class BearerVerifier:
     def _claims(self, token: str, claims: Mapping[str, Any], issuer: _Issuer, iss: str,
                 kid: str | None) -> VerifiedToken:
         cfg = issuer.config
-        now, leeway = self._clock(), cfg.leeway
         if issuer.strict:
             for name in _RFC9068_REQUIRED:  # AT-08
                 if name not in claims:
                     raise InvalidToken("missing_claim")
-
-        exp = _date(claims, "exp")
+        exp, nbf, iat = claims_.check_times(claims, now=self._clock(), leeway=cfg.leeway)  # JOSE-15/16, AT-06
         if exp is None:
             raise InvalidToken("missing_claim")
-        if exp <= now - leeway:  # JOSE-15, AT-06
-            raise InvalidToken("token_expired")
-        nbf = _date(claims, "nbf")
-        if nbf is not None and nbf > now + leeway:  # JOSE-16
-            raise InvalidToken("token_not_yet_valid")
-        iat = _date(claims, "iat")
-        if iat is not None and iat > now + leeway:
-            raise InvalidToken("token_issued_in_future")
-
-        audience = _audience(claims)
+        audience = claims_.audience(claims)
+        if audience is None:
+            raise InvalidToken("missing_claim")
         if issuer.audiences.isdisjoint(audience):  # JOSE-17, AT-04, BCP-09: exact strings only
             raise InvalidToken("audience_mismatch")
-
-        subject = _required(claims, "sub", str)
-        client_id = _optional(claims, "client_id", str)
+        client_id = claims_.optional(claims, "client_id", str)
         if client_id is None and not issuer.strict:
-            client_id = _optional(claims, "azp", str)
-        jti = _optional(claims, "jti", str)
-        scope = claims.get("scope", "")
-        if not isinstance(scope, str):  # AT-10: the space-delimited string form only
-            raise InvalidToken("invalid_claim")
-        amr = _optional(claims, "amr", list)
-        if amr is not None and not all(isinstance(m, str) for m in amr):
-            raise InvalidToken("invalid_claim")
-        cnf = _optional(claims, "cnf", dict)
-        actor = _optional(claims, "act", dict)
-        return VerifiedToken(
-            issuer=iss,
-            subject=subject,
-            audience=audience,
-            expires_at=exp,
-            token_id=jti if jti is not None and _PRINTABLE_ID.fullmatch(jti) else _token_hash(token),
-            verifier="bearer",
-            client_id=client_id,
-            scopes=frozenset(s for s in scope.split(" ") if s),
-            issued_at=iat,
-            not_before=nbf,
-            auth_time=_date(claims, "auth_time"),
-            acr=_optional(claims, "acr", str),
-            amr=tuple(amr or ()),
-            cnf=frozen_mapping(cnf),
-            actor=frozen_mapping(actor) if actor is not None else None,
-            claims=frozen_mapping(claims),
-            key_id=kid,
-            leeway=leeway,
+            client_id = claims_.optional(claims, "azp", str)
+        return claims_.verified_token(
+            claims, token=token, verifier="bearer", issuer=iss, audience=audience, expires_at=exp,
+            not_before=nbf, issued_at=iat, client_id=client_id, leeway=cfg.leeway, key_id=kid,
         )
 
 
@@ -213,48 +174,3 @@ def _check_type(typ: Any, strict: bool) -> None:
     if not strict and (typ is None or media_type_is(typ, "jwt")):
         return
     raise InvalidToken("wrong_token_type")
-
-
-def _required(claims: Mapping[str, Any], name: str, kind: type) -> Any:
-    if name not in claims:
-        raise InvalidToken("missing_claim")
-    return _optional(claims, name, kind)
-
-
-def _optional(claims: Mapping[str, Any], name: str, kind: type) -> Any:
-    """The claim if present and of `kind` (a `str` non-empty); None if absent; else invalid_claim."""
-    value = claims.get(name)
-    if value is None:
-        if name in claims:
-            raise InvalidToken("invalid_claim")
-        return None
-    if not isinstance(value, kind) or (kind is str and not value):
-        raise InvalidToken("invalid_claim")
-    return value
-
-
-def _date(claims: Mapping[str, Any], name: str) -> float | None:
-    """A NumericDate claim, None when absent (JOSE-14: booleans, strings, null, NaN, huge values refused)."""
-    if name not in claims:
-        return None
-    value = numeric_date(claims[name])
-    if value is None:
-        raise InvalidToken("invalid_claim")
-    return value
-
-
-def _audience(claims: Mapping[str, Any]) -> tuple[str, ...]:
-    """`aud` as a tuple: a string, or a non-empty array of strings (JOSE-17); anything else is invalid."""
-    if "aud" not in claims:
-        raise InvalidToken("missing_claim")
-    aud = claims["aud"]
-    if isinstance(aud, str):
-        return (aud,)
-    if isinstance(aud, list) and aud and all(isinstance(a, str) for a in aud):
-        return tuple(aud)
-    raise InvalidToken("invalid_claim")
-
-
-def _token_hash(token: str) -> str:
-    """A log-safe id for a token without a usable jti: never the token, only a short hash of it."""
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()[:16]

@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import ipaddress
 import math
 import os
 import re
@@ -42,8 +41,10 @@ from urllib.parse import quote_plus, urlsplit
 import aiohttp
 
 from ztmw.errors import ConfigurationError, InvalidToken, UpstreamUnavailable
-from ztmw.jws import MalformedJWS, b64url_decode, numeric_date, strict_json_object
-from ztmw.models import VerifiedToken, frozen_mapping
+from ztmw import claims as claims_
+from ztmw.config import is_loopback_host
+from ztmw.jws import MalformedJWS, b64url_decode, strict_json_object
+from ztmw.models import VerifiedToken
 from ztmw.typing import PluginDeps
 
 NAME = "introspection"
@@ -57,7 +58,6 @@ _SETTINGS = frozenset({
     "endpoint", "client_id", "client_secret_env", "issuer", "audiences", "require_audience", "timeout",
     "max_response_bytes", "token_type_hint", "only_opaque", "default_ttl", "leeway", "ca_file",
 })
-_PRINTABLE_ID = re.compile(r"[\x21-\x7e]{1,128}")
 _HINT = re.compile(r"[\x21-\x7e]{1,64}")
 _B64URL_SEGMENT = re.compile(r"[A-Za-z0-9_-]*")
 
@@ -135,7 +135,7 @@ def _endpoint(value: Any) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise ConfigurationError(f"{key}: must be an absolute https URL")
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
         raise ConfigurationError(f"{key}: must be https (plain http only on loopback)")
     if parts.username is not None or parts.password is not None:
         raise ConfigurationError(f"{key}: must not carry credentials (use client_id / client_secret_env)")
@@ -144,13 +144,6 @@ def _endpoint(value: Any) -> str:
     return value
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _string(raw: Mapping[str, Any], name: str) -> str:
@@ -310,60 +303,23 @@ class IntrospectionVerifier:
             raise InvalidToken("inactive_token")
         now, leeway = self._clock(), settings.leeway
 
-        iss = _optional(response, "iss", str)
+        iss = claims_.optional(response, "iss", str)
         if iss is not None and iss != settings.issuer:  # exact, case-sensitive (JOSE-18)
             raise InvalidToken("unknown_issuer")
-        exp = _date(response, "exp")
-        if exp is not None and exp <= now - leeway:  # INTRO-03, JOSE-15
-            raise InvalidToken("token_expired")
-        nbf = _date(response, "nbf")
-        if nbf is not None and nbf > now + leeway:  # JOSE-16
-            raise InvalidToken("token_not_yet_valid")
-        iat = _date(response, "iat")
-        if iat is not None and iat > now + leeway:
-            raise InvalidToken("token_issued_in_future")
-
-        audience = _audience(response)
+        exp, nbf, iat = claims_.check_times(response, now=now, leeway=leeway)  # INTRO-03
+        audience = claims_.audience(response)
         if audience is None:
             if settings.require_audience:  # SEC-02, BCP-09
                 raise InvalidToken("missing_claim")
             audience = ()
         elif settings.audiences.isdisjoint(audience):  # JOSE-17: exact strings only
             raise InvalidToken("audience_mismatch")
-
-        subject = _optional(response, "sub", str)
-        if subject is None:
-            raise InvalidToken("missing_claim")
-        scope = response.get("scope", "")
-        if not isinstance(scope, str):  # RFC 7662 §2.2: a space-separated string
-            raise InvalidToken("invalid_claim")
-        amr = _optional(response, "amr", list)
-        if amr is not None and not all(isinstance(m, str) for m in amr):  # AMR-01
-            raise InvalidToken("invalid_claim")
-        cnf = _optional(response, "cnf", dict)  # INTRO-08: top-level cnf, confirmed per request by the core
-        _check_token_type(response, cnf)
-        actor = _optional(response, "act", dict)
-        jti = _optional(response, "jti", str)
-        return VerifiedToken(
-            issuer=settings.issuer,
-            subject=subject,
-            audience=audience,
+        _check_token_type(response, claims_.optional(response, "cnf", dict))  # DPOP-19
+        return claims_.verified_token(
+            response, token=token, verifier=NAME, issuer=settings.issuer, audience=audience,
             # INTRO-06: the core caches for min(cache.max_ttl, expires_at - now), so never beyond exp
             expires_at=exp if exp is not None else now + settings.default_ttl,
-            token_id=jti if jti is not None and _PRINTABLE_ID.fullmatch(jti) else _token_hash(token),
-            verifier=NAME,
-            client_id=_optional(response, "client_id", str),
-            scopes=frozenset(s for s in scope.split(" ") if s),
-            issued_at=iat,
-            not_before=nbf,
-            auth_time=_date(response, "auth_time"),  # STEP-07
-            acr=_optional(response, "acr", str),
-            amr=tuple(amr or ()),
-            cnf=frozen_mapping(cnf),
-            actor=frozen_mapping(actor) if actor is not None else None,
-            claims=frozen_mapping(response),
-            key_id=None,
-            leeway=leeway,
+            not_before=nbf, issued_at=iat, client_id=claims_.optional(response, "client_id", str), leeway=leeway,
         )
 
 
@@ -394,40 +350,3 @@ def _check_token_type(response: Mapping[str, Any], cnf: Mapping[str, Any] | None
     bound = cnf is not None and "jkt" in cnf
     if bound != (token_type.lower() == "dpop"):  # RFC 6749 §5.1: token types are case-insensitive
         raise InvalidToken("invalid_claim")
-
-
-def _optional(claims: Mapping[str, Any], name: str, kind: type) -> Any:
-    """The member if present and of `kind` (a `str` non-empty); None if absent; else invalid_claim."""
-    if name not in claims:
-        return None
-    value = claims[name]
-    if isinstance(value, bool) or not isinstance(value, kind) or (kind is str and not value):
-        raise InvalidToken("invalid_claim")
-    return value
-
-
-def _date(claims: Mapping[str, Any], name: str) -> float | None:
-    """A NumericDate member, None when absent (JOSE-14: booleans, strings, null, NaN, huge values refused)."""
-    if name not in claims:
-        return None
-    value = numeric_date(claims[name])
-    if value is None:
-        raise InvalidToken("invalid_claim")
-    return value
-
-
-def _audience(claims: Mapping[str, Any]) -> tuple[str, ...] | None:
-    """`aud` as a tuple (a string or a non-empty array of strings), None when absent; else invalid_claim."""
-    if "aud" not in claims:
-        return None
-    aud = claims["aud"]
-    if isinstance(aud, str) and aud:
-        return (aud,)
-    if isinstance(aud, list) and aud and all(isinstance(a, str) and a for a in aud):
-        return tuple(aud)
-    raise InvalidToken("invalid_claim")
-
-
-def _token_hash(token: str) -> str:
-    """A log-safe id for a token without a usable jti: never the token, only a short hash of it."""
-    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:16]

@@ -384,7 +384,7 @@ async def test_iat_in_the_future_is_rejected(issuer: DevIssuer, verifier: Bearer
 async def test_jose_17_aud_must_be_a_string_or_non_empty_string_array(issuer: DevIssuer, verifier: BearerVerifier,
                                                                        aud: Any) -> None:
     token = issuer.mint(claims={"aud": aud})
-    await rejects(verifier, token, "audience_mismatch" if aud == "" else "invalid_claim")
+    await rejects(verifier, token, "invalid_claim")  # an empty string is no audience at all
 
 
 async def test_jose_17_aud_array_containing_ours_is_accepted(issuer: DevIssuer, verifier: BearerVerifier) -> None:
