@@ -23,6 +23,9 @@ def hash_subject(subject: str) -> str:
     return "sha256:" + hashlib.sha256(subject.encode("utf-8", "surrogatepass")).hexdigest()[:24]
 
 
+_FIELDS = tuple(f.name for f in dataclasses.fields(AuditEvent) if f.name != "security")
+
+
 class StructlogAuditSink:
     """The default sink. Renders nothing itself: the application's structlog processors decide the format."""
 
@@ -32,7 +35,8 @@ class StructlogAuditSink:
         self._logger = logger if logger is not None else structlog.get_logger(logger_name)
 
     def emit(self, event: AuditEvent) -> None:
-        fields = {k: v for k, v in dataclasses.asdict(event).items() if v is not None and k != "security"}
+        # getattr over the field names, not dataclasses.asdict: asdict deep-copies and was a tenth of a request
+        fields = {name: value for name in _FIELDS if (value := getattr(event, name)) is not None}
         try:
             if event.security:
                 self._logger.warning("ztmw.security", **fields)

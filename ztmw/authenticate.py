@@ -55,6 +55,7 @@ class Authenticator:
         self._negative = negative_cache
         self._shared = shared_cache
         self._by_name = {v.name: v for v in self._token_verifiers}
+        self._schemes = frozenset({"bearer"} | {b.scheme for b in self._bindings.values() if b.scheme})
         self._max_shared_ttl = max_shared_ttl
         self._identity = identity
         self._clock = clock
@@ -63,7 +64,7 @@ class Authenticator:
     @property
     def schemes(self) -> frozenset[str]:
         """Authorization schemes we accept: Bearer, plus any binding that has a scheme of its own (DPoP)."""
-        return frozenset({"bearer"} | {b.scheme for b in self._bindings.values() if b.scheme})
+        return self._schemes
 
     async def authenticate(self, credential: Credential, request: RequestView) -> Authentication:
         try:

@@ -18,6 +18,7 @@ import hmac
 import ipaddress
 import re
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
@@ -101,12 +102,30 @@ def certificate_thumbprint(der: bytes) -> str:
     return b64url_encode(hashlib.sha256(der).digest())
 
 
+_DESCRIBED: OrderedDict[bytes, CertificateInfo] = OrderedDict()
+_DESCRIBED_MAX = 1024
+
+
 def describe_certificate(der: bytes) -> CertificateInfo:
     """Subject, SANs, thumbprint and expiry of a DER certificate; raises ValueError when it is not X.509.
 
     A SAN extension that cryptography cannot parse yields no SANs rather than an error: a principal without
-    names matches no name-based rule, which fails closed.
+    names matches no name-based rule, which fails closed. Results are remembered by the DER's digest (bounded
+    LRU): a client presents the same certificate on every request, and X.509 parsing was most of mTLS's cost.
     """
+    digest = hashlib.sha256(der).digest()
+    known = _DESCRIBED.get(digest)
+    if known is not None:
+        _DESCRIBED.move_to_end(digest)
+        return known
+    info = _describe(der)
+    _DESCRIBED[digest] = info
+    if len(_DESCRIBED) > _DESCRIBED_MAX:
+        _DESCRIBED.popitem(last=False)
+    return info
+
+
+def _describe(der: bytes) -> CertificateInfo:
     cert = x509.load_der_x509_certificate(der)
     dns: tuple[str, ...] = ()
     uris: tuple[str, ...] = ()

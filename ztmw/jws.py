@@ -14,14 +14,21 @@ import hmac
 import json
 import math
 import re
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, OKPKey, RSAKey
-from joserfc.jws import JWSRegistry
 
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
+_ALPHABET = {c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")}
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 # Which JWK key type (and curve) each JWS algorithm may use: one key, one algorithm family (RFC 8725 §3.1).
 ALGORITHM_KEY_TYPES: dict[str, tuple[str, str | None]] = {
     "ES256": ("EC", "P-256"), "ES384": ("EC", "P-384"), "ES512": ("EC", "P-521"),
@@ -61,15 +68,16 @@ def b64url_decode(segment: str) -> bytes:
     Python's decoder drops unknown characters and accepts `+ / =`, so the alphabet is checked first; the
     re-encode comparison makes sure one byte string has exactly one accepted spelling (RFC 4648 §3.5).
     """
-    if not _B64URL.fullmatch(segment) or len(segment) % 4 == 1:
+    remainder = len(segment) % 4
+    if not _B64URL.fullmatch(segment) or remainder == 1:
         raise MalformedJWS("bad_base64url")
+    # canonical form: the unused low bits of the last character are zero (2 chars -> 4 bits, 3 chars -> 2 bits)
+    if remainder and _ALPHABET[segment[-1]] & (0xF if remainder == 2 else 0x3):
+        raise MalformedJWS("non_canonical_base64url")
     try:
-        data = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        return base64.urlsafe_b64decode(segment + "=" * (-remainder % 4))
     except (binascii.Error, ValueError):
         raise MalformedJWS("bad_base64url") from None
-    if b64url_encode(data) != segment:
-        raise MalformedJWS("non_canonical_base64url")
-    return data
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -85,15 +93,19 @@ def _reject_constant(name: str) -> Any:
     raise MalformedJWS("non_finite_number")
 
 
+_DECODER = json.JSONDecoder(object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+
+
 def strict_json_object(data: bytes) -> dict[str, Any]:
     """Parse UTF-8 JSON into a dict: no BOM, no UTF-16/32 guessing, no duplicates, no NaN/Infinity."""
     try:
         text = data.decode("utf-8")  # strict: lone surrogates and invalid bytes raise
         if text.startswith("\ufeff"):
             raise MalformedJWS("bad_json")
-        value = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+        value = _DECODER.decode(text)
         # a "\ud800" escape decodes to a lone surrogate: refuse it now, not later when something re-encodes
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        if _SURROGATE_ESCAPE.search(text):
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
     except MalformedJWS:
         raise
     except (UnicodeError, ValueError, RecursionError):
@@ -137,16 +149,39 @@ def media_type_is(value: Any, expected: str) -> bool:
     return value == "application/" + expected.lower()
 
 
+_IMPORTED: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+_IMPORTED_MAX = 4096
+_MEMBERS = {"EC": ("kty", "crv", "x", "y"), "RSA": ("kty", "n", "e"), "OKP": ("kty", "crv", "x")}
+
+
 def import_public_jwk(jwk: Mapping[str, Any], *, allow_private: bool = False) -> ECKey | RSAKey | OKPKey:
     """Import an asymmetric public JWK after checking it is canonical (RFC 7518 §6.2.1, §6.3.1).
 
-    Symmetric (`oct`) keys are never imported: public material must never become an HMAC secret.
+    Symmetric (`oct`) keys are never imported: public material must never become an HMAC secret. Imports are
+    remembered by their exact public members (bounded LRU): a DPoP client sends the same key on every request,
+    and parsing and curve-checking it again each time was most of a proof check's cost.
     """
     if not isinstance(jwk, Mapping):
         raise MalformedJWS("bad_jwk")
     kty = jwk.get("kty")
     if not allow_private and _PRIVATE_MEMBERS & set(jwk):
         raise MalformedJWS("private_jwk")
+    names = _MEMBERS.get(kty) if isinstance(kty, str) else None
+    cache_key = tuple(jwk.get(n) for n in names) if names else None
+    if cache_key is not None and all(isinstance(v, str) for v in cache_key):
+        cached = _IMPORTED.get(cache_key)
+        if cached is not None:
+            _IMPORTED.move_to_end(cache_key)
+            return cached
+        key = _import_public_jwk(jwk, kty)
+        _IMPORTED[cache_key] = key
+        if len(_IMPORTED) > _IMPORTED_MAX:
+            _IMPORTED.popitem(last=False)
+        return key
+    return _import_public_jwk(jwk, kty)
+
+
+def _import_public_jwk(jwk: Mapping[str, Any], kty: Any) -> ECKey | RSAKey | OKPKey:
     try:
         if kty == "EC":
             size = _EC_SIZES.get(jwk.get("crv"))  # type: ignore[arg-type]
@@ -191,25 +226,89 @@ def key_fits_algorithm(key: ECKey | RSAKey | OKPKey, alg: str) -> bool:
     kty, crv = expected
     if key.key_type != kty:
         return False
-    return crv is None or key.as_dict().get("crv") == crv
+    return crv is None or key.curve_name == crv  # type: ignore[union-attr]
+
+
+class _PerKey:
+    """Values remembered per key object for as long as it lives (joserfc keys are not hashable)."""
+
+    def __init__(self) -> None:
+        self._data: dict[int, tuple[weakref.ref[Any], Any]] = {}
+
+    def get(self, key: Any) -> Any:
+        entry = self._data.get(id(key))
+        return entry[1] if entry is not None and entry[0]() is key else None
+
+    def set(self, key: Any, value: Any) -> Any:
+        ident = id(key)
+        self._data[ident] = (weakref.ref(key, lambda _ref: self._data.pop(ident, None)), value)
+        return value
+
+
+_HASHES = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
+_VERIFIERS = _PerKey()
+
+
+def _prepared(key: ECKey | RSAKey | OKPKey, alg: str) -> Callable[[bytes, bytes], bool]:
+    """A ready `verify(message, signature)` on the cryptography key, built once per key and algorithm.
+
+    Written on cryptography directly (not joserfc's JWS layer) because the general path re-derived the
+    operation key and re-encoded on every call; the checks are the same: raw R||S of the exact length for
+    ECDSA (JOSE-11), the algorithm's own hash and padding, and nothing but True/False out.
+    """
+    per_key = _VERIFIERS.get(key) or _VERIFIERS.set(key, {})
+    verify = per_key.get(alg)
+    if verify is not None:
+        return verify
+    public = key.get_op_key("verify")
+    family, bits = alg[:2], alg[2:]
+    if family == "ES":
+        size = (public.curve.key_size + 7) // 8
+        algorithm = ec.ECDSA(_HASHES[bits]())
+
+        def verify(message: bytes, signature: bytes) -> bool:
+            if len(signature) != 2 * size:
+                return False
+            r, s = int.from_bytes(signature[:size], "big"), int.from_bytes(signature[size:], "big")
+            if r == 0 or s == 0:  # degenerate signatures (CVE-2022-21449 class) never verify
+                return False
+            public.verify(encode_dss_signature(r, s), message, algorithm)
+            return True
+    elif family in ("RS", "PS"):
+        digest = _HASHES[bits]
+        pad = (padding.PKCS1v15() if family == "RS"
+               else padding.PSS(mgf=padding.MGF1(digest()), salt_length=digest.digest_size))
+
+        def verify(message: bytes, signature: bytes) -> bool:
+            public.verify(signature, message, pad, digest())
+            return True
+    else:  # EdDSA / Ed25519
+
+        def verify(message: bytes, signature: bytes) -> bool:
+            public.verify(signature, message)
+            return True
+
+    per_key[alg] = verify
+    return verify
 
 
 def verify_signature(jws: CompactJWS, key: ECKey | RSAKey | OKPKey, alg: str) -> bool:
     """Check the signature with exactly this algorithm and key; False for any mismatch, never an exception."""
     if not key_fits_algorithm(key, alg):
         return False
-    model = JWSRegistry.algorithms.get(alg)
-    if model is None:
-        return False
     try:
-        return bool(model.verify(jws.signing_input, jws.signature, key))
-    except (JoseError, ValueError, TypeError):
+        return _prepared(key, alg)(jws.signing_input, jws.signature)
+    except (InvalidSignature, JoseError, ValueError, TypeError):
         return False
+
+
+_THUMBPRINTS = _PerKey()
 
 
 def thumbprint(key: ECKey | RSAKey | OKPKey) -> str:
     """RFC 7638 SHA-256 thumbprint, unpadded base64url (43 characters); keys are canonical by import."""
-    return key.thumbprint()
+    value = _THUMBPRINTS.get(key)
+    return value if value is not None else _THUMBPRINTS.set(key, key.thumbprint())
 
 
 def constant_time_equals(a: str, b: str) -> bool:

@@ -107,7 +107,8 @@ def request_view(request: web.Request, pipeline: Pipeline) -> RequestView:
         dpop=tuple(request.headers.getall("DPoP", ())),
         peer=peer,
         client_certificate=certificate,
-        has_query_token="access_token" in request.rel_url.query,
+        has_query_token="access_token" in request.rel_url.raw_query_string
+        and "access_token" in request.rel_url.query,
     )
     return view
 

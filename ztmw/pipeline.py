@@ -94,7 +94,7 @@ class Pipeline:
             negative_cache=self.negative_cache if config.cache.negative_ttl > 0 else None,
             shared_cache=self.shared_cache,
             max_shared_ttl=config.cache.max_ttl,
-            identity=IdentityChain([(p.name, p.instance) for p in resolvers], self.log) if resolvers else None,
+            identity=self._identity_chain(resolvers),
             clock=clock,
             logger=self.log,
         )
@@ -118,6 +118,12 @@ class Pipeline:
             resource_metadata=config.metadata_url if config.metadata_enabled else None,
         )
         self._decorators = [p.instance for p in verifiers if hasattr(p.instance, "response_headers")]
+
+    def _identity_chain(self, resolvers: list[LoadedPlugin]) -> IdentityChain | None:
+        """None when nothing could ever link (only the config resolver, and no links): saves an await a request."""
+        if all(p.name == "config" for p in resolvers) and not self.config.identity_links:
+            return None
+        return IdentityChain([(p.name, p.instance) for p in resolvers], self.log)
 
     def _shared_cache(self, config: Config, clock: Clock) -> SharedVerificationCache | None:
         if config.cache.backend == "memory":
