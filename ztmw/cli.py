@@ -90,7 +90,7 @@ def cmd_serve(args: argparse.Namespace, extra: Sequence[str]) -> int:
     # access_log=None: aiohttp's default line carries the query string (a refused ?access_token= would be logged);
     # a larger max_field_size lets ztmw's own cap answer oversize credentials with a proper challenge
     web.run_app(app, host=args.host, port=args.port, ssl_context=ssl_context, print=None, access_log=None,
-                handler_args={"max_field_size": 32768})
+                max_field_size=32768)
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from types import MappingProxyType
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
 from aiohttp import web
@@ -70,14 +71,14 @@ def _metadata_handler(pipeline: Pipeline) -> Handler:
     return metadata
 
 
-def request_view(request: web.Request, pipeline: Pipeline) -> RequestView:
+def request_view(request: web.Request, pipeline: Pipeline, *, shared: bool = False) -> RequestView:
     """Everything the pipeline may know about the request; raises InvalidRequest for a malformed cert header.
 
-    Built once per request (stages used alone share it), so a security event about it is logged once.
+    With `shared`, built once per request for the stage middlewares used alone, so a security event about it
+    is logged once; the all-in-one middleware builds it once anyway and skips the lookup.
     """
-    cached = request.get(_VIEW)
-    if cached is not None:
-        return cached
+    if shared and _VIEW in request:
+        return request[_VIEW]
     match_info = request.match_info
     route = None
     if match_info.http_exception is None:
@@ -98,11 +99,11 @@ def request_view(request: web.Request, pipeline: Pipeline) -> RequestView:
         if result.ignored_untrusted_header:
             pipeline.log.warning("ztmw.security", reason="untrusted_client_cert_header", peer=peer,
                                  route=route.pattern if route else None)
-    view = request[_VIEW] = RequestView(
+    view = RequestView(
         method=request.method,
         path=request.rel_url.raw_path,
         route=route,
-        match_info=dict(match_info),
+        match_info=MappingProxyType(match_info),
         authorization=tuple(request.headers.getall("Authorization", ())),
         dpop=tuple(request.headers.getall("DPoP", ())),
         peer=peer,
@@ -110,6 +111,8 @@ def request_view(request: web.Request, pipeline: Pipeline) -> RequestView:
         has_query_token="access_token" in request.rel_url.raw_query_string
         and "access_token" in request.rel_url.query,
     )
+    if shared:
+        request[_VIEW] = view
     return view
 
 
@@ -200,7 +203,7 @@ def authentication_middleware(pipeline: Pipeline) -> Any:
         if request.match_info.http_exception is not None:
             return await handler(request)
         try:
-            view = request_view(request, pipeline)
+            view = request_view(request, pipeline, shared=True)
             authentication = await pipeline.authenticate(view)
             principal = authentication.principal if authentication else None
             trust = pipeline.trust.evaluate(principal, view)
@@ -225,7 +228,7 @@ def authorization_middleware(pipeline: Pipeline) -> Any:
         if request.match_info.http_exception is not None:
             return await handler(request)
         try:
-            view = request_view(request, pipeline)
+            view = request_view(request, pipeline, shared=True)
             principal = request.get(PRINCIPAL)
             trust = request.get(TRUST) or pipeline.trust.evaluate(principal, view)
             decision = pipeline.authorize(view, principal, trust)
