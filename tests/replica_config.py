@@ -10,13 +10,13 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Mapping
+from ztmw.testing.http import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLIC_ORIGIN = "https://api.example.com"  # the load balancer's origin, shared by every replica
@@ -60,12 +60,6 @@ path = "/open"
 public = true
 """, encoding="utf-8")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import aiohttp
 import pytest
+from ztmw.testing.http import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 AUDIENCE = "https://api.example.com"
@@ -99,12 +100,6 @@ def test_check_rejects_a_factory_that_returns_no_app(tmp_path: Path, keyfile: tu
     config = write_config(tmp_path / "ztmw.toml", issuer_table(keyfile[1]))
     result = ztmw("check", "tests.factories:not_an_app", "--config", str(config))
     assert result.returncode != 0 and "did not return" in result.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

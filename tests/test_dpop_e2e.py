@@ -10,7 +10,6 @@ says so.
 from __future__ import annotations
 
 import re
-import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +20,7 @@ from structlog.testing import capture_logs
 
 import ztmw
 from ztmw.testing import DevIssuer, DPoPKey, FakeClock
+from ztmw.testing.http import challenges, free_port
 
 from .conftest import base_config, items_app
 
@@ -30,28 +30,6 @@ NONCE_SECRET_ENV = "ZTMW_TEST_E2E_DPOP_NONCE_SECRET"
 NONCE_LIFETIME = 60
 
 
-_PARAM = r'([A-Za-z_]+)="((?:[^"\\]|\\.)*)"'
-
-
-def challenges(response: Any) -> dict[str, dict[str, str]]:
-    """Parse WWW-Authenticate field lines (one scheme per line) into {scheme: {param: value}}."""
-    parsed: dict[str, dict[str, str]] = {}
-    for line in response.headers.getall("WWW-Authenticate", []):
-        scheme, _, rest = line.partition(" ")
-        assert re.fullmatch(rf"{_PARAM}(?:\s*,\s*{_PARAM})*", rest), f"not a list of auth-params: {line!r}"
-        params: dict[str, str] = {}
-        for match in re.finditer(_PARAM, rest):
-            assert match.group(1) not in params, f"parameter repeated in {line!r} (RESP-16)"
-            params[match.group(1)] = re.sub(r"\\(.)", r"\1", match.group(2))
-        assert scheme not in parsed, "one field line per scheme (RESP-03)"
-        parsed[scheme] = params
-    return parsed
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -29,6 +29,7 @@ from aiohttp.test_utils import TestServer
 
 import ztmw
 from ztmw.testing import DevIssuer, DPoPKey, FakeClock
+from ztmw.testing.http import free_port
 
 from .conftest import AUDIENCE, items_app
 
@@ -37,12 +38,6 @@ COOLDOWN = 30  # refetch_cooldown of the issuer under test
 CACHE_TTL = 120  # cache.max_ttl: how long a verified token is remembered at most
 GUARD = 20.0  # seconds after which a request counts as hung (generous: the point is "bounded", not "fast")
 REDIS_TIMEOUT = 0.3  # plugins.dpop.redis_timeout
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- a key server the test controls ------------------------------------------------------------------------

@@ -25,7 +25,6 @@ import base64
 import json
 import math
 import re
-import socket
 from typing import Any
 
 import pytest
@@ -56,6 +55,7 @@ from ztmw.extract import extract_credential
 from ztmw.models import RequestView
 from ztmw.testing import DevIssuer, DPoPKey, FakeClock, TestCA
 from ztmw_plugins.dpop import normalize_uri
+from ztmw.testing.http import free_port
 
 from .conftest import AUDIENCE, items_app
 from .test_challenge import parse_challenge
@@ -335,12 +335,6 @@ def check_challenges(status: int, found: dict[str, dict[str, str]], *, dpop_algs
 # -- end to end --------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class Api:
     def __init__(self, client: Any, origin: str, issuer: DevIssuer, clock: FakeClock, ca: TestCA | None) -> None:
         self.client, self.origin, self.issuer, self.clock = client, origin, issuer, clock
@@ -606,8 +600,6 @@ async def test_e2e_forwarded_certificate_headers_never_500_and_bind_only_the_rig
         assert result[0] == 200  # control: the right certificate binds
     if value == cert_api["other"] and len(lines) == 1 and which == "token":
         assert result[0] == 401  # control: another certificate does not
-
-
 
 
 def _negative_serial(der: bytes) -> bytes:

@@ -9,7 +9,6 @@ fixed for a process, so their tests pin the absence of `signed_metadata` and the
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import pytest
@@ -20,28 +19,13 @@ import ztmw
 from ztmw import load_config
 from ztmw.metadata import resource_metadata
 from ztmw.testing import DevIssuer, FakeClock, TestCA
+from ztmw.testing.http import challenges
 
 from .conftest import AUDIENCE, base_config, items_app
 
 WELL_KNOWN = "/.well-known/oauth-protected-resource"
 METADATA_URL = AUDIENCE + WELL_KNOWN
 DEFAULT_ALGS = ["ES256", "EdDSA", "PS256"]
-_PARAM = r'([A-Za-z_]+)="((?:[^"\\]|\\.)*)"'
-
-
-def challenges(response: Any) -> dict[str, dict[str, str]]:
-    """WWW-Authenticate field lines (one scheme each) as {scheme: {param: value}}; strict auth-params."""
-    parsed: dict[str, dict[str, str]] = {}
-    for line in response.headers.getall("WWW-Authenticate", []):
-        scheme, _, rest = line.partition(" ")
-        assert re.fullmatch(rf"{_PARAM}(?:\s*,\s*{_PARAM})*", rest), f"not a list of auth-params: {line!r}"
-        params: dict[str, str] = {}
-        for match in re.finditer(_PARAM, rest):
-            assert match.group(1) not in params, f"parameter repeated in {line!r}"
-            params[match.group(1)] = re.sub(r"\\(.)", r"\1", match.group(2))
-        assert scheme not in parsed, "one field line per scheme"
-        parsed[scheme] = params
-    return parsed
 
 
 async def serve(aiohttp_client: Any, config: dict[str, Any], clock: FakeClock | None = None,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import pytest
@@ -12,22 +11,11 @@ from structlog.testing import capture_logs
 
 import ztmw
 from ztmw.testing import DevIssuer, FakeClock
+from ztmw.testing.http import challenges
 
 from .conftest import AUDIENCE, base_config, items_app
 
 METADATA_URL = "https://api.example.com/.well-known/oauth-protected-resource"
-
-
-def challenges(response: Any) -> dict[str, dict[str, str]]:
-    """Parse WWW-Authenticate field lines (one scheme per line) into {scheme: {param: value}}."""
-    parsed: dict[str, dict[str, str]] = {}
-    for line in response.headers.getall("WWW-Authenticate", []):
-        scheme, _, rest = line.partition(" ")
-        params = {m.group(1): re.sub(r"\\(.)", r"\1", m.group(2))
-                  for m in re.finditer(r'([a-z_]+)="((?:[^"\\]|\\.)*)"', rest)}
-        assert scheme not in parsed, "one field line per scheme"
-        parsed[scheme] = params
-    return parsed
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ from structlog.testing import capture_logs
 import ztmw
 from ztmw.jws import parse_compact
 from ztmw.testing import ClientCert, DevIssuer, DPoPKey, FakeClock, TestCA
+from ztmw.testing.http import free_port
 
 from .conftest import AUDIENCE, base_config, items_app
 
@@ -486,12 +487,6 @@ def run_ztmw(*args: str) -> str:
                             timeout=120)
     assert result.returncode == 0, result.stderr
     return result.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)

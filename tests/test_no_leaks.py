@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import socket
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -30,17 +29,12 @@ from structlog.testing import capture_logs
 
 import ztmw
 from ztmw.testing import DevIssuer, DPoPKey, FakeClock, TestCA
+from ztmw.testing.http import free_port
 
 from .conftest import AUDIENCE
 
 NONCE_SECRET = "no-leaks-nonce-secret-0123456789abcdef"
 NONCE_ENV = "ZTMW_DPOP_NONCE_SECRET"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class RecordCollector(logging.Handler):

@@ -10,7 +10,6 @@ no test can pass for another reason.
 from __future__ import annotations
 
 import re
-import socket
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
@@ -21,6 +20,7 @@ from structlog.testing import capture_logs
 
 import ztmw
 from ztmw.testing import DevIssuer, DPoPKey, FakeClock
+from ztmw.testing.http import challenges, free_port
 
 from .conftest import AUDIENCE, base_config
 
@@ -54,28 +54,6 @@ RULES = [
     {"id": "scoped", "path": "/scoped", "methods": ["GET"], "scopes": ["pay"], "min_aal": 2},
 ]
 
-_PARAM = r'([A-Za-z_]+)="((?:[^"\\]|\\.)*)"'
-
-
-def challenges(response: Any) -> dict[str, dict[str, str]]:
-    """WWW-Authenticate field lines (one scheme each) as {scheme: {param: value}}; strict auth-params."""
-    parsed: dict[str, dict[str, str]] = {}
-    for line in response.headers.getall("WWW-Authenticate", []):
-        scheme, _, rest = line.partition(" ")
-        assert re.fullmatch(rf"{_PARAM}(?:\s*,\s*{_PARAM})*", rest), f"not a list of auth-params: {line!r}"
-        params: dict[str, str] = {}
-        for match in re.finditer(_PARAM, rest):
-            assert match.group(1) not in params, f"parameter repeated in {line!r} (RESP-16)"
-            params[match.group(1)] = re.sub(r"\\(.)", r"\1", match.group(2))
-        assert scheme not in parsed, "one field line per scheme (RESP-03)"
-        parsed[scheme] = params
-    return parsed
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def _whoami(request: web.Request) -> web.Response:

@@ -10,7 +10,6 @@ Redis going away (503, fail closed).
 
 from __future__ import annotations
 
-import re
 import secrets
 import socket
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import ztmw
 from ztmw.audit import hash_subject
 from ztmw.testing import DevIssuer, DPoPKey, FakeClock
 from ztmw_plugins.redis_identity import link
+from ztmw.testing.http import challenges, free_port
 
 from .conftest import AUDIENCE, base_config
 
@@ -51,25 +51,6 @@ RULES = [
     {"id": "delegable", "path": "/delegable", "methods": ["GET"]},
     {"id": "health", "path": "/health", "methods": ["GET"], "public": True},
 ]
-_PARAM = r'([A-Za-z_]+)="((?:[^"\\]|\\.)*)"'
-
-
-def challenges(response: Any) -> dict[str, dict[str, str]]:
-    """WWW-Authenticate field lines (one scheme each) as {scheme: {param: value}}; strict auth-params."""
-    parsed: dict[str, dict[str, str]] = {}
-    for line in response.headers.getall("WWW-Authenticate", []):
-        scheme, _, rest = line.partition(" ")
-        assert re.fullmatch(rf"{_PARAM}(?:\s*,\s*{_PARAM})*", rest), f"not a list of auth-params: {line!r}"
-        params = {m.group(1): re.sub(r"\\(.)", r"\1", m.group(2)) for m in re.finditer(_PARAM, rest)}
-        assert scheme not in parsed, "one field line per scheme"
-        parsed[scheme] = params
-    return parsed
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def _whoami(request: web.Request) -> web.Response:

@@ -14,7 +14,7 @@ import ssl
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import structlog
 from aiohttp import web

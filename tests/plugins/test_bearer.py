@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import json
 import random
-import socket
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -30,6 +29,7 @@ from ztmw.testing.issuer import DevIssuer
 from ztmw.typing import PluginDeps, TokenVerifier
 from ztmw_plugins import bearer
 from ztmw_plugins.bearer import BearerVerifier
+from ztmw.testing.http import free_port
 
 API = "https://api.example.com"
 VEC_7519_1 = ("eyJhbGciOiJub25lIn0.eyJpc3MiOiJqb2UiLA0KICJleHAiOjEzMDA4MTkzODAsDQogImh0dHA6Ly9leGFtcGxlLmNvbS9pc19yb"
@@ -70,12 +70,6 @@ def decode(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def make_config(*tables: dict[str, Any]) -> Config:
     return load_config({"resource": {"identifier": API}, "issuers": list(tables)})
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

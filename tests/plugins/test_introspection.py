@@ -37,6 +37,7 @@ from ztmw.registry import available, load_plugin
 from ztmw.testing import ClientCert, DevIssuer, DPoPKey, FakeClock, TestCA
 from ztmw.typing import PluginDeps, TokenVerifier
 from ztmw_plugins.introspection import IntrospectionVerifier, create, looks_like_jws
+from ztmw.testing.http import free_port
 
 from ..conftest import AUDIENCE, base_config, items_app
 
@@ -898,10 +899,6 @@ class Api:
     def reason(self) -> str:
         assert self.last_audit is not None
         return str(self.last_audit["reason"])
-
-
-def free_port() -> int:
-    return closed_port()
 
 
 async def start_api(aiohttp_client: Any, issuer: DevIssuer, server: AuthorizationServer, clock: FakeClock,

@@ -8,7 +8,6 @@ import asyncio
 import base64
 import json
 import secrets
-import socket
 from dataclasses import replace
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -24,6 +23,7 @@ from ztmw.errors import ConfigurationError, InvalidToken, UpstreamUnavailable
 from ztmw.testing.clock import FakeClock
 from ztmw.testing.issuer import DevIssuer
 from ztmw.typing import PluginDeps
+from ztmw.testing.http import free_port
 from ztmw_plugins.jwks import (
     DEFAULT_LIFETIME,
     MAX_JWKS_BYTES,
@@ -70,12 +70,6 @@ def rsa_jwk(bits: int, kid: str) -> dict[str, Any]:
     numbers = rsa.generate_private_key(65537, bits).public_key().public_numbers()
     n = numbers.n.to_bytes((numbers.n.bit_length() + 7) // 8, "big")
     return {"kty": "RSA", "kid": kid, "n": b64(n), "e": "AQAB"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 BASE = load_config({"resource": {"identifier": "https://api.example.com"}})

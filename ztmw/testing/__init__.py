@@ -6,6 +6,7 @@ Used by ztmw's own tests, by `ztmw demo`, and by app authors (the `pytest11` fix
 from .certs import ClientCert, TestCA
 from .clock import FakeClock
 from .dpop import DPoPKey
+from .http import challenges, free_port
 from .issuer import DevIssuer
 
-__all__ = ["ClientCert", "DPoPKey", "DevIssuer", "FakeClock", "TestCA"]
+__all__ = ["ClientCert", "DPoPKey", "DevIssuer", "FakeClock", "TestCA", "challenges", "free_port"]
