@@ -778,24 +778,6 @@ def test_normalize_uri_rejects_non_http_and_garbage() -> None:
 # -- scale-out: Redis replay store and shared nonce secret -------------------------------------------------
 
 
-def _redis_answers() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-@pytest.fixture
-def redis_url() -> str:
-    if not _redis_answers():
-        if os.environ.get("ZTMW_REQUIRE_REDIS") == "1":
-            pytest.fail("ZTMW_REQUIRE_REDIS=1 but no Redis answers PING on 127.0.0.1:6379")
-        pytest.skip("no Redis answers PING on 127.0.0.1:6379 (set ZTMW_REQUIRE_REDIS=1 to fail instead)")
-    return "redis://127.0.0.1:6379/0"
-
-
 @pytest.fixture
 async def redis_pair(redis_url: str) -> AsyncIterator[tuple[Env, Env]]:
     """Two replicas: separate verifier instances sharing one Redis, one clock and one client key."""

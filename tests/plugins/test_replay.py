@@ -29,24 +29,6 @@ class FakeClock:
         return self.now
 
 
-def _redis_answers() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-@pytest.fixture
-def redis_url() -> str:
-    if not _redis_answers():
-        if os.environ.get("ZTMW_REQUIRE_REDIS") == "1":
-            pytest.fail("ZTMW_REQUIRE_REDIS=1 but no Redis answers PING on 127.0.0.1:6379")
-        pytest.skip("no Redis answers PING on 127.0.0.1:6379 (set ZTMW_REQUIRE_REDIS=1 to fail instead)")
-    return REDIS_URL
-
-
 @pytest.fixture
 def closed_port() -> int:
     with socket.socket() as sock:
