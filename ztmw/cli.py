@@ -34,6 +34,8 @@ def configure_json_logging() -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.JSONRenderer(),
         ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.WriteLoggerFactory(),  # a plain write per line: cheaper than print()
         cache_logger_on_first_use=True,
     )
 
