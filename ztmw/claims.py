@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
+from types import MappingProxyType
 from typing import Any, Mapping
 
 from .errors import InvalidToken
@@ -108,8 +110,9 @@ def verified_token(
         expires_at=expires_at,
         token_id=jti if jti is not None and _PRINTABLE_ID.fullmatch(jti) else token_hash(token),
         verifier=verifier,
-        client_id=client_id,
-        scopes=frozenset(s for s in scope.split(" ") if s),
+        # interned: a cache of 100k tokens from a few clients holds each scope and client id string once
+        client_id=sys.intern(client_id) if client_id is not None else None,
+        scopes=frozenset(sys.intern(s) for s in scope.split(" ") if s),
         issued_at=issued_at,
         not_before=not_before,
         auth_time=date(claims, "auth_time"),
@@ -117,7 +120,8 @@ def verified_token(
         amr=tuple(amr or ()),
         cnf=frozen_mapping(cnf),
         actor=frozen_mapping(actor) if actor is not None else None,
-        claims=frozen_mapping(claims),
+        # a read-only view of the parsed claims, not a copy: the verifier's own dict, referenced by nobody else
+        claims=MappingProxyType(claims) if isinstance(claims, dict) else frozen_mapping(claims),
         key_id=key_id,
         leeway=leeway,
     )

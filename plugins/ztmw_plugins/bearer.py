@@ -142,7 +142,7 @@ class BearerVerifier:
         if client_id is None and not issuer.strict:
             client_id = claims_.optional(claims, "azp", str)
         return claims_.verified_token(
-            claims, token=token, verifier="bearer", issuer=iss, audience=audience, expires_at=exp,
+            claims, token=token, verifier="bearer", issuer=cfg.issuer, audience=audience, expires_at=exp,
             not_before=nbf, issued_at=iat, client_id=client_id, leeway=cfg.leeway, key_id=kid,
         )
 
