@@ -162,3 +162,85 @@ async def _redis_get(url: str, key: bytes) -> bytes | None:
     finally:
         await conn.aclose()
 
+
+
+async def test_a_remembered_attack_is_still_audited_as_one(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    from structlog.testing import capture_logs
+
+    from ztmw.jws import b64url_encode
+
+    client, _, counting = await protected(aiohttp_client, base_config(issuer), clock)
+    valid = issuer.mint(scope="items:read")
+    unsigned = b64url_encode(b'{"alg":"none","typ":"at+jwt"}') + "." + valid.split(".")[1] + "."
+    with capture_logs() as events:
+        assert [await status(client, unsigned) for _ in range(3)] == [401] * 3
+    assert [e["event"] for e in events if e["event"].startswith("ztmw.")] == ["ztmw.security"] * 3
+    assert counting.calls == 1
+
+
+async def test_a_failed_start_up_closes_what_it_opened(issuer: DevIssuer, tmp_path: Any) -> None:
+    config = ztmw.load_config(base_config(issuer, audit={"sinks": ["chain"]},
+                                          plugins={"chain": {"path": str(tmp_path / "missing" / "a.jsonl")}}))
+    pipeline = ztmw.Pipeline(config)
+    with pytest.raises(Exception):
+        await pipeline.start()
+    assert pipeline._session is None  # the HTTP session and the plugins' tasks were closed again
+
+
+@pytest.mark.redis
+async def test_a_genuine_shared_entry_copied_to_another_tokens_key_is_void(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, redis_url: str, cache_secret: str
+) -> None:
+    config = base_config(issuer, cache={"backend": redis_url})
+    first, _, _ = await protected(aiohttp_client, config, clock)
+    second, _, _ = await protected(aiohttp_client, config, clock)
+    token = issuer.mint("admin", scope="items:read")
+    assert await status(first, token) == 200
+    raw = await _redis_get(redis_url, token_key(token))
+    assert raw is not None
+    chosen = "attacker-chosen-string"  # anyone with Redis write access copies a valid entry under its key
+    conn = redis.from_url(redis_url)
+    try:
+        await conn.set("ztmw:vt:" + token_key(chosen).hex(), raw, ex=60)
+    finally:
+        await conn.aclose()
+    assert await status(second, chosen) == 401
+
+
+async def test_new_key_material_under_an_old_kid_does_not_inherit_cached_trust(
+    aiohttp_client: Any, aiohttp_server: Any, clock: FakeClock
+) -> None:
+    from joserfc import jwt
+    from joserfc.jwk import ECKey
+
+    old, new = ECKey.generate_key("P-256"), ECKey.generate_key("P-256")
+    published = {"keys": [{**old.as_dict(private=False), "kid": "k1", "use": "sig"}]}
+
+    async def jwks(request: web.Request) -> web.Response:
+        return web.json_response(published)
+
+    jwks_app = web.Application()
+    jwks_app.router.add_get("/jwks", jwks)
+    server = await aiohttp_server(jwks_app)
+    iss = str(server.make_url("")).rstrip("/")
+    config = {
+        "resource": {"identifier": "https://api.example.com"},
+        "issuers": [{"issuer": iss, "jwks_uri": f"{iss}/jwks", "algorithms": ["ES256"]}],
+        "rules": [{"id": "read", "path": "/items", "methods": ["GET"], "scopes": ["items:read"]}],
+    }
+
+    def mint(key: Any, kid: str) -> str:
+        now = int(clock())
+        claims = {"iss": iss, "aud": "https://api.example.com", "sub": "alice", "client_id": "c", "iat": now,
+                  "exp": now + 3600, "jti": f"j{kid}{now}", "scope": "items:read"}
+        return jwt.encode({"alg": "ES256", "typ": "at+jwt", "kid": kid}, claims, key, algorithms=["ES256"])
+
+    client, _, _ = await protected(aiohttp_client, config, clock)
+    token = mint(old, "k1")
+    assert await status(client, token) == 200
+    published["keys"] = [{**new.as_dict(private=False), "kid": "k1", "use": "sig"}]  # same kid, new key
+    clock.advance(31)
+    assert await status(client, mint(new, "k2")) == 401  # an unknown kid makes the key set refetch
+    assert await status(client, token) == 401  # the cached result named a key that is no longer published

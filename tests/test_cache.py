@@ -201,3 +201,32 @@ def test_walk_helper_would_find_a_token() -> None:
     # the check above is only worth something if the walker reaches inside slotted dataclasses and dicts
     reachable = list(_walk({"x": [verified(subject=TOKEN)]}))
     assert TOKEN in reachable
+
+
+class TestSharedEntryFormat:
+    """What one replica stores in Redis must read back as the same VerifiedToken on another (every field)."""
+
+    def test_round_trip_keeps_every_field(self) -> None:
+        import dataclasses
+        from types import MappingProxyType
+
+        from ztmw.cache import dump_verified, load_verified
+
+        value = VerifiedToken(
+            issuer="https://as", subject="alice", audience=("a", "b"), expires_at=2000.5, token_id="t",
+            verifier="bearer", client_id="c", scopes=frozenset({"x", "y"}), issued_at=1000.0, not_before=999.0,
+            auth_time=998.0, acr="urn:acr", amr=("pwd", "otp"), cnf=MappingProxyType({"jkt": "k" * 43}),
+            actor=MappingProxyType({}), claims=MappingProxyType({"sub": "alice", "n": 1}), key_id="kid",
+            leeway=30.0,
+        )
+        back = load_verified(dump_verified(value))
+        for field in dataclasses.fields(VerifiedToken):
+            assert getattr(back, field.name) == getattr(value, field.name), field.name
+        assert back.actor is not None  # an empty act claim is still delegation (allow_delegation = false)
+
+    def test_no_actor_stays_none(self) -> None:
+        from ztmw.cache import dump_verified, load_verified
+
+        value = VerifiedToken(issuer="i", subject="s", audience=("a",), expires_at=1.0, token_id="t",
+                              verifier="bearer")
+        assert load_verified(dump_verified(value)).actor is None

@@ -115,9 +115,9 @@ class Authenticator:
         if cached is not None:  # the key that verified it left the issuer's JWKS: verify again
             self._cache.discard(key)
         if self._negative is not None:
-            reason = self._negative.get(key)
-            if reason is not None:
-                raise InvalidToken(reason)
+            remembered = self._negative.get(key)
+            if remembered is not None:
+                raise InvalidToken(remembered[0], security=remembered[1])
         if self._shared is not None:
             shared = await self._shared.get(key)
             if shared is not None and self._still_trusted(shared):
@@ -139,7 +139,7 @@ class Authenticator:
         # token may become active; a JWT under a newly rotated key may verify after the next JWKS fetch)
         error = next((e for e in errors if e.reason != "malformed_token"), errors[0])
         if self._negative is not None and all(e.reason in NEGATIVE_CACHEABLE for e in errors):
-            self._negative.set(key, error.reason)
+            self._negative.set(key, error.reason, error.security)
         raise error
 
     def _still_trusted(self, verified: VerifiedToken) -> bool:

@@ -99,25 +99,26 @@ class MemoryVerificationCache:
 
 
 class NegativeCache:
-    """Recent token-intrinsic failures (bad signature, malformed, wrong audience...): reason by token hash.
+    """Recent token-intrinsic failures (bad signature, malformed, wrong audience...): (reason, security flag)
+    by token hash, so a remembered attack is still audited as one.
 
     Only failures that no later event can turn into a success belong here; an unknown key (the issuer may be
     rotating) or an unreachable key server must never be remembered.
     """
 
     def __init__(self, *, max_entries: int = 10_000, ttl: float = 30.0, clock: Clock) -> None:
-        self._lru: _ExpiringLRU[str] = _ExpiringLRU(max_entries=max_entries, clock=clock)
+        self._lru: _ExpiringLRU[tuple[str, bool]] = _ExpiringLRU(max_entries=max_entries, clock=clock)
         self._ttl = ttl
         self._clock = clock
 
     def __len__(self) -> int:
         return len(self._lru)
 
-    def get(self, key: bytes) -> str | None:
+    def get(self, key: bytes) -> tuple[str, bool] | None:
         return self._lru.get(key)
 
-    def set(self, key: bytes, reason: str) -> None:
-        self._lru.put(key, reason, self._clock() + self._ttl)
+    def set(self, key: bytes, reason: str, security: bool = False) -> None:
+        self._lru.put(key, (reason, security), self._clock() + self._ttl)
 
 
 # -- level 2: shared by replicas ---------------------------------------------------------------------------
@@ -136,16 +137,26 @@ def dump_verified(value: VerifiedToken) -> bytes:
     return json.dumps(data, separators=(",", ":"), sort_keys=True).encode("utf-8")
 
 
+_DECODE: dict[str, Any] = {
+    "audience": tuple,
+    "scopes": frozenset,
+    "amr": tuple,
+    "cnf": frozen_mapping,
+    "claims": frozen_mapping,
+    "actor": lambda v: frozen_mapping(v) if v is not None else None,  # {} is still an actor, not "none"
+}
+
+
 def load_verified(raw: bytes) -> VerifiedToken:
+    """The inverse of `dump_verified`, field by field, so a field added to VerifiedToken cannot be dropped."""
     data = json.loads(raw)
-    return VerifiedToken(
-        issuer=data["issuer"], subject=data["subject"], audience=tuple(data["audience"]),
-        expires_at=data["expires_at"], token_id=data["token_id"], verifier=data["verifier"],
-        client_id=data["client_id"], scopes=frozenset(data["scopes"]), issued_at=data["issued_at"],
-        not_before=data["not_before"], auth_time=data["auth_time"], acr=data["acr"], amr=tuple(data["amr"]),
-        cnf=frozen_mapping(data["cnf"]), actor=frozen_mapping(data["actor"]) if data["actor"] else None,
-        claims=frozen_mapping(data["claims"]), key_id=data["key_id"], leeway=data["leeway"],
-    )
+    return VerifiedToken(**{
+        f.name: _DECODE.get(f.name, _same)(data[f.name]) for f in dataclasses.fields(VerifiedToken)
+    })
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 class SharedVerificationCache:
@@ -166,8 +177,9 @@ class SharedVerificationCache:
         self._timeout = timeout
         self._log = logger
 
-    def _mac(self, payload: bytes) -> bytes:
-        return hmac.new(self._secret, payload, hashlib.sha256).digest()
+    def _mac(self, key: bytes, payload: bytes) -> bytes:
+        """The MAC binds the entry to its cache key: a genuine entry copied under another token's key is void."""
+        return hmac.new(self._secret, b"ztmw-vt-v1\0" + key + payload, hashlib.sha256).digest()
 
     async def get(self, key: bytes) -> VerifiedToken | None:
         try:
@@ -178,7 +190,7 @@ class SharedVerificationCache:
         if not raw or len(raw) < 33:
             return None
         mac, payload = raw[:32], raw[32:]
-        if not hmac.compare_digest(mac, self._mac(payload)):
+        if not hmac.compare_digest(mac, self._mac(key, payload)):
             self._warn("ztmw.shared_cache_forged_entry", None)
             return None
         try:
@@ -192,7 +204,8 @@ class SharedVerificationCache:
             return
         payload = dump_verified(value)
         try:
-            await self._cache.set(key.hex(), self._mac(payload) + payload, ttl=int(ttl), timeout=self._timeout)
+            await self._cache.set(key.hex(), self._mac(key, payload) + payload, ttl=int(ttl),
+                                   timeout=self._timeout)
         except Exception as exc:
             self._warn("ztmw.shared_cache_unavailable", exc)
 

@@ -91,6 +91,7 @@ def verified_token(
     client_id: str | None,
     leeway: float,
     key_id: str | None = None,
+    key_thumbprint: str | None = None,
 ) -> VerifiedToken:
     """The `VerifiedToken` for checked claims; reads and validates sub, scope, acr, amr, auth_time, cnf, act."""
     subject = required(claims, "sub", str)
@@ -124,4 +125,5 @@ def verified_token(
         claims=MappingProxyType(claims) if isinstance(claims, dict) else frozen_mapping(claims),
         key_id=key_id,
         leeway=leeway,
+        key_thumbprint=key_thumbprint,
     )

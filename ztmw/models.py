@@ -98,6 +98,9 @@ class VerifiedToken:
     key_id: str | None = None
     leeway: float = 0.0
     """Seconds of clock skew the issuer allows; the per-request expiry re-check uses it too."""
+    key_thumbprint: str | None = None
+    """RFC 7638 thumbprint of the key that verified the signature: a cached result stands only while the
+    issuer still publishes that very key material (a new key under an old kid must not inherit trust)."""
 
 
 @dataclass(frozen=True, slots=True)

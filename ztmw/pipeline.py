@@ -84,14 +84,16 @@ class Pipeline:
             max_entries=config.cache.max_entries, max_ttl=config.cache.max_ttl, clock=clock
         )
         self.shared_cache = self._shared_cache(config, clock)
-        self.negative_cache = NegativeCache(ttl=config.cache.negative_ttl, clock=clock)
+        self.negative_cache = (
+            NegativeCache(ttl=config.cache.negative_ttl, clock=clock) if config.cache.negative_ttl > 0 else None
+        )
         if self.shared_cache is not None:
             self._cleanup.append(self.shared_cache.close)
         self.authenticator = Authenticator(
             token_verifiers=token_verifiers,
             binding_verifiers=bindings,
             cache=self.cache,
-            negative_cache=self.negative_cache if config.cache.negative_ttl > 0 else None,
+            negative_cache=self.negative_cache,
             shared_cache=self.shared_cache,
             max_shared_ttl=config.cache.max_ttl,
             identity=self._identity_chain(resolvers),
@@ -143,19 +145,31 @@ class Pipeline:
         return self._session
 
     async def start(self) -> None:
+        """Open the HTTP session and run the plugins' start-up hooks; on any failure, undo what was started."""
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         for plugin in self.plugins:
             self.log.info("ztmw.plugin_loaded", plugin=plugin.name, group=plugin.group,
                           distribution=plugin.distribution, version=plugin.version)
-        for hook in self._startup:
-            await hook()
+        try:
+            for hook in self._startup:
+                await hook()
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
+        """Run every cleanup hook even when one fails (their errors are raised together), then close HTTP."""
+        errors: list[Exception] = []
         for hook in reversed(self._cleanup):
-            await hook()
+            try:
+                await hook()
+            except Exception as exc:
+                errors.append(exc)
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if errors:
+            raise ExceptionGroup("ztmw cleanup hooks failed", errors)
 
     # -- per request ---------------------------------------------------------------------------------------
 

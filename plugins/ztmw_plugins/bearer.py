@@ -19,6 +19,7 @@ from ztmw.jws import (
     media_type_is,
     parse_compact,
     strict_json_object,
+    thumbprint,
     verify_signature,
 )
 from ztmw import claims as claims_
@@ -112,19 +113,24 @@ class BearerVerifier:
             raise InvalidToken("unsupported_algorithm", security=True)
         if not verify_signature(jws, found.key, alg):
             raise InvalidToken("bad_signature")
-        return self._claims(token, claims, issuer, iss, kid if kid is not None else found.kid)
+        return self._claims(token, claims, issuer, iss, kid if kid is not None else found.kid,
+                            thumbprint(found.key))
 
     def still_trusted(self, verified: VerifiedToken) -> bool:
         """A cached result stands only while the key that verified it is still published (JWKS rotation)."""
         issuer = self._issuers.get(verified.issuer)
-        return issuer is not None and (verified.key_id is None or issuer.keys.knows(verified.key_id))
+        if issuer is None:
+            return False
+        if verified.key_thumbprint is not None:
+            return issuer.keys.publishes(verified.key_thumbprint)
+        return verified.key_id is None or issuer.keys.knows(verified.key_id)
 
     def _known_elsewhere(self, kid: str, issuer: _Issuer) -> bool:
         """A kid of another configured issuer under this `iss`: a cross-issuer substitution (BCP-07)."""
         return any(other.keys.knows(kid) for other in self._issuers.values() if other is not issuer)
 
     def _claims(self, token: str, claims: Mapping[str, Any], issuer: _Issuer, iss: str,
-                kid: str | None) -> VerifiedToken:
+                kid: str | None, key_thumbprint: str) -> VerifiedToken:
         cfg = issuer.config
         if issuer.strict:
             for name in _RFC9068_REQUIRED:  # AT-08
@@ -144,6 +150,7 @@ class BearerVerifier:
         return claims_.verified_token(
             claims, token=token, verifier="bearer", issuer=cfg.issuer, audience=audience, expires_at=exp,
             not_before=nbf, issued_at=iat, client_id=client_id, leeway=cfg.leeway, key_id=kid,
+            key_thumbprint=key_thumbprint,
         )
 
 

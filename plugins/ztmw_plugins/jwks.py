@@ -90,7 +90,7 @@ class PublicKey:
 class KeyIndex:
     """The usable keys of one JWKS document, indexed by `kid` and by algorithm; immutable once built."""
 
-    __slots__ = ("by_kid", "by_alg", "keys", "fingerprints", "identity")
+    __slots__ = ("by_kid", "by_alg", "keys", "fingerprints", "identity", "thumbprints")
 
     def __init__(self, keys: list[PublicKey]) -> None:
         self.keys = tuple(keys)
@@ -99,6 +99,7 @@ class KeyIndex:
         # for; a kid whose fingerprint changes between fetches counts as removed (its old key is gone)
         self.fingerprints = {k.kid: (k.key.thumbprint(), k.algorithms) for k in keys if k.kid is not None}
         self.identity = frozenset((k.kid, k.key.thumbprint(), k.algorithms) for k in keys)
+        self.thumbprints = frozenset(k.key.thumbprint() for k in keys)
         by_alg: dict[str, list[PublicKey]] = {}
         for key in keys:
             for alg in key.algorithms:
@@ -252,6 +253,11 @@ class KeySet:
     def lifetime(self) -> float | None:
         """Freshness lifetime (seconds) of the last fetched set; None for a `jwks_file` or before a fetch."""
         return self._lifetime
+
+    def publishes(self, thumbprint: str) -> bool:
+        """Whether this exact key material is among the issuer's current keys (no fetch): a cached token
+        verified by a key that was withdrawn, or replaced under the same kid, is no longer trusted."""
+        return self._index is not None and thumbprint in self._index.thumbprints
 
     def knows(self, kid: str) -> bool:
         """Whether `kid` is one of this issuer's current keys (no fetch); used to flag cross-issuer keys."""

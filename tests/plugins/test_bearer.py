@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from ztmw.config import Config, load_config
 from ztmw.errors import DESCRIPTIONS, ConfigurationError, InvalidToken, UpstreamUnavailable
+from ztmw.jws import import_public_jwk
 from ztmw.models import VerifiedToken
 from ztmw.testing.clock import FakeClock
 from ztmw.testing.issuer import DevIssuer
@@ -154,6 +155,7 @@ async def test_valid_token_fills_every_field(issuer: DevIssuer, verifier: Bearer
         scopes=frozenset({"read", "write"}), issued_at=float(int(clock.now)), not_before=float(int(clock.now)),
         auth_time=clock.now - 10, acr="urn:acr:2", amr=("pwd", "otp"), cnf={"jkt": "x" * 43},
         actor={"sub": "svc"}, claims=decode(token)[1], key_id=issuer.kid, leeway=30.0,
+        key_thumbprint=import_public_jwk(issuer.jwks()["keys"][0]).thumbprint(),
     )
 
 
