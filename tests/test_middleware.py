@@ -305,3 +305,51 @@ async def test_proven_caller_rule_needs_a_certificate_or_a_bound_token(
     bound = issuer.mint(scope="items:read", cnf=cert.cnf)
     assert (await get(client, Authorization=f"Bearer {bound}",
                       **{"Client-Cert": cert.rfc9440_header()})).status == 200
+
+
+async def test_no_rule_is_403_even_with_a_malformed_certificate_header(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    config = base_config(issuer, verifiers={"enabled": ["bearer", "mtls"]},
+                         mtls={"source": "header", "trusted_proxies": ["127.0.0.1/32"]})
+    app = items_app()
+    ztmw.setup(app, config, clock=clock)
+    client = await aiohttp_client(app)
+    assert (await get(client, "/admin", **{"Client-Cert": ":not base64:"})).status == 403
+    assert (await get(client, "/items", **{"Client-Cert": ":not base64:"})).status == 400
+
+
+async def test_no_credentials_body_names_no_rfc_error_code(client: Any) -> None:
+    response = await get(client)
+    assert response.status == 401
+    assert await response.json() == {"error": "authentication_required"}
+
+
+async def test_sec_04_http_08_query_token_never_authenticates(client: Any, issuer: DevIssuer) -> None:
+    token = issuer.mint(scope="items:read")
+    assert (await get(client, f"/items?access_token={token}")).status == 401
+    assert (await get(client, f"/items?access_token={token}", Authorization=f"Bearer {token}")).status == 400
+
+
+async def test_http_13_tokens_in_cookies_are_not_read(client: Any, issuer: DevIssuer) -> None:
+    token = issuer.mint(scope="items:read")
+    response = await get(client, Cookie=f"access_token={token}; Authorization=Bearer%20{token}")
+    assert response.status == 401
+
+
+async def test_mtls_13_responses_selected_by_a_forwarded_certificate_vary_on_it(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    from ztmw.testing import TestCA
+
+    cert = TestCA().client_cert("client-a")
+    config = base_config(issuer, verifiers={"enabled": ["bearer", "mtls"]},
+                         mtls={"source": "header", "trusted_proxies": ["127.0.0.1/32"]})
+    app = items_app()
+    ztmw.setup(app, config, clock=clock)
+    client = await aiohttp_client(app)
+    bound = issuer.mint(scope="items:read", cnf=cert.cnf)
+    for headers in ({"Authorization": f"Bearer {bound}", "Client-Cert": cert.rfc9440_header()},
+                    {"Authorization": f"Bearer {bound}"}, {}):
+        response = await get(client, **headers)
+        assert "Client-Cert" in response.headers.getall("Vary", []), response.status

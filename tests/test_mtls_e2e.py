@@ -164,7 +164,7 @@ async def tls_base(issuer: DevIssuer, clock: FakeClock, ca: TestCA) -> AsyncIter
         yield base
 
 
-async def test_bound_token_with_its_certificate_is_allowed_and_the_handler_sees_the_certificate(
+async def test_mtls_01_bound_token_with_its_certificate_is_allowed_and_the_handler_sees_the_certificate(
     tls_base: str, issuer: DevIssuer, ca: TestCA, alice_cert: ClientCert
 ) -> None:
     token = issuer.mint("alice", scope="items:read", cnf=alice_cert.cnf)
@@ -197,7 +197,7 @@ async def test_email_san_of_the_certificate_reaches_the_handler(
     assert "email:mallory@client.test" in certificate["san"]
 
 
-async def test_bound_token_with_another_certificate_is_invalid_token(
+async def test_mtls_01_mtls_02_bound_token_with_another_certificate_is_invalid_token(
     tls_base: str, issuer: DevIssuer, ca: TestCA, alice_cert: ClientCert, mallory_cert: ClientCert
 ) -> None:
     """RESP-11 / MTLS-02: a stolen bound token used from another certificate; flagged as a security event."""

@@ -14,7 +14,7 @@ import ssl
 import subprocess
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import structlog
 from aiohttp import web
@@ -58,10 +58,14 @@ def load_factory(spec: str | None, extra_args: Sequence[str]) -> web.Application
               if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     result = factory(list(extra_args)) if params else factory()
     if inspect.isawaitable(result):
-        result = asyncio.new_event_loop().run_until_complete(result)
+        result = asyncio.run(_awaited(result))
     if not isinstance(result, web.Application):
         raise SystemExit(f"ztmw: {spec} did not return an aiohttp.web.Application")
     return result
+
+
+async def _awaited(result: Any) -> Any:
+    return await result
 
 
 def _config_or_exit(path: str) -> Config:

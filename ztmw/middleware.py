@@ -17,7 +17,7 @@ from aiohttp import web
 
 from .client_cert import certificate_from_request
 from .config import Config, load_config
-from .errors import AuthError, UpstreamUnavailable
+from .errors import AccessDenied, AuthError, UpstreamUnavailable
 from .models import ANONYMOUS_TRUST, Decision, Principal, RequestView, RouteRef, TrustAssessment
 from .pipeline import Outcome, Pipeline
 from .typing import AuditSink, Clock
@@ -137,8 +137,10 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
 async def _decide(request: web.Request, pipeline: Pipeline) -> tuple[RequestView, Outcome]:
     try:
         view = request_view(request, pipeline)
-    except AuthError as error:
+    except AuthError as error:  # a malformed forwarded-certificate header
         view = _bare_view(request)
+        if pipeline.rule_for(view) is None:  # a route no rule covers is 403 whatever else is wrong
+            error = AccessDenied("no_rule")
         outcome = Outcome(Decision(False, error.reason, None, error.status), error=error)
         return view, outcome
     outcome = await pipeline.evaluate(view)
@@ -184,8 +186,10 @@ def _error_response(pipeline: Pipeline, error: AuthError | UpstreamUnavailable) 
             body["error_description"] = error.description
     elif isinstance(error, UpstreamUnavailable):
         body["error"] = "temporarily_unavailable"
-    else:
+    elif error.status == 403:
         body["error"] = "access_denied"
+    else:  # no credentials: the challenge carries no error code (RFC 6750 §3.1); the body just says why
+        body["error"] = "authentication_required"
     response = web.Response(status=rendered.status, text=json.dumps(body), content_type="application/json")
     for name, value in rendered.headers:
         response.headers.add(name, value)

@@ -106,7 +106,7 @@ class Pipeline:
                                  public=True))
         self.policy = RulePolicy(rules, acr_levels=config.trust.acr,
                                  conditions={p.name: p.instance for p in conditions},
-                                 owner_requires_link=config.owner_requires_link)
+                                 owner_requires_link=config.owner_requires_link, logger=self.log)
         self.trust = TrustChain([(p.name, p.instance) for p in evaluators], self.log)
         self.audit_sink: AuditSink | None = None
         if config.audit.enabled:

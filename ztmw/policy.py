@@ -7,7 +7,7 @@ are even looked at, because nothing could allow it.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 from .config import Levels, Rule
 from .errors import (
@@ -52,8 +52,10 @@ class RulePolicy:
         acr_levels: Mapping[str, Levels] | None = None,
         conditions: Mapping[str, Condition] | None = None,
         owner_requires_link: bool = False,
+        logger: Any = None,
     ) -> None:
         self._owner_requires_link = owner_requires_link
+        self._log = logger
         self.rules = tuple(rules)
         self._conditions = dict(conditions or {})
         missing = {c for rule in self.rules for c in rule.conditions} - set(self._conditions)
@@ -78,6 +80,8 @@ class RulePolicy:
             try:
                 satisfied = self._conditions[name].check(principal, trust, request)
             except Exception:  # a broken predicate denies (SEC-07), it never allows and never answers 500
+                if self._log is not None:
+                    self._log.exception("ztmw.plugin_error", plugin=name, group="ztmw.conditions")
                 raise UpstreamUnavailable("plugin_error") from None
             if satisfied is not True:
                 raise AccessDenied("condition_failed", params={"condition": name})
