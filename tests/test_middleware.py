@@ -353,3 +353,31 @@ async def test_mtls_13_responses_selected_by_a_forwarded_certificate_vary_on_it(
                     {"Authorization": f"Bearer {bound}"}, {}):
         response = await get(client, **headers)
         assert "Client-Cert" in response.headers.getall("Vary", []), response.status
+
+
+async def test_stage_middlewares_audit_security_refusals_and_cache_results(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    from ztmw.testing import DPoPKey
+
+    pipeline = ztmw.Pipeline(ztmw.load_config(base_config(issuer, verifiers={"enabled": ["bearer", "dpop"]})),
+                             clock=clock)
+
+    async def lifetime(app: web.Application) -> Any:
+        await pipeline.start()
+        yield
+        await pipeline.close()
+
+    app = items_app()
+    app.middlewares.extend([ztmw.audit_middleware(pipeline), ztmw.authentication_middleware(pipeline),
+                            ztmw.authorization_middleware(pipeline)])
+    app.cleanup_ctx.append(lifetime)
+    client = await aiohttp_client(app)
+    bound = issuer.mint(scope="items:read", cnf={"jkt": DPoPKey().thumbprint})
+    plain = issuer.mint(scope="items:read")
+    with capture_logs() as events:
+        assert (await get(client, Authorization=f"Bearer {bound}")).status == 401  # downgrade
+        assert (await get(client, Authorization=f"Bearer {plain}")).status == 200
+    audited = [(e["event"], e["reason"], e.get("cache")) for e in events if e["event"].startswith("ztmw.")]
+    assert audited == [("ztmw.security", "dpop_bound_token_as_bearer", None),
+                       ("ztmw.decision", "allowed", "miss")]

@@ -27,6 +27,9 @@ TRUST: web.RequestKey[TrustAssessment] = web.RequestKey("ztmw.trust", TrustAsses
 DECISION: web.RequestKey[Decision] = web.RequestKey("ztmw.decision", Decision)
 PIPELINE: web.AppKey[Pipeline] = web.AppKey("ztmw.pipeline", Pipeline)
 _VIEW: web.RequestKey[RequestView] = web.RequestKey("ztmw.view", RequestView)
+# what the stage middlewares hand the audit stage besides the public keys
+_ERROR: web.RequestKey[Any] = web.RequestKey("ztmw.error", object)
+_CACHE: web.RequestKey[str] = web.RequestKey("ztmw.cache", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -163,12 +166,18 @@ async def _call_handler(
     finally:
         pipeline.audit(view, outcome, status, started)
     if not response.prepared:
-        extra = pipeline.response_headers(view, True)
+        _decorate(pipeline, view, response)
+    return response
+
+
+def _decorate(pipeline: Pipeline, view: RequestView, response: web.StreamResponse) -> None:
+    """What every allowed response carries: plugin headers (a fresh DPoP nonce) and the cache rules."""
+    extra = pipeline.response_headers(view, True)
+    if extra:
         response.headers.update(extra)
         if "DPoP-Nonce" in extra:
             response.headers["Cache-Control"] = "no-store"  # RFC 9449 §8.2: a nonce must not be cached
-        _vary_on_certificate_header(pipeline, response)
-    return response
+    _vary_on_certificate_header(pipeline, response)
 
 
 def _vary_on_certificate_header(pipeline: Pipeline, response: web.StreamResponse) -> None:
@@ -212,13 +221,14 @@ def authentication_middleware(pipeline: Pipeline) -> Any:
             principal = authentication.principal if authentication else None
             trust = pipeline.trust.evaluate(principal, view)
         except (AuthError, UpstreamUnavailable) as error:
-            request[DECISION] = Decision(False, error.reason, None, error.status)
-            return _error_response(pipeline, error)
+            return _refuse(request, pipeline, error)
         request[PRINCIPAL] = principal
         request[TRUST] = trust
+        if authentication is not None:
+            request[_CACHE] = authentication.cache
         response = await handler(request)
         if not response.prepared:
-            _vary_on_certificate_header(pipeline, response)
+            _decorate(pipeline, view, response)
         return response
 
     return authenticate
@@ -237,8 +247,7 @@ def authorization_middleware(pipeline: Pipeline) -> Any:
             trust = request.get(TRUST) or pipeline.trust.evaluate(principal, view)
             decision = pipeline.authorize(view, principal, trust)
         except (AuthError, UpstreamUnavailable) as error:
-            request[DECISION] = Decision(False, error.reason, None, error.status)
-            return _error_response(pipeline, error)
+            return _refuse(request, pipeline, error)
         request[DECISION] = decision
         return await handler(request)
 
@@ -262,11 +271,18 @@ def audit_middleware(pipeline: Pipeline) -> Any:
         finally:
             if request.match_info.http_exception is None:
                 decision = request.get(DECISION) or Decision(False, "no_decision", None, status)
-                principal = request.get(PRINCIPAL)
-                outcome = Outcome(decision, principal, request.get(TRUST) or ANONYMOUS_TRUST)
+                outcome = Outcome(decision, request.get(PRINCIPAL), request.get(TRUST) or ANONYMOUS_TRUST,
+                                  request.get(_ERROR), request.get(_CACHE))
                 pipeline.audit(_bare_view(request), outcome, status, started)
 
     return audit
+
+
+def _refuse(request: web.Request, pipeline: Pipeline, error: AuthError | UpstreamUnavailable) -> web.Response:
+    """A stage's refusal, published for the audit stage (reason, security flag) and rendered."""
+    request[DECISION] = Decision(False, error.reason, None, error.status)
+    request[_ERROR] = error
+    return _error_response(pipeline, error)
 
 
 def _bare_view(request: web.Request) -> RequestView:
