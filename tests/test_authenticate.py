@@ -34,7 +34,7 @@ async def protected(aiohttp_client: Any, config: dict[str, Any], clock: FakeCloc
     pipeline = ztmw.setup(app, config, clock=clock)
     counting = CountingVerifier(pipeline.authenticator._token_verifiers[0])
     pipeline.authenticator._token_verifiers = (counting,)
-    pipeline.authenticator._by_name = {counting.name: counting}
+    pipeline.authenticator._still_trusted_by_name = {counting.name: counting.still_trusted}
     return await aiohttp_client(app), pipeline, counting
 
 

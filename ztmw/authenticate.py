@@ -14,7 +14,7 @@ from .cache import MemoryVerificationCache, NegativeCache, SharedVerificationCac
 from .client_cert import describe_certificate
 from .errors import AuthError, InvalidToken, TokenBindingMismatch, UpstreamUnavailable
 from .models import Binding, Caller, Credential, Principal, RequestView, VerifiedToken
-from .typing import BindingVerifier, Clock, IdentityResolver, TokenVerifier
+from .typing import BindingVerifier, Clock, IdentityResolver, RevocableVerifier, TokenVerifier
 
 
 CacheResult = Literal["hit", "shared", "miss"]
@@ -54,7 +54,10 @@ class Authenticator:
         self._cache = cache
         self._negative = negative_cache
         self._shared = shared_cache
-        self._by_name = {v.name: v for v in self._token_verifiers}
+        # bound once: on every cache hit the core asks the verifier whether its result still stands
+        self._still_trusted_by_name = {
+            v.name: v.still_trusted for v in self._token_verifiers if isinstance(v, RevocableVerifier)
+        }
         self._schemes = frozenset({"bearer"} | {b.scheme for b in self._bindings.values() if b.scheme})
         self._max_shared_ttl = max_shared_ttl
         self._identity = identity
@@ -144,7 +147,7 @@ class Authenticator:
 
     def _still_trusted(self, verified: VerifiedToken) -> bool:
         """Asks the verifier, when it can tell, whether what it concluded still stands (key still published)."""
-        check = getattr(self._by_name.get(verified.verifier), "still_trusted", None)
+        check = self._still_trusted_by_name.get(verified.verifier)
         return True if check is None else bool(check(verified))
 
     def _check_still_valid(self, verified: VerifiedToken) -> None:

@@ -20,7 +20,7 @@ from .config import Config, load_config
 from .errors import AccessDenied, AuthError, UpstreamUnavailable
 from .models import ANONYMOUS_TRUST, Decision, Principal, RequestView, RouteRef, TrustAssessment
 from .pipeline import Outcome, Pipeline
-from .typing import AuditSink, Clock
+from .typing import AuditSink, Clock, RouteProvider
 
 PRINCIPAL: web.RequestKey[Principal | None] = web.RequestKey("ztmw.principal", Principal)
 TRUST: web.RequestKey[TrustAssessment] = web.RequestKey("ztmw.trust", TrustAssessment)
@@ -50,7 +50,9 @@ def setup(
     if config.metadata_enabled:
         app.router.add_get(config.metadata_path, _metadata_handler(pipeline), name="ztmw-metadata")
     for plugin in pipeline.plugins:  # e.g. a metrics endpoint; still deny-by-default: a rule must allow it
-        for method, path, handler in getattr(plugin.instance, "web_routes", lambda: ())():
+        if not isinstance(plugin.instance, RouteProvider):
+            continue
+        for method, path, handler in plugin.instance.web_routes():
             app.router.add_route(method, path, handler, name=f"ztmw-plugin-{plugin.name}-{method.lower()}")
     app.middlewares.append(zero_trust_middleware(pipeline))
     return pipeline

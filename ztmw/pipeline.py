@@ -27,7 +27,7 @@ from .models import ANONYMOUS_TRUST, AuditEvent, Decision, Principal, RequestVie
 from .policy import RulePolicy
 from .registry import LoadedPlugin, load_plugin
 from .trust import TrustChain
-from .typing import AuditSink, BindingVerifier, Clock, PluginDeps, TokenVerifier
+from .typing import AuditSink, BindingVerifier, Clock, PluginDeps, ResponseDecorator, TokenVerifier
 
 METADATA_RULE_ID = "ztmw-metadata"
 
@@ -112,14 +112,16 @@ class Pipeline:
         if config.audit.enabled:
             self.audit_sink = audit_sink or AuditFanout([p.instance for p in sinks])
         dpop = next((b for b in bindings if b.scheme == "dpop"), None)
-        self.dpop_algs: tuple[str, ...] | None = tuple(getattr(dpop, "algorithms", ())) or None if dpop else None
+        self.dpop_algs: tuple[str, ...] | None = None
+        if dpop is not None:
+            self.dpop_algs = tuple(getattr(dpop, "algorithms", ())) or None
         self.mtls_enabled = any(b.cnf_member == "x5t#S256" for b in bindings)
         self.renderer = ChallengeRenderer(
             realm=config.resource.realm,
             dpop_algs=self.dpop_algs,
             resource_metadata=config.metadata_url if config.metadata_enabled else None,
         )
-        self._decorators = [p.instance for p in verifiers if hasattr(p.instance, "response_headers")]
+        self._decorators = [p.instance for p in verifiers if isinstance(p.instance, ResponseDecorator)]
 
     def _identity_chain(self, resolvers: list[LoadedPlugin]) -> IdentityChain | None:
         """None when nothing could ever link (only the config resolver, and no links): saves an await a request."""
@@ -222,6 +224,8 @@ class Pipeline:
 
     def response_headers(self, request: RequestView, allowed: bool) -> dict[str, str]:
         headers: dict[str, str] = {}
+        if not self._decorators:
+            return headers
         for decorator in self._decorators:
             headers.update(decorator.response_headers(request, allowed))
         return headers

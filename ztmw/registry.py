@@ -31,6 +31,8 @@ def available(group: str) -> dict[str, EntryPoint]:
 
 
 def load_plugin(group: str, name: str, settings: Mapping[str, Any], deps: PluginDeps) -> LoadedPlugin:
+    if group not in GROUPS:
+        raise ValueError(f"not a ztmw plugin group: {group}")
     found = available(group)
     entry_point = found.get(name)
     if entry_point is None:

@@ -7,7 +7,7 @@ resolved from entry points by name; the object an entry point names is a `Plugin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Mapping, Protocol, runtime_checkable
 
 from .models import AuditEvent, Credential, Principal, RequestView, TrustAssessment, VerifiedToken
 
@@ -46,14 +46,37 @@ class BindingVerifier(Protocol):
     name: str
     cnf_member: str
     scheme: str | None
+    # a binding with its own scheme (DPoP) also has `algorithms`: the proof algorithms for challenges and
+    # RFC 9728 metadata
 
     async def confirm(self, verified: VerifiedToken, credential: Credential, request: RequestView) -> str: ...
 
 
+@runtime_checkable
+class RevocableVerifier(Protocol):
+    """Optional on a token verifier: says whether a cached result still stands (its key is still published).
+
+    Called on every cache hit, so it must be a cheap, synchronous lookup; False makes the core verify again.
+    """
+
+    def still_trusted(self, verified: VerifiedToken) -> bool: ...
+
+
+@runtime_checkable
 class ResponseDecorator(Protocol):
-    """Optional on a plugin: adds headers to responses (for example a fresh DPoP nonce)."""
+    """Optional on a plugin: adds headers to allowed responses (for example a fresh DPoP nonce)."""
 
     def response_headers(self, request: RequestView, allowed: bool) -> Mapping[str, str]: ...
+
+
+@runtime_checkable
+class RouteProvider(Protocol):
+    """Optional on a plugin: routes it serves (a metrics endpoint). They are still denied unless a rule allows.
+
+    Returns (method, path, handler) triples, the handler an aiohttp handler.
+    """
+
+    def web_routes(self) -> Iterable[tuple[str, str, Callable[..., Awaitable[Any]]]]: ...
 
 
 class ReplayStore(Protocol):

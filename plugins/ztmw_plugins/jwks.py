@@ -15,7 +15,8 @@ lookups fail closed with `UpstreamUnavailable` until a fetch succeeds. An unknow
 fetch per cooldown, shared by all requests that wait, and a kid a successful fetch proved absent is
 remembered (bounded, LRU) so that requests naming it again fail at once instead of waiting on or triggering
 a fetch. Every successful fetch that changes the keys bumps `version`; one that removes keys notifies the
-`on_change` callbacks (the token cache drops what those keys verified).
+`on_change` callbacks, for operators who want to act on removals. The token cache itself does not depend on
+them: it asks `publishes(thumbprint)` on every hit, so a withdrawn or replaced key stops vouching at once.
 """
 
 from __future__ import annotations
