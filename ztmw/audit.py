@@ -8,6 +8,7 @@ certificate headers) are logged at warning level so they stand out.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from typing import Any, Literal, Mapping, Sequence
 
@@ -18,6 +19,7 @@ from .models import AuditEvent
 from .typing import AuditSink, PluginDeps
 
 
+@functools.lru_cache(maxsize=16384)  # the same subjects recur request after request; bounded
 def hash_subject(subject: str) -> str:
     """A stable pseudonym: the same subject always maps to the same value, the value does not reveal it."""
     return "sha256:" + hashlib.sha256(subject.encode("utf-8", "surrogatepass")).hexdigest()[:24]

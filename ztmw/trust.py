@@ -21,8 +21,9 @@ class MappingTrustEvaluator:
     name = "mapping"
 
     def __init__(self, config: TrustConfig, clock: Clock) -> None:
-        self._acr = config.acr
-        self._amr = config.amr
+        # (levels, explanation) per known value, built once: the per-request work is two dict lookups
+        self._acr = {v: (lv, f"acr={v}:aal{lv.aal}/ial{lv.ial}") for v, lv in config.acr.items()}
+        self._amr = {m: (lv, f"amr={m}:aal{lv.aal}/ial{lv.ial}") for m, lv in config.amr.items()}
         self._clock = clock
 
     def evaluate(
@@ -33,17 +34,18 @@ class MappingTrustEvaluator:
         token = principal.token
         aal, ial = current.aal, current.ial  # refine what earlier evaluators found; never forget their reasons
         inputs: list[str] = list(current.inputs)
-        if token.acr is not None and token.acr in self._acr:
-            levels = self._acr[token.acr]
-            aal, ial = max(aal, levels.aal), max(ial, levels.ial)
-            inputs.append(f"acr={token.acr}:aal{levels.aal}/ial{levels.ial}")
-        elif token.acr is not None:  # kept for acr_values rules, worth nothing for levels (AMR-03)
-            inputs.append(f"acr={token.acr}:unmapped")
+        if token.acr is not None:
+            known = self._acr.get(token.acr)
+            if known is not None:
+                aal, ial = max(aal, known[0].aal), max(ial, known[0].ial)
+                inputs.append(known[1])
+            else:  # kept for acr_values rules, worth nothing for levels (AMR-03)
+                inputs.append(f"acr={token.acr}:unmapped")
         for method in token.amr:
-            levels = self._amr.get(method)
-            if levels is not None:
-                aal, ial = max(aal, levels.aal), max(ial, levels.ial)
-                inputs.append(f"amr={method}:aal{levels.aal}/ial{levels.ial}")
+            known = self._amr.get(method)
+            if known is not None:
+                aal, ial = max(aal, known[0].aal), max(ial, known[0].ial)
+                inputs.append(known[1])
         auth_age = current.auth_age
         if token.auth_time is not None:
             auth_age = max(0.0, self._clock() - token.auth_time)
