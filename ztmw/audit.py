@@ -14,7 +14,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import structlog
 
-from .errors import ConfigurationError
+from .config import check_plugin_settings
 from .models import AuditEvent
 from .typing import AuditSink, PluginDeps
 
@@ -56,8 +56,7 @@ def subject_for_audit(subject: str | None, mode: Literal["hash", "plain", "omit"
 
 def create_structlog_sink(settings: Mapping[str, Any], deps: PluginDeps) -> StructlogAuditSink:
     """Entry point `structlog` in `ztmw.audit_sinks` (the default)."""
-    if settings:
-        raise ConfigurationError(f"plugins.structlog: unknown key {sorted(settings)[0]} (use [audit] logger)")
+    check_plugin_settings(settings, "structlog", hint="use [audit] logger")
     return StructlogAuditSink(deps.config.audit.logger)
 
 

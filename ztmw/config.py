@@ -171,6 +171,17 @@ class Config:
         return unquote(urlsplit(self.metadata_url).path)
 
 
+def check_plugin_settings(
+    settings: Mapping[str, Any], plugin: str, allowed: Iterable[str] = (), *, hint: str = ""
+) -> None:
+    """The one "unknown key" check every plugin factory runs on its `[plugins.<name>]` table (typo protection)."""
+    allowed = set(allowed)
+    unknown = sorted(set(settings) - allowed)
+    if unknown:
+        what = f"allowed: {', '.join(sorted(allowed))}" if allowed else f"{plugin} takes no settings"
+        raise ConfigurationError(f"unknown key plugins.{plugin}.{unknown[0]} ({what}{'; ' + hint if hint else ''})")
+
+
 def load_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> Config:
     """Read a TOML file (or a dict of the same shape) into a validated, frozen `Config`."""
     if isinstance(source, Mapping):

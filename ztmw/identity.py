@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping, Sequence
 
-from .config import IdentityLink
-from .errors import ConfigurationError, UpstreamUnavailable
+from .config import IdentityLink, check_plugin_settings
+from .errors import UpstreamUnavailable
 from .typing import IdentityResolver, PluginDeps
 
 
@@ -27,8 +27,7 @@ class ConfigIdentityResolver:
 
 def create_config_resolver(settings: Mapping[str, Any], deps: PluginDeps) -> ConfigIdentityResolver:
     """Entry point `config` in `ztmw.identity_resolvers`: the `[[identity.links]]` of the configuration."""
-    if settings:
-        raise ConfigurationError(f"plugins.config: unknown key {sorted(settings)[0]} (use [[identity.links]])")
+    check_plugin_settings(settings, "config", hint="use [[identity.links]]")
     return ConfigIdentityResolver(deps.config.identity_links)
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from .config import TrustConfig
-from .errors import ConfigurationError, UpstreamUnavailable
+from .config import TrustConfig, check_plugin_settings
+from .errors import UpstreamUnavailable
 from .models import ANONYMOUS_TRUST, Principal, RequestView, TrustAssessment
 from .typing import Clock, PluginDeps, TrustEvaluator
 
@@ -60,8 +60,7 @@ class MappingTrustEvaluator:
 
 def create_mapping_evaluator(settings: Mapping[str, Any], deps: PluginDeps) -> MappingTrustEvaluator:
     """Entry point `mapping` in `ztmw.trust_evaluators`: configured by `[trust.acr]` and `[trust.amr]`."""
-    if settings:
-        raise ConfigurationError(f"plugins.mapping: unknown key {sorted(settings)[0]} (configure [trust] instead)")
+    check_plugin_settings(settings, "mapping", hint="configure [trust] instead")
     return MappingTrustEvaluator(deps.config.trust, deps.clock)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ztmw.config import IssuerConfig
+from ztmw.config import IssuerConfig, check_plugin_settings
 from ztmw.errors import ConfigurationError, InvalidToken, UpstreamUnavailable
 from ztmw.jws import (
     MalformedJWS,
@@ -28,15 +28,12 @@ from ztmw.typing import PluginDeps
 
 from .jwks import KeySet
 
-_SETTINGS: frozenset[str] = frozenset()
 _RFC9068_REQUIRED = ("sub", "client_id", "iat", "jti")
 
 
 def create(settings: Mapping[str, Any], deps: PluginDeps) -> BearerVerifier:
     """Entry point `ztmw.verifiers: bearer`. No settings of its own: issuers come from the shared config."""
-    unknown = sorted(set(settings) - _SETTINGS)
-    if unknown:
-        raise ConfigurationError(f"unknown key plugins.bearer.{unknown[0]} (bearer takes no settings)")
+    check_plugin_settings(settings, "bearer")
     if not deps.config.issuers:
         raise ConfigurationError("issuers: the bearer verifier needs at least one [[issuers]] table")
     return BearerVerifier(deps)

@@ -26,6 +26,7 @@ from datetime import datetime, time as dtime
 from typing import Any, Mapping, Sequence
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from ztmw.config import check_plugin_settings
 from ztmw.errors import ConfigurationError
 from ztmw.models import Principal, RequestView, TrustAssessment
 from ztmw.typing import Clock, PluginDeps
@@ -37,11 +38,7 @@ MINUTES_PER_DAY = 24 * 60
 
 
 def _only(settings: Mapping[str, Any], section: str, allowed: Sequence[str]) -> None:
-    unknown = sorted(set(settings) - set(allowed))
-    if unknown:
-        raise ConfigurationError(
-            f"unknown key plugins.{section}.{unknown[0]} (allowed: {', '.join(sorted(allowed))})"
-        )
+    check_plugin_settings(settings, section, allowed)
 
 
 def _string_list(value: Any, key: str) -> list[str]:

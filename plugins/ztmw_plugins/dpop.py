@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from ztmw.config import check_plugin_settings
 from ztmw import jws
 from ztmw.config import ASYMMETRIC_ALGORITHMS, DPoPConfig
 from ztmw.errors import ConfigurationError, InvalidDPoPProof, InvalidToken, TokenBindingMismatch, UseDPoPNonce
@@ -315,11 +316,7 @@ def _remove_dot_segments(path: str) -> str:
 
 def create(settings: Mapping[str, Any], deps: PluginDeps) -> DPoPVerifier:
     """Entry point `ztmw.verifiers: dpop`. Optional settings: replay_max_entries, redis_timeout (seconds)."""
-    unknown = set(settings) - _SETTINGS
-    if unknown:
-        raise ConfigurationError(
-            f"plugins.dpop: unknown keys {sorted(unknown)}; allowed: {sorted(_SETTINGS)}"
-        )
+    check_plugin_settings(settings, "dpop", _SETTINGS)
     max_entries = settings.get("replay_max_entries", DEFAULT_MAX_ENTRIES)
     if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
         raise ConfigurationError("plugins.dpop.replay_max_entries: a positive integer")

@@ -42,7 +42,7 @@ import aiohttp
 
 from ztmw.errors import ConfigurationError, InvalidToken, UpstreamUnavailable
 from ztmw import claims as claims_
-from ztmw.config import is_loopback_host
+from ztmw.config import check_plugin_settings, is_loopback_host
 from ztmw.jws import MalformedJWS, b64url_decode, strict_json_object
 from ztmw.models import VerifiedToken
 from ztmw.typing import PluginDeps
@@ -82,11 +82,7 @@ class _Settings:
     """`[plugins.introspection]`, validated strictly: every error names the key (unknown keys too)."""
 
     def __init__(self, raw: Mapping[str, Any], deps: PluginDeps) -> None:
-        unknown = sorted(set(raw) - _SETTINGS)
-        if unknown:
-            raise ConfigurationError(
-                f"unknown key plugins.introspection.{unknown[0]} (allowed: {', '.join(sorted(_SETTINGS))})"
-            )
+        check_plugin_settings(raw, "introspection", _SETTINGS)
         self.endpoint = _endpoint(raw.get("endpoint"))
         self.client_id = _string(raw, "client_id")
         secret_env = _string(raw, "client_secret_env")

@@ -40,6 +40,7 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping
 
 from aiohttp import web
 
+from ztmw.config import check_plugin_settings
 from ztmw.errors import DESCRIPTIONS, ConfigurationError
 from ztmw.models import AuditEvent
 from ztmw.typing import PluginDeps
@@ -186,9 +187,7 @@ def _path(value: Any) -> str:
 
 def create(settings: Mapping[str, Any], deps: PluginDeps) -> MetricsSink:
     """Entry point `metrics` in `ztmw.audit_sinks`."""
-    unknown = sorted(set(settings) - {"path"})
-    if unknown:
-        raise ConfigurationError(f"unknown key plugins.metrics.{unknown[0]} (allowed: path)")
+    check_plugin_settings(settings, "metrics", {"path"})
     if CollectorRegistry is None:  # pragma: no cover
         raise ConfigurationError("plugins.metrics: needs prometheus-client (pip install 'ztmw[metrics]')")
     rules = getattr(deps.config, "rules", ())

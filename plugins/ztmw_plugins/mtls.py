@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping, TypeGuard
 
+from ztmw.config import check_plugin_settings
 from ztmw.client_cert import certificate_thumbprint
-from ztmw.config import MTLSConfig
-from ztmw.errors import ConfigurationError, InvalidToken, TokenBindingMismatch
+from ztmw.errors import InvalidToken, TokenBindingMismatch
 from ztmw.jws import MalformedJWS, b64url_decode, constant_time_equals
 from ztmw.models import Credential, RequestView, VerifiedToken
 from ztmw.typing import PluginDeps
@@ -21,8 +21,6 @@ CNF_MEMBER = "x5t#S256"
 _THUMBPRINT_LENGTH = 43  # unpadded base64url of a 32-byte SHA-256 digest
 # The plugin's settings ([plugins.mtls]) have no keys: where the certificate comes from is the [mtls] table,
 # read by the adapter. A key nobody reads is a typo or a misplaced [mtls] key and must stop start-up.
-_SETTINGS: frozenset[str] = frozenset()
-_MTLS_KEYS = frozenset(MTLSConfig.__dataclass_fields__)
 
 
 class MTLSVerifier:
@@ -63,8 +61,5 @@ def _is_canonical_thumbprint(value: Any) -> TypeGuard[str]:
 
 def create(settings: Mapping[str, Any], deps: PluginDeps) -> MTLSVerifier:
     """Entry point `ztmw.verifiers: mtls`."""
-    unknown = sorted(set(settings) - _SETTINGS)
-    if unknown:
-        where = "; the certificate source is configured in [mtls]" if set(unknown) & _MTLS_KEYS else ""
-        raise ConfigurationError(f"plugins.mtls: unknown setting(s) {', '.join(map(repr, unknown))}{where}")
+    check_plugin_settings(settings, "mtls", hint="the certificate source is configured in [mtls]")
     return MTLSVerifier()

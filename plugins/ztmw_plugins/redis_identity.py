@@ -44,6 +44,7 @@ import hashlib
 import math
 from typing import Any, Mapping
 
+from ztmw.config import check_plugin_settings
 from ztmw.errors import ConfigurationError
 from ztmw.typing import PluginDeps
 
@@ -128,11 +129,7 @@ class RedisIdentityResolver:
 
 def create(settings: Mapping[str, Any], deps: PluginDeps) -> RedisIdentityResolver:
     """Entry point `redis` in `ztmw.identity_resolvers`, configured by `[plugins.redis]`."""
-    unknown = sorted(set(settings) - _SETTINGS)
-    if unknown:
-        raise ConfigurationError(
-            f"plugins.redis: unknown key {unknown[0]} (allowed: {', '.join(sorted(_SETTINGS))})"
-        )
+    check_plugin_settings(settings, "redis", _SETTINGS)
     url = settings.get("url")
     if not isinstance(url, str) or not url.startswith(URL_SCHEMES):
         raise ConfigurationError("plugins.redis.url: required, a redis://, rediss:// or unix:// URL")

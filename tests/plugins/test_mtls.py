@@ -118,7 +118,7 @@ def test_entry_point_resolves_to_create() -> None:
 
 
 def test_create_rejects_unknown_settings() -> None:
-    with pytest.raises(ConfigurationError, match="'trusted_proxy'"):
+    with pytest.raises(ConfigurationError, match="plugins.mtls.trusted_proxy"):
         mtls.create({"trusted_proxy": ["10.0.0.0/8"]}, deps())
 
 
