@@ -31,6 +31,7 @@ from .config import MTLSConfig
 from .errors import InvalidRequest
 from .jws import b64url_encode
 from .models import ClientCertificate
+from .netaddr import IPNetwork, peer_in
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -50,8 +51,6 @@ decoding cost must not be the client's to choose."""
 MALFORMED = "malformed_client_cert"
 """One reason id for every unusable certificate header: the client cannot fix it, the proxy operator can."""
 
-_IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-_IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # RFC 8941 §3.3.5 sf-binary with standard, padded, base64 and no parameters. Written by hand because the one
 # form RFC 9440 §2.2 allows is this single regex, not worth a structured-field parser dependency.
@@ -302,20 +301,9 @@ def _checked_der(der: bytes) -> bytes:
 
 def _peer_is_trusted(peer: str | None, trusted: tuple[str, ...]) -> bool:
     """Whether the TCP peer lies in a trusted-proxy CIDR; an unparseable peer (a Unix socket) is untrusted."""
-    if not peer:
-        return False
-    try:
-        address: _IPAddress = ipaddress.ip_address(peer)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:  # a dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d
-            address = address.ipv4_mapped
-        elif address.scope_id is not None:
-            address = ipaddress.IPv6Address(str(address).split("%", 1)[0])
-    return any(address in network for network in _networks(trusted))
+    return peer_in(peer, _networks(trusted))
 
 
 @lru_cache(maxsize=32)
-def _networks(cidrs: tuple[str, ...]) -> tuple[_IPNetwork, ...]:
+def _networks(cidrs: tuple[str, ...]) -> tuple[IPNetwork, ...]:
     return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)

@@ -27,11 +27,11 @@ from typing import Any, Mapping, Sequence
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ztmw.config import check_plugin_settings
+from ztmw.netaddr import IPNetwork, peer_in
 from ztmw.errors import ConfigurationError
 from ztmw.models import Principal, RequestView, TrustAssessment
 from ztmw.typing import Clock, PluginDeps
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # index = datetime.weekday()
 _HHMM = re.compile(r"(?:[01]\d|2[0-3]):[0-5]\d")
 MINUTES_PER_DAY = 24 * 60
@@ -62,22 +62,9 @@ class NetworkCondition:
 
     def __init__(self, networks: Sequence[IPNetwork]) -> None:
         self.networks: tuple[IPNetwork, ...] = tuple(networks)
-        self._v4 = tuple(n for n in self.networks if n.version == 4)
-        self._v6 = tuple(n for n in self.networks if n.version == 6)
 
     def allows(self, peer: str | None) -> bool:
-        if not isinstance(peer, str) or not peer:
-            return False
-        try:
-            address = ipaddress.ip_address(peer.strip("[]"))
-        except ValueError:
-            return False
-        if address.version == 4:
-            return any(address in net for net in self._v4)
-        if any(address in net for net in self._v6):
-            return True
-        mapped = address.ipv4_mapped
-        return mapped is not None and any(mapped in net for net in self._v4)
+        return peer_in(peer, self.networks)
 
     def check(self, principal: Principal | None, trust: TrustAssessment, request: RequestView) -> bool:
         return self.allows(request.peer)
