@@ -48,6 +48,8 @@ from ztmw.config import check_plugin_settings
 from ztmw.errors import ConfigurationError
 from ztmw.typing import PluginDeps
 
+from .replay import open_redis_client
+
 DEFAULT_PREFIX = "ztmw:identity:"
 DEFAULT_TIMEOUT = 0.5
 MAX_TIMEOUT = 30.0
@@ -70,19 +72,7 @@ def link_key(issuer: str, subject: str, prefix: str = DEFAULT_PREFIX) -> str:
 
 
 def _open_client(url: str, timeout: float) -> Any:
-    try:
-        import redis.asyncio as aioredis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-    except ImportError:  # pragma: no cover - depends on the installed extras
-        raise ConfigurationError("plugins.redis: the redis resolver needs the 'redis' extra") from None
-    return aioredis.from_url(
-        url,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 1),  # one retry covers a pooled connection that Redis has closed
-        retry_on_timeout=False,
-    )
+    return open_redis_client(url, timeout, what="plugins.redis")
 
 
 def _decode_account(value: Any) -> str:

@@ -99,19 +99,7 @@ class RedisReplayStore:
         return "RedisReplayStore(<url redacted>)"
 
     def _open(self) -> Any:
-        try:
-            import redis.asyncio as aioredis
-            from redis.backoff import NoBackoff
-            from redis.retry import Retry
-        except ImportError:  # pragma: no cover - depends on the installed extras
-            raise ConfigurationError("dpop.replay_store: a redis:// store needs the 'redis' extra") from None
-        return aioredis.from_url(
-            self._url,
-            socket_timeout=self._timeout,
-            socket_connect_timeout=self._timeout,
-            retry=Retry(NoBackoff(), 1),  # one retry covers a pooled connection that Redis has closed
-            retry_on_timeout=False,
-        )
+        return open_redis_client(self._url, self._timeout, what="dpop.replay_store")
 
     async def start(self) -> None:
         if self._client is None:
@@ -132,6 +120,27 @@ class RedisReplayStore:
         except Exception:  # any client, connection or server error: we cannot know, so refuse (fail closed)
             raise UpstreamUnavailable("replay_store_unavailable") from None
         return bool(stored)
+
+
+def open_redis_client(url: str, timeout: float, *, what: str) -> Any:
+    """A redis.asyncio client with short timeouts and one retry: a slow Redis must become a quick 503.
+
+    Shared by every plugin that talks to Redis (the replay store, the identity resolver); `what` names the
+    setting in the error when the `redis` extra is missing.
+    """
+    try:
+        import redis.asyncio as aioredis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+    except ImportError:  # pragma: no cover - depends on the installed extras
+        raise ConfigurationError(f"{what}: needs the 'redis' extra (pip install 'ztmw[redis]')") from None
+    return aioredis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 1),  # one retry covers a pooled connection that Redis has closed
+        retry_on_timeout=False,
+    )
 
 
 ReplayStoreImpl = MemoryReplayStore | RedisReplayStore
