@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import jwt as pyjwt
+from apps import AUDIENCE, ISSUER, SCOPE
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from apps import AUDIENCE, ISSUER, SCOPE
 from ztmw.testing import DevIssuer, TestCA
 from ztmw.testing.dpop import access_token_hash, jwk_thumbprint
 

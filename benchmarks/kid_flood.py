@@ -34,6 +34,7 @@ sys.path.insert(0, str(HERE))
 from apps import AUDIENCE, ISSUER, SCOPE  # noqa: E402
 from fixtures import PATH, b64url, make_material, write_lines  # noqa: E402
 from run import LUA, Scenario, Server, _parse, install_signal_handlers, kill_all  # noqa: E402
+
 from ztmw.testing import DevIssuer  # noqa: E402
 
 

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import structlog
-
 from fixtures import HTU, PATH, ProofMaker, make_material
+
 from ztmw.cache import token_key
 from ztmw.config import load_config
 from ztmw.errors import InvalidToken

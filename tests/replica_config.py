@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Mapping
+
 from ztmw.testing.http import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

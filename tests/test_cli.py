@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import aiohttp
 import pytest
+
 from ztmw.testing.http import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

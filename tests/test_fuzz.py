@@ -29,12 +29,12 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestServer
+from cryptography import x509
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
+from ztmw_plugins.dpop import normalize_uri
 
 import ztmw
-from cryptography import x509
-
 from ztmw import jws
 from ztmw.challenge import ChallengeRenderer
 from ztmw.client_cert import certificate_thumbprint, parse_certificate_header
@@ -54,7 +54,6 @@ from ztmw.errors import (
 from ztmw.extract import extract_credential
 from ztmw.models import RequestView
 from ztmw.testing import DevIssuer, DPoPKey, FakeClock, TestCA
-from ztmw_plugins.dpop import normalize_uri
 from ztmw.testing.http import free_port
 
 from .conftest import AUDIENCE, items_app

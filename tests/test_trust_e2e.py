@@ -20,11 +20,11 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
+from ztmw_plugins.redis_identity import link
 
 import ztmw
 from ztmw.audit import hash_subject
 from ztmw.testing import DevIssuer, DPoPKey, FakeClock
-from ztmw_plugins.redis_identity import link
 from ztmw.testing.http import challenges, free_port
 
 from .conftest import AUDIENCE, base_config

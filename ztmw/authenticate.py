@@ -16,7 +16,6 @@ from .errors import AuthError, InvalidToken, TokenBindingMismatch, UpstreamUnava
 from .models import Binding, Caller, Credential, Principal, RequestView, VerifiedToken
 from .typing import BindingVerifier, Clock, IdentityResolver, RevocableVerifier, TokenVerifier
 
-
 CacheResult = Literal["hit", "shared", "miss"]
 
 # Failures that depend on the token alone: no later event (key rotation, a recovered key server) can turn them

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from ztmw import claims as claims_
 from ztmw.config import IssuerConfig, check_plugin_settings
 from ztmw.errors import ConfigurationError, InvalidToken, UpstreamUnavailable
 from ztmw.jws import (
@@ -22,7 +23,6 @@ from ztmw.jws import (
     thumbprint,
     verify_signature,
 )
-from ztmw import claims as claims_
 from ztmw.models import VerifiedToken
 from ztmw.typing import PluginDeps
 

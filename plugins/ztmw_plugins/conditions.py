@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from datetime import datetime, time as dtime
+from datetime import datetime
+from datetime import time as dtime
 from typing import Any, Mapping, Sequence
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ztmw.config import check_plugin_settings
-from ztmw.netaddr import IPNetwork, peer_in
 from ztmw.errors import ConfigurationError
 from ztmw.models import Principal, RequestView, TrustAssessment
+from ztmw.netaddr import IPNetwork, peer_in
 from ztmw.typing import Clock, PluginDeps
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # index = datetime.weekday()

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ztmw.config import check_plugin_settings
 from ztmw import jws
-from ztmw.config import ASYMMETRIC_ALGORITHMS, DPoPConfig
+from ztmw.config import ASYMMETRIC_ALGORITHMS, DPoPConfig, check_plugin_settings
 from ztmw.errors import ConfigurationError, InvalidDPoPProof, InvalidToken, TokenBindingMismatch, UseDPoPNonce
 from ztmw.models import Credential, RequestView, VerifiedToken
 from ztmw.typing import Clock, PluginDeps, ReplayStore
@@ -68,6 +68,9 @@ class DPoPVerifier:
         self._nonces = nonces
         self._logger = logger
         self._warned_long_tokens = False
+        # proofs whose nonce `confirm` found in the previous window, for `response_headers` of the same request
+        # (bounded: a request refused after `confirm` never comes to collect its entry)
+        self._stale_nonce_proofs: OrderedDict[str, None] = OrderedDict()
 
     async def confirm(self, verified: VerifiedToken, credential: Credential, request: RequestView) -> str:
         """Every check of RFC 9449 §4.3 plus the key binding; returns the matched `jkt` or raises."""
@@ -81,7 +84,10 @@ class DPoPVerifier:
             raise _proof_error("dpop_bad_signature")
         if not jws.constant_time_equals(jws.thumbprint(key), jkt):
             raise TokenBindingMismatch("dpop_key_mismatch", scheme="dpop")
-        self._check_nonce(claims.nonce)
+        if self._check_nonce(claims.nonce) is NonceAge.PREVIOUS:
+            self._stale_nonce_proofs[request.dpop[0]] = None
+            if len(self._stale_nonce_proofs) > 1024:
+                self._stale_nonce_proofs.popitem(last=False)
         self._warn_long_lived(verified)
         # TTL covers the whole time this proof could still pass the iat window (iat up to `skew` ahead)
         if not await self._replay.first_seen(f"{jkt}|{claims.jti}", self._max_age + self._skew + 1):
@@ -96,11 +102,7 @@ class DPoPVerifier:
         """
         if self._nonces is None or len(request.dpop) != 1:
             return {}
-        try:
-            nonce = jws.parse_compact(request.dpop[0], max_bytes=MAX_PROOF_BYTES).claims.get("nonce")
-        except jws.MalformedJWS:
-            return {}
-        if self._nonces.check(nonce) is NonceAge.PREVIOUS:
+        if self._stale_nonce_proofs.pop(request.dpop[0], False) is None:  # confirm saw an old-window nonce
             return {"DPoP-Nonce": self._nonces.issue()}
         return {}
 
@@ -178,11 +180,13 @@ class DPoPVerifier:
         if not jws.constant_time_equals(ath, claims.ath):
             raise _proof_error("dpop_ath_mismatch")
 
-    def _check_nonce(self, nonce: Any) -> None:
+    def _check_nonce(self, nonce: Any) -> NonceAge | None:
         if not self._require_nonce or self._nonces is None:
-            return  # we never handed out a nonce, so a proof's nonce has nothing to match (§4.3 step 10)
-        if self._nonces.check(nonce) is NonceAge.INVALID:
+            return None  # we never handed out a nonce, so a proof's nonce has nothing to match (§4.3 step 10)
+        age = self._nonces.check(nonce)
+        if age is NonceAge.INVALID:
             raise UseDPoPNonce("dpop_nonce_required", nonce=self._nonces.issue(), scheme="dpop")
+        return age
 
     def _warn_long_lived(self, verified: VerifiedToken) -> None:
         """DPOP-29: without nonces a stolen proof-plus-token pair works for the whole window; say so once."""

@@ -40,9 +40,9 @@ from urllib.parse import quote_plus, urlsplit
 
 import aiohttp
 
-from ztmw.errors import ConfigurationError, InvalidToken, UpstreamUnavailable
 from ztmw import claims as claims_
 from ztmw.config import check_plugin_settings, is_loopback_host
+from ztmw.errors import ConfigurationError, InvalidToken, UpstreamUnavailable
 from ztmw.jws import MalformedJWS, b64url_decode, strict_json_object
 from ztmw.models import VerifiedToken
 from ztmw.typing import PluginDeps

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, TypeGuard
 
-from ztmw.config import check_plugin_settings
 from ztmw.client_cert import certificate_thumbprint
+from ztmw.config import check_plugin_settings
 from ztmw.errors import InvalidToken, TokenBindingMismatch
 from ztmw.jws import MalformedJWS, b64url_decode, constant_time_equals
 from ztmw.models import Credential, RequestView, VerifiedToken

@@ -20,17 +20,17 @@ import structlog
 from aiohttp import web
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from ztmw_plugins import bearer
+from ztmw_plugins.bearer import BearerVerifier
 
 from ztmw.config import Config, load_config
 from ztmw.errors import DESCRIPTIONS, ConfigurationError, InvalidToken, UpstreamUnavailable
 from ztmw.jws import import_public_jwk
 from ztmw.models import VerifiedToken
 from ztmw.testing.clock import FakeClock
+from ztmw.testing.http import free_port
 from ztmw.testing.issuer import DevIssuer
 from ztmw.typing import PluginDeps, TokenVerifier
-from ztmw_plugins import bearer
-from ztmw_plugins.bearer import BearerVerifier
-from ztmw.testing.http import free_port
 
 API = "https://api.example.com"
 VEC_7519_1 = ("eyJhbGciOiJub25lIn0.eyJpc3MiOiJqb2UiLA0KICJleHAiOjEzMDA4MTkzODAsDQogImh0dHA6Ly9leGFtcGxlLmNvbS9pc19yb"

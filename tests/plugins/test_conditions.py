@@ -15,13 +15,13 @@ from zoneinfo import ZoneInfo
 import aiohttp
 import pytest
 from aiohttp import web
+from ztmw_plugins.conditions import create_network
 
 import ztmw
 from ztmw.errors import ConfigurationError
 from ztmw.models import AuditEvent, RequestView
 from ztmw.testing import DevIssuer, FakeClock
 from ztmw.typing import PluginDeps
-from ztmw_plugins.conditions import create_network
 
 from ..conftest import base_config, items_app
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import pytest
+from ztmw_plugins.dpop import DPoPVerifier, create, normalize_uri
 
 from ztmw import jws
 from ztmw.config import Config, DPoPConfig, ResourceConfig
@@ -30,7 +31,6 @@ from ztmw.errors import (
 from ztmw.models import Credential, RequestView, VerifiedToken
 from ztmw.testing.dpop import OMIT, DPoPKey, access_token_hash
 from ztmw.typing import PluginDeps
-from ztmw_plugins.dpop import DPoPVerifier, create, normalize_uri
 
 ORIGIN = "https://api.example.com"
 PATH = "/accounts/42"

@@ -28,6 +28,7 @@ import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
+from ztmw_plugins.introspection import IntrospectionVerifier, create, looks_like_jws
 
 import ztmw
 from ztmw.cache import token_key
@@ -35,9 +36,8 @@ from ztmw.config import load_config
 from ztmw.errors import ConfigurationError, InvalidToken, UpstreamUnavailable
 from ztmw.registry import available, load_plugin
 from ztmw.testing import ClientCert, DevIssuer, DPoPKey, FakeClock, TestCA
-from ztmw.typing import PluginDeps, TokenVerifier
-from ztmw_plugins.introspection import IntrospectionVerifier, create, looks_like_jws
 from ztmw.testing.http import free_port
+from ztmw.typing import PluginDeps, TokenVerifier
 
 from ..conftest import AUDIENCE, base_config, items_app
 

@@ -17,13 +17,6 @@ import structlog
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 from multidict import CIMultiDict
-
-from ztmw.config import Config, IssuerConfig, load_config
-from ztmw.errors import ConfigurationError, InvalidToken, UpstreamUnavailable
-from ztmw.testing.clock import FakeClock
-from ztmw.testing.issuer import DevIssuer
-from ztmw.typing import PluginDeps
-from ztmw.testing.http import free_port
 from ztmw_plugins.jwks import (
     DEFAULT_LIFETIME,
     MAX_JWKS_BYTES,
@@ -39,6 +32,13 @@ from ztmw_plugins.jwks import (
     freshness_lifetime,
     parse_jwks,
 )
+
+from ztmw.config import Config, IssuerConfig, load_config
+from ztmw.errors import ConfigurationError, InvalidToken, UpstreamUnavailable
+from ztmw.testing.clock import FakeClock
+from ztmw.testing.http import free_port
+from ztmw.testing.issuer import DevIssuer
+from ztmw.typing import PluginDeps
 
 
 class Hooks:

@@ -18,13 +18,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from ztmw_plugins.metrics import MAX_LABEL_VALUES, MetricsSink
 
 import ztmw
 from ztmw.audit import hash_subject
 from ztmw.errors import ConfigurationError
 from ztmw.models import AuditEvent
 from ztmw.testing import DevIssuer, DPoPKey, FakeClock
-from ztmw_plugins.metrics import MAX_LABEL_VALUES, MetricsSink
 
 from ..conftest import base_config, items_app
 

@@ -6,9 +6,9 @@ import logging
 import re
 
 import pytest
+from ztmw_plugins.nonce import NonceAge, NonceManager, load_secret
 
 from ztmw.errors import ConfigurationError
-from ztmw_plugins.nonce import NonceAge, NonceManager, load_secret
 
 ORIGIN = "https://api.example.com"
 SECRET = b"s" * 32

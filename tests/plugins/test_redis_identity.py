@@ -11,12 +11,6 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
-
-from ztmw import load_config
-from ztmw.errors import ConfigurationError
-from ztmw.registry import load_plugin
-from ztmw.testing import FakeClock
-from ztmw.typing import IdentityResolver, PluginDeps
 from ztmw_plugins.redis_identity import (
     DEFAULT_PREFIX,
     LinkConflict,
@@ -26,6 +20,12 @@ from ztmw_plugins.redis_identity import (
     link_key,
     unlink,
 )
+
+from ztmw import load_config
+from ztmw.errors import ConfigurationError
+from ztmw.registry import load_plugin
+from ztmw.testing import FakeClock
+from ztmw.typing import IdentityResolver, PluginDeps
 
 BANK = "https://bank-id.example"
 SOCIAL = "https://social.example"

@@ -9,14 +9,14 @@ from typing import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
-
-from ztmw.errors import UpstreamUnavailable
 from ztmw_plugins.replay import (
     REDIS_PREFIX,
     MemoryReplayStore,
     RedisReplayStore,
     create_replay_store,
 )
+
+from ztmw.errors import UpstreamUnavailable
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
