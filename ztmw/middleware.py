@@ -144,10 +144,9 @@ async def _decide(request: web.Request, pipeline: Pipeline) -> tuple[RequestView
         view = request_view(request, pipeline)
     except AuthError as error:  # a malformed forwarded-certificate header
         view = _bare_view(request)
-        if pipeline.rule_for(view) is None:  # a route no rule covers is 403 whatever else is wrong
-            error = AccessDenied("no_rule")
-        outcome = Outcome(Decision(False, error.reason, None, error.status), error=error)
-        return view, outcome
+        # a route no rule covers is 403 whatever else is wrong with the request
+        refusal = AccessDenied("no_rule") if pipeline.rule_for(view) is None else error
+        return view, Outcome(Decision(False, refusal.reason, None, refusal.status), error=refusal)
     outcome = await pipeline.evaluate(view)
     request[PRINCIPAL] = outcome.principal
     request[TRUST] = outcome.trust
