@@ -26,6 +26,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
+from .errors import ZtmwError
+
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 _ALPHABET = {c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")}
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -42,8 +44,12 @@ MIN_RSA_BITS = 2048
 MAX_RSA_BITS = 8192
 
 
-class MalformedJWS(ValueError):
-    """The input is not a well-formed compact JWS; `reason` is a stable id for audit."""
+class MalformedJWS(ZtmwError, ValueError):
+    """The input is not a well-formed compact JWS (or JWK); `reason` is a stable id for audit.
+
+    Part of the one error tree, but never rendered to a client as such: verifiers turn it into InvalidToken or
+    InvalidDPoPProof with their own reason.
+    """
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Mapping
 import aiohttp
 
 from ztmw.config import IssuerConfig
-from ztmw.errors import ConfigurationError, InvalidToken, UpstreamUnavailable
+from ztmw.errors import ConfigurationError, InvalidToken, UpstreamUnavailable, ZtmwError
 from ztmw.jws import ALGORITHM_KEY_TYPES, MalformedJWS, import_public_jwk, strict_json_object
 from ztmw.typing import PluginDeps
 
@@ -71,7 +71,7 @@ ChangeCallback = Callable[[str, frozenset[str]], None]
 _KEY_TYPES = frozenset(kty for kty, _ in ALGORITHM_KEY_TYPES.values())
 
 
-class JWKSRejected(ValueError):
+class JWKSRejected(ZtmwError, ValueError):
     """A fetched or configured document is not a usable JWK Set; `reason` is a stable id for logs."""
 
     def __init__(self, reason: str) -> None:
