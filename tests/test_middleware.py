@@ -25,6 +25,21 @@ async def client(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock) -> An
     return await aiohttp_client(app)
 
 
+def staged_app(pipeline: ztmw.Pipeline) -> web.Application:
+    """The items app protected by the three stage middlewares used alone, as an app author would compose them."""
+
+    async def lifetime(app: web.Application) -> Any:
+        await pipeline.start()
+        yield
+        await pipeline.close()
+
+    app = items_app()
+    app.middlewares.extend([ztmw.audit_middleware(pipeline), ztmw.authentication_middleware(pipeline),
+                            ztmw.authorization_middleware(pipeline)])
+    app.cleanup_ctx.append(lifetime)
+    return app
+
+
 async def get(client: Any, path: str = "/items", **headers: str) -> Any:
     response = await client.get(path, headers=headers)
     await response.read()
@@ -268,15 +283,7 @@ async def test_stage_middlewares_build_the_view_once_and_vary_on_cert_header(
                          mtls={"source": "header", "trusted_proxies": ["10.0.0.0/8"]})
     pipeline = ztmw.Pipeline(ztmw.load_config(config), clock=clock)
 
-    async def lifetime(app: web.Application) -> Any:
-        await pipeline.start()
-        yield
-        await pipeline.close()
-
-    app = items_app()
-    app.middlewares.extend([ztmw.audit_middleware(pipeline), ztmw.authentication_middleware(pipeline),
-                            ztmw.authorization_middleware(pipeline)])
-    app.cleanup_ctx.append(lifetime)
+    app = staged_app(pipeline)
     client = await aiohttp_client(app)
     with capture_logs() as events:
         response = await get(client, Authorization=f"Bearer {issuer.mint(scope='items:read')}",
@@ -363,15 +370,7 @@ async def test_stage_middlewares_audit_security_refusals_and_cache_results(
     pipeline = ztmw.Pipeline(ztmw.load_config(base_config(issuer, verifiers={"enabled": ["bearer", "dpop"]})),
                              clock=clock)
 
-    async def lifetime(app: web.Application) -> Any:
-        await pipeline.start()
-        yield
-        await pipeline.close()
-
-    app = items_app()
-    app.middlewares.extend([ztmw.audit_middleware(pipeline), ztmw.authentication_middleware(pipeline),
-                            ztmw.authorization_middleware(pipeline)])
-    app.cleanup_ctx.append(lifetime)
+    app = staged_app(pipeline)
     client = await aiohttp_client(app)
     bound = issuer.mint(scope="items:read", cnf={"jkt": DPoPKey().thumbprint})
     plain = issuer.mint(scope="items:read")
