@@ -10,11 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
-from .cache import MemoryVerificationCache, NegativeCache, SharedVerificationCache, token_key
+from .cache import NegativeCache, SharedVerificationCache, token_key
 from .client_cert import describe_certificate
 from .errors import AuthError, InvalidToken, TokenBindingMismatch, UpstreamUnavailable
 from .models import Binding, Caller, Credential, Principal, RequestView, VerifiedToken
-from .typing import BindingVerifier, Clock, IdentityResolver, RevocableVerifier, TokenVerifier
+from .typing import (
+    BindingVerifier,
+    Clock,
+    IdentityResolver,
+    RevocableVerifier,
+    TokenVerifier,
+    VerificationCache,
+)
 
 CacheResult = Literal["hit", "shared", "miss"]
 
@@ -38,7 +45,7 @@ class Authenticator:
         *,
         token_verifiers: Sequence[TokenVerifier],
         binding_verifiers: Sequence[BindingVerifier],
-        cache: MemoryVerificationCache,
+        cache: VerificationCache,
         negative_cache: NegativeCache | None = None,
         shared_cache: SharedVerificationCache | None = None,
         max_shared_ttl: float = 300.0,

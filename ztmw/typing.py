@@ -92,6 +92,8 @@ class VerificationCache(Protocol):
 
     def set(self, key: bytes, value: VerifiedToken) -> None: ...
 
+    def discard(self, key: bytes) -> None: ...
+
 
 class IdentityResolver(Protocol):
     """Maps an (issuer, subject) pair to one canonical account id, or None when no link applies."""
