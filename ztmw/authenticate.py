@@ -37,6 +37,9 @@ NEGATIVE_CACHEABLE = frozenset({
 class Authentication:
     principal: Principal
     cache: CacheResult
+    cache_key: bytes
+    """The token's key in the verification cache (a SHA-256, never the token): the decision memo's entries
+    live only as long as the cache entry they were built on."""
 
 
 class Authenticator:
@@ -71,13 +74,19 @@ class Authenticator:
         self._log = logger
 
     @property
+    def resolves_identity(self) -> bool:
+        """Whether an identity chain runs after the token check (the pipeline leaves it out when nothing links)."""
+        return self._identity is not None
+
+    @property
     def schemes(self) -> frozenset[str]:
         """Authorization schemes we accept: Bearer, plus any binding that has a scheme of its own (DPoP)."""
         return self._schemes
 
     async def authenticate(self, credential: Credential, request: RequestView) -> Authentication:
+        key = token_key(credential.token)
         try:
-            verified, cache = await self._verify_token(credential.token)
+            verified, cache = await self._verify_token(credential.token, key)
             self._check_still_valid(verified)
             proof, key_thumbprint, cert_thumbprint = await self._confirm_binding(verified, credential, request)
             account = None
@@ -113,13 +122,12 @@ class Authenticator:
             scheme=credential.scheme,
             linked=account is not None,
         )
-        return Authentication(principal, cache)
+        return Authentication(principal, cache, key)
 
-    async def _verify_token(self, token: str) -> tuple[VerifiedToken, CacheResult]:
+    async def _verify_token(self, token: str, key: bytes) -> tuple[VerifiedToken, CacheResult]:
         """The cacheable half: a hash and a lookup on a hit; every result is re-checked per request after."""
-        key = token_key(token)
         cached = self._cache.get(key)
-        if cached is not None and self._still_trusted(cached):
+        if cached is not None and self.still_trusted(cached):
             return cached, "hit"
         if cached is not None:  # the key that verified it left the issuer's JWKS: verify again
             self._cache.discard(key)
@@ -129,7 +137,7 @@ class Authenticator:
                 raise InvalidToken(remembered[0], security=remembered[1])
         if self._shared is not None:
             shared = await self._shared.get(key)
-            if shared is not None and self._still_trusted(shared):
+            if shared is not None and self.still_trusted(shared):
                 self._cache.set(key, shared)
                 return shared, "shared"
         errors: list[InvalidToken] = []
@@ -151,7 +159,11 @@ class Authenticator:
             self._negative.set(key, error.reason, error.security)
         raise error
 
-    def _still_trusted(self, verified: VerifiedToken) -> bool:
+    def cached(self, key: bytes) -> VerifiedToken | None:
+        """What the verification cache holds for a token key now (None once expired or evicted)."""
+        return self._cache.get(key)
+
+    def still_trusted(self, verified: VerifiedToken) -> bool:
         """Asks the verifier, when it can tell, whether what it concluded still stands (key still published)."""
         check = self._still_trusted_by_name.get(verified.verifier)
         return True if check is None else bool(check(verified))

@@ -17,6 +17,7 @@ class ConfigIdentityResolver:
     """Links listed under `[[identity.links]]` in the configuration."""
 
     name = "config"
+    memo_safe = True  # the links are fixed for the process lifetime
 
     def __init__(self, links: Iterable[IdentityLink]) -> None:
         self._accounts = {(link.issuer, link.subject): link.account for link in links}

@@ -18,6 +18,7 @@ from aiohttp import web
 from .client_cert import certificate_from_request
 from .config import Config, load_config
 from .errors import AccessDenied, AuthError, UpstreamUnavailable
+from .memo import MemoKey, memo_key
 from .models import ANONYMOUS_TRUST, Decision, Principal, RequestView, RouteRef, TrustAssessment
 from .pipeline import Outcome, Pipeline
 from .typing import AuditSink, Clock, RouteProvider
@@ -123,20 +124,45 @@ def request_view(request: web.Request, pipeline: Pipeline, *, shared: bool = Fal
 
 def zero_trust_middleware(pipeline: Pipeline) -> Any:
     """All stages in one middleware: decide, audit, then call the handler only when allowed."""
+    memo = pipeline.memo
 
     @web.middleware
     async def zero_trust(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
-        if request.match_info.http_exception is not None:
+        match_info = request.match_info
+        if match_info.http_exception is not None:
             return await handler(request)  # no such route: aiohttp's own 404/405, untouched
+        key = _memo_key(request, match_info) if memo is not None else None
+        if key is not None:
+            entry = memo.recall(key)  # type: ignore[union-attr]
+            if entry is not None:  # the same bearer request was allowed before: replay its outcome
+                outcome = entry.outcome
+                request[PRINCIPAL] = outcome.principal
+                request[TRUST] = outcome.trust
+                request[DECISION] = outcome.decision
+                return await _call_handler(request, handler, pipeline, entry.view, outcome, started, False)
         view, outcome = await _decide(request, pipeline)
         if outcome.error is not None:
             response = _error_response(pipeline, outcome.error)
             pipeline.audit(view, outcome, response.status, started)
             return response
-        return await _call_handler(request, handler, pipeline, view, outcome, started)
+        if key is not None:
+            memo.remember(key, view, outcome)  # type: ignore[union-attr]
+        return await _call_handler(request, handler, pipeline, view, outcome, started, True)
 
     return zero_trust
+
+
+def _memo_key(request: web.Request, match_info: web.UrlMappingMatchInfo) -> MemoKey | None:
+    """Only a request with one Authorization header, no DPoP proof and no query token can be replayed."""
+    headers = request.headers
+    authorization = headers.getall("Authorization", ())
+    if len(authorization) != 1 or "DPoP" in headers:
+        return None
+    url = request.rel_url
+    if "access_token" in url.raw_query_string:
+        return None
+    return memo_key(match_info.route, request.method, url.raw_path, authorization[0])
 
 
 async def _decide(request: web.Request, pipeline: Pipeline) -> tuple[RequestView, Outcome]:
@@ -155,8 +181,10 @@ async def _decide(request: web.Request, pipeline: Pipeline) -> tuple[RequestView
 
 
 async def _call_handler(
-    request: web.Request, handler: Handler, pipeline: Pipeline, view: RequestView, outcome: Outcome, started: float
+    request: web.Request, handler: Handler, pipeline: Pipeline, view: RequestView, outcome: Outcome, started: float,
+    decorate: bool,
 ) -> web.StreamResponse:
+    """`decorate` is False for a replayed outcome: the memo only exists when decoration adds nothing to it."""
     status = 500
     try:
         response = await handler(request)
@@ -166,7 +194,7 @@ async def _call_handler(
         raise
     finally:
         pipeline.audit(view, outcome, status, started)
-    if not response.prepared:
+    if decorate and not response.prepared:
         _decorate(pipeline, view, response)
     return response
 

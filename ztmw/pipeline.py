@@ -22,6 +22,7 @@ from .config import Config, Rule
 from .errors import AccessDenied, AuthError, ConfigurationError, UpstreamUnavailable
 from .extract import extract_credential
 from .identity import IdentityChain
+from .memo import DecisionMemo, plugins_are_memo_safe
 from .metadata import resource_metadata
 from .models import ANONYMOUS_TRUST, AuditEvent, Decision, Principal, RequestView, TrustAssessment
 from .policy import RulePolicy
@@ -39,6 +40,7 @@ class Outcome:
     trust: TrustAssessment = ANONYMOUS_TRUST
     error: AuthError | UpstreamUnavailable | None = None
     cache: CacheResult | None = None
+    cache_key: bytes | None = None
 
 
 class Pipeline:
@@ -122,6 +124,13 @@ class Pipeline:
             resource_metadata=config.metadata_url if config.metadata_enabled else None,
         )
         self._decorators = [p.instance for p in verifiers if isinstance(p.instance, ResponseDecorator)]
+        self.memo: DecisionMemo | None = None
+        if not self.mtls_enabled and plugins_are_memo_safe(
+            [p.instance for p in evaluators] + self._decorators
+            + ([p.instance for p in resolvers] if self.authenticator.resolves_identity else [])
+        ):
+            self.memo = DecisionMemo(rules=rules, max_entries=config.cache.max_entries,
+                                     cached=self.authenticator.cached, still_trusted=self.authenticator.still_trusted)
 
     def _identity_chain(self, resolvers: list[LoadedPlugin]) -> IdentityChain | None:
         """None when nothing could ever link (only the config resolver, and no links): saves an await a request."""
@@ -187,13 +196,14 @@ class Pipeline:
         principal: Principal | None = None
         trust = ANONYMOUS_TRUST
         cache: CacheResult | None = None
+        cache_key: bytes | None = None
         try:
             authentication = await self.authenticate(request)
             if authentication is not None:
-                principal, cache = authentication.principal, authentication.cache
+                principal, cache, cache_key = authentication.principal, authentication.cache, authentication.cache_key
             trust = self.trust.evaluate(principal, request)
             decision = self.policy.decide(rule, principal, trust, request)
-            return Outcome(decision, principal, trust, None, cache)
+            return Outcome(decision, principal, trust, None, cache, cache_key)
         except (AuthError, UpstreamUnavailable) as error:
             decision = Decision(False, error.reason, rule.id, error.status, _requirement(error))
             return Outcome(decision, principal, trust, error, cache)

@@ -44,6 +44,7 @@ class DPoPVerifier:
     name = "dpop"
     cnf_member = "jkt"
     scheme = "dpop"
+    memo_safe = True  # as a response decorator: adds nothing to a request without a DPoP header
 
     def __init__(
         self,

@@ -1,0 +1,114 @@
+"""The decision memo: the whole answer for a repeated bearer request, so a cached token costs a hash and a lookup.
+
+The verification cache already spares the signature check, but a hit still runs extraction, the binding and
+identity stages, trust, and the rules: tens of microseconds that are the same every time the same bearer token
+asks for the same path. When nothing in that chain can depend on the request beyond (route, method, path,
+Authorization header) or on the clock beyond the token's expiry, the pipeline remembers the allowed outcome
+under a hash of exactly those inputs and replays it.
+
+What keeps it correct:
+- only allowed outcomes of a *second* sighting (a verification-cache hit) are remembered, so a flood of distinct
+  tokens fills nothing here, and every refusal is decided afresh;
+- only plain bearer tokens: no `cnf` (a DPoP proof or certificate must be checked on every request), no
+  `auth_time` (trust would age), no caller certificate, no rule with conditions;
+- only when every trust evaluator, identity resolver and response decorator declares `memo_safe = True`
+  (its answer for a principal does not depend on the request; see docs/plugins.md), and mTLS is off;
+- an entry lives only while the verification cache still holds the very result it was built on (so never
+  past `exp` or `cache.max_ttl`, and not past an eviction), and while the verifier still trusts that result
+  (its key is still in the issuer's JWKS);
+- keys are SHA-256 of the Authorization header value: no token is held here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Hashable, Iterable
+
+from .config import Rule
+from .models import RequestView, VerifiedToken
+
+if TYPE_CHECKING:  # pragma: no cover - the pipeline imports this module
+    from .pipeline import Outcome
+
+MemoKey = tuple[Hashable, str, str, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class MemoEntry:
+    """An allowed outcome, the view it was decided on, and the verification-cache entry it stands on."""
+
+    view: RequestView
+    outcome: Outcome
+    cache_key: bytes
+
+
+def memo_key(route: Hashable, method: str, path: str, authorization: str) -> MemoKey:
+    """The route object (aiohttp resolves Host-based sub-apps to different routes), method, raw path (it
+    fixes the match info an owner rule reads) and the SHA-256 of the Authorization header value."""
+    return (route, method, path, hashlib.sha256(authorization.encode("utf-8", "surrogatepass")).digest())
+
+
+def plugins_are_memo_safe(plugins: Iterable[object]) -> bool:
+    return all(getattr(plugin, "memo_safe", False) is True for plugin in plugins)
+
+
+class DecisionMemo:
+    """A bounded map of replayable allowed outcomes, each alive only while the verification cache still
+    holds the very result it was built on: expiry, `max_ttl`, eviction and rotation all end it there.
+    Eviction here is first-in first-out, so a hit costs no reordering."""
+
+    def __init__(
+        self,
+        *,
+        rules: Iterable[Rule],
+        max_entries: int,
+        cached: Callable[[bytes], VerifiedToken | None],
+        still_trusted: Callable[[VerifiedToken], bool],
+    ) -> None:
+        # a rule with conditions (network, time of day...) depends on more than the memo key
+        self._rule_ids = frozenset(rule.id for rule in rules if not rule.conditions)
+        self._entries: dict[MemoKey, MemoEntry] = {}
+        self._max_entries = max_entries
+        self._cached = cached
+        self._still_trusted = still_trusted
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def recall(self, key: MemoKey) -> MemoEntry | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        token = entry.outcome.principal.token  # type: ignore[union-attr] # remember() keeps principals only
+        if self._cached(entry.cache_key) is token and self._still_trusted(token):
+            return entry
+        del self._entries[key]
+        return None
+
+    def remember(self, key: MemoKey, view: RequestView, outcome: Outcome) -> None:
+        """Keep `outcome` when replaying it later is certain to give the same answer (see the module doc)."""
+        principal = outcome.principal
+        if (
+            outcome.cache != "hit"
+            or outcome.cache_key is None
+            or outcome.error is not None
+            or not outcome.decision.allowed
+            or outcome.decision.rule_id not in self._rule_ids
+            or principal is None
+            or principal.binding is not None
+            or principal.caller.certificate is not None
+            or principal.token.cnf
+            or principal.token.auth_time is not None
+            or self._max_entries <= 0
+        ):
+            return
+        entries = self._entries
+        # the view keeps what the audit event reads, not the Authorization value the request carried
+        bare = RequestView(method=view.method, path=view.path, route=view.route, match_info=view.match_info)
+        entries[key] = MemoEntry(bare, outcome, outcome.cache_key)
+        if len(entries) > self._max_entries:
+            del entries[next(iter(entries))]
+
+    def clear(self) -> None:
+        self._entries.clear()
