@@ -154,8 +154,12 @@ def make_material(root: Path) -> Material:
 
 def ztmw_config(material: Material, *, verifiers: list[str], audit: bool = True, cache_entries: int | None = None,
                 replay_store: str = "memory", dpop_max_age: int | None = None,
-                jwks_uri: str | None = None, refetch_cooldown: int | None = None) -> str:
-    """A ztmw TOML config protecting `GET /hello/{name}` (scope hello:read) with the given verifiers."""
+                jwks_uri: str | None = None, refetch_cooldown: int | None = None,
+                audit_sink: str = "jsonl", audit_path: str = "/dev/null") -> str:
+    """A ztmw TOML config protecting `GET /hello/{name}` (scope hello:read) with the given verifiers.
+
+    Audit goes through the recommended `jsonl` sink to `audit_path`, or with `audit_sink="structlog"` through
+    the default sink (`ztmw serve` prints its structlog JSON lines on stdout)."""
     key_source = f'jwks_uri = "{jwks_uri}"' if jwks_uri else f'jwks_file = "{material.jwks}"'
     lines = [
         "[resource]",
@@ -178,6 +182,8 @@ def ztmw_config(material: Material, *, verifiers: list[str], audit: bool = True,
         lines += ["", "[cache]", f"max_entries = {cache_entries}"]
     if not audit:
         lines += ["", "[audit]", "enabled = false"]
+    elif audit_sink == "jsonl":
+        lines += ["", "[audit]", 'sinks = ["jsonl"]', "", "[plugins.jsonl]", f"path = {json.dumps(audit_path)}"]
     lines += ["", "[[rules]]", 'id = "hello"', 'path = "/hello/{name}"', 'methods = ["GET"]',
               f'scopes = ["{SCOPE}"]', ""]
     return "\n".join(lines)

@@ -56,7 +56,7 @@ class Scenario:
     config: dict[str, Any] = field(default_factory=dict)  # ztmw_config keyword arguments
     headers: str = "none"            # none | token | rs256 | unique | dpop | mtls
     tls: bool = False
-    audit: bool = False              # audit events written (ztmw serve's JSON lines)
+    audit: bool = False              # audit events written (jsonl sink, or ztmw serve's structlog lines)
 
 
 SCENARIOS: list[Scenario] = [
@@ -67,6 +67,8 @@ SCENARIOS: list[Scenario] = [
              headers="unique"),
     Scenario("ztmw-cached", "ztmw bearer, cache hit, audit on", "ztmw", config={"verifiers": ["bearer"]},
              headers="token", audit=True),
+    Scenario("ztmw-cached-structlog", "ztmw bearer, cache hit, audit via the structlog sink", "ztmw",
+             config={"verifiers": ["bearer"], "audit_sink": "structlog"}, headers="token", audit=True),
     Scenario("ztmw-cached-noaudit", "ztmw bearer, cache hit, audit off", "ztmw",
              config={"verifiers": ["bearer"], "audit": False}, headers="token"),
     Scenario("ztmw-uncached", "ztmw bearer ES256, distinct tokens (every request a miss)", "ztmw",
@@ -150,9 +152,13 @@ class Server:
         self.url = f"{self.scheme}://127.0.0.1:{self.port}"
         self.audit_path: Path | None = None
         argv: list[str]
+        structlog_audit = scenario.config.get("audit_sink") == "structlog"
+        if audit_log == "file" and scenario.server == "ztmw" and scenario.audit:
+            self.audit_path = workdir / f"{scenario.name}.audit.jsonl"
         if scenario.server == "ztmw":
             config = workdir / f"{scenario.name}.toml"
-            config.write_text(ztmw_config(material, **scenario.config), encoding="utf-8")
+            audit_to = str(self.audit_path) if self.audit_path and not structlog_audit else "/dev/null"
+            config.write_text(ztmw_config(material, **scenario.config, audit_path=audit_to), encoding="utf-8")
             argv = [sys.executable, "-m", "ztmw", "serve", "apps:create_app", "--config", str(config),
                     "--host", "127.0.0.1", "--port", str(self.port)]
         else:
@@ -165,9 +171,8 @@ class Server:
         if scenario.tls:
             argv += ["--tls-cert", str(material.server_cert), "--tls-key", str(material.server_key),
                      "--tls-client-ca", str(material.ca_pem)]
-        # ztmw serve writes its JSON lines (audit events) to stdout: a file, or /dev/null
-        if audit_log == "file" and scenario.server == "ztmw":
-            self.audit_path = workdir / f"{scenario.name}.audit.jsonl"
+        # ztmw serve writes its structlog JSON lines to stdout: the audit file for the structlog scenario
+        if self.audit_path is not None and structlog_audit:
             stdout = open(self.audit_path, "wb")  # noqa: SIM115 - handed to the child
         else:
             stdout = open(os.devnull, "wb")  # noqa: SIM115
@@ -437,9 +442,10 @@ def cache_check(path: Path | None) -> dict[str, int] | None:
     with open(path, "rb") as fh:
         for line in fh:
             counts["lines"] += 1
-            if b'"cache": "hit"' in line:
+            compact = line.replace(b'": "', b'":"')  # structlog's renderer puts a space after the colon
+            if b'"cache":"hit"' in compact:
                 counts["hit"] += 1
-            elif b'"cache": "miss"' in line:
+            elif b'"cache":"miss"' in compact:
                 counts["miss"] += 1
     return counts
 

@@ -9,7 +9,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from ztmw.audit import StructlogAuditSink, hash_subject, subject_for_audit
+from ztmw.audit import AuditFanout, StructlogAuditSink, hash_subject, subject_for_audit
 from ztmw.models import AuditEvent
 
 
@@ -121,3 +121,28 @@ class TestSubjectForAudit:
 
     def test_hash_never_raises_on_a_lone_high_surrogate(self) -> None:
         assert hash_subject("\ud800").startswith("sha256:")
+
+
+class ListSink:
+    """A sink without emit_again: the fanout must hand it complete events."""
+
+    def __init__(self) -> None:
+        self.events: list[AuditEvent] = []
+
+    def emit(self, event: AuditEvent) -> None:
+        self.events.append(event)
+
+
+def test_emit_again_gives_every_sink_the_event_with_this_requests_status_and_duration() -> None:
+    template = allow_event(status=0, duration_ms=0.0)
+    plain = ListSink()
+    fanout = AuditFanout([StructlogAuditSink(), plain])
+    with capture_logs() as logs:
+        fanout.emit_again(template, 204, 1.5)
+        fanout.emit_again(template, 500, 2.0)
+    assert [(e.status, e.duration_ms) for e in plain.events] == [(204, 1.5), (500, 2.0)]
+    assert plain.events[0] == dataclasses.replace(template, status=204, duration_ms=1.5)
+    assert [(e["status"], e["duration_ms"]) for e in logs] == [(204, 1.5), (500, 2.0)]
+    with capture_logs() as direct:
+        StructlogAuditSink().emit(dataclasses.replace(template, status=204, duration_ms=1.5))
+    assert logs[0] == direct[0]  # a replayed event reads exactly like a fresh one

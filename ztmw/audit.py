@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Callable, Generic, Literal, Mapping, Sequence, TypeVar
 
 import structlog
 
 from .config import check_plugin_settings
 from .models import AuditEvent
-from .typing import AuditSink, PluginDeps
+from .typing import AuditSink, PluginDeps, ReusingAuditSink
 
 
 @functools.lru_cache(maxsize=16384)  # the same subjects recur request after request; bounded
@@ -26,6 +26,31 @@ def hash_subject(subject: str) -> str:
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(AuditEvent) if f.name != "security")
+R = TypeVar("R")
+
+
+def _fields(event: AuditEvent) -> dict[str, Any]:
+    # getattr over the field names, not dataclasses.asdict: asdict deep-copies and was a tenth of a request
+    return {name: value for name in _FIELDS if (value := getattr(event, name)) is not None}
+
+
+class RenderedTemplates(Generic[R]):
+    """What a sink made of recent memo templates (`emit_again`), by object identity and bounded, so a
+    replayed decision is rendered once however often it recurs."""
+
+    def __init__(self, render: Callable[[AuditEvent], R], keep: int = 4096) -> None:
+        self._render = render
+        self._keep = keep
+        self._kept: dict[int, tuple[AuditEvent, R]] = {}
+
+    def get(self, template: AuditEvent) -> R:
+        kept = self._kept.get(id(template))
+        if kept is None or kept[0] is not template:  # ids are reused after an object dies: check identity
+            if len(self._kept) >= self._keep:
+                self._kept.clear()
+            kept = (template, self._render(template))
+            self._kept[id(template)] = kept
+        return kept[1]
 
 
 class StructlogAuditSink:
@@ -35,10 +60,15 @@ class StructlogAuditSink:
 
     def __init__(self, logger_name: str = "ztmw.audit", logger: Any = None) -> None:
         self._logger = logger if logger is not None else structlog.get_logger(logger_name)
+        self._template_fields = RenderedTemplates(_fields)  # what emit_again reuses
 
     def emit(self, event: AuditEvent) -> None:
-        # getattr over the field names, not dataclasses.asdict: asdict deep-copies and was a tenth of a request
-        fields = {name: value for name in _FIELDS if (value := getattr(event, name)) is not None}
+        self._log(event, _fields(event))
+
+    def emit_again(self, template: AuditEvent, status: int, duration_ms: float) -> None:
+        self._log(template, {**self._template_fields.get(template), "status": status, "duration_ms": duration_ms})
+
+    def _log(self, event: AuditEvent, fields: dict[str, Any]) -> None:
         try:
             if event.security:
                 self._logger.warning("ztmw.security", **fields)
@@ -65,10 +95,24 @@ class AuditFanout:
 
     def __init__(self, sinks: Sequence[AuditSink]) -> None:
         self._sinks = tuple(sinks)
+        self._reusing = tuple(isinstance(sink, ReusingAuditSink) for sink in self._sinks)  # checked once
 
     def emit(self, event: AuditEvent) -> None:
         for sink in self._sinks:
             try:
                 sink.emit(event)
+            except Exception:
+                pass
+
+    def emit_again(self, template: AuditEvent, status: int, duration_ms: float) -> None:
+        """Sinks that can reuse the template do; the others get a full event, built once for all of them."""
+        event: AuditEvent | None = None
+        for sink, reusing in zip(self._sinks, self._reusing):
+            try:
+                if reusing:
+                    sink.emit_again(template, status, duration_ms)  # type: ignore[attr-defined]
+                else:
+                    event = event or dataclasses.replace(template, status=status, duration_ms=duration_ms)
+                    sink.emit(event)
             except Exception:
                 pass

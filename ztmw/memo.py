@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Hashable, Iterable
 
 from .config import Rule
-from .models import RequestView, VerifiedToken
+from .models import AuditEvent, RequestView, VerifiedToken
 
 if TYPE_CHECKING:  # pragma: no cover - the pipeline imports this module
     from .pipeline import Outcome
@@ -41,6 +41,8 @@ class MemoEntry:
     view: RequestView
     outcome: Outcome
     cache_key: bytes
+    audit: AuditEvent | None
+    """The audit event each replay is recorded from (status and duration filled in per request)."""
 
 
 def memo_key(route: Hashable, method: str, path: str, authorization: str) -> MemoKey:
@@ -86,7 +88,7 @@ class DecisionMemo:
         del self._entries[key]
         return None
 
-    def remember(self, key: MemoKey, view: RequestView, outcome: Outcome) -> None:
+    def remember(self, key: MemoKey, view: RequestView, outcome: Outcome, audit: AuditEvent | None) -> None:
         """Keep `outcome` when replaying it later is certain to give the same answer (see the module doc)."""
         principal = outcome.principal
         if (
@@ -106,7 +108,7 @@ class DecisionMemo:
         entries = self._entries
         # the view keeps what the audit event reads, not the Authorization value the request carried
         bare = RequestView(method=view.method, path=view.path, route=view.route, match_info=view.match_info)
-        entries[key] = MemoEntry(bare, outcome, outcome.cache_key)
+        entries[key] = MemoEntry(bare, outcome, outcome.cache_key, audit)
         if len(entries) > self._max_entries:
             del entries[next(iter(entries))]
 

@@ -18,7 +18,7 @@ from aiohttp import web
 from .client_cert import certificate_from_request
 from .config import Config, load_config
 from .errors import AccessDenied, AuthError, UpstreamUnavailable
-from .memo import MemoKey, memo_key
+from .memo import MemoEntry, MemoKey, memo_key
 from .models import ANONYMOUS_TRUST, Decision, Principal, RequestView, RouteRef, TrustAssessment
 from .pipeline import Outcome, Pipeline
 from .typing import AuditSink, Clock, RouteProvider
@@ -136,19 +136,15 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
         if key is not None:
             entry = memo.recall(key)  # type: ignore[union-attr]
             if entry is not None:  # the same bearer request was allowed before: replay its outcome
-                outcome = entry.outcome
-                request[PRINCIPAL] = outcome.principal
-                request[TRUST] = outcome.trust
-                request[DECISION] = outcome.decision
-                return await _call_handler(request, handler, pipeline, entry.view, outcome, started, False)
+                return await _replay(request, handler, pipeline, entry, started)
         view, outcome = await _decide(request, pipeline)
         if outcome.error is not None:
             response = _error_response(pipeline, outcome.error)
             pipeline.audit(view, outcome, response.status, started)
             return response
         if key is not None:
-            memo.remember(key, view, outcome)  # type: ignore[union-attr]
-        return await _call_handler(request, handler, pipeline, view, outcome, started, True)
+            pipeline.remember(key, view, outcome)
+        return await _call_handler(request, handler, pipeline, view, outcome, started)
 
     return zero_trust
 
@@ -180,11 +176,30 @@ async def _decide(request: web.Request, pipeline: Pipeline) -> tuple[RequestView
     return view, outcome
 
 
-async def _call_handler(
-    request: web.Request, handler: Handler, pipeline: Pipeline, view: RequestView, outcome: Outcome, started: float,
-    decorate: bool,
+async def _replay(
+    request: web.Request, handler: Handler, pipeline: Pipeline, entry: MemoEntry, started: float
 ) -> web.StreamResponse:
-    """`decorate` is False for a replayed outcome: the memo only exists when decoration adds nothing to it."""
+    """A remembered decision: publish it, call the handler, record it. Nothing to decorate: the memo only
+    exists when decorators add nothing to plain bearer requests and mTLS is off."""
+    outcome = entry.outcome
+    request[PRINCIPAL] = outcome.principal
+    request[TRUST] = outcome.trust
+    request[DECISION] = outcome.decision
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        pipeline.audit_again(entry.audit, status, started)
+    return response
+
+
+async def _call_handler(
+    request: web.Request, handler: Handler, pipeline: Pipeline, view: RequestView, outcome: Outcome, started: float
+) -> web.StreamResponse:
     status = 500
     try:
         response = await handler(request)
@@ -194,7 +209,7 @@ async def _call_handler(
         raise
     finally:
         pipeline.audit(view, outcome, status, started)
-    if decorate and not response.prepared:
+    if not response.prepared:
         _decorate(pipeline, view, response)
     return response
 

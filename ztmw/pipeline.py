@@ -6,6 +6,7 @@ error to render, so the adapter cannot accidentally turn a bad token into a 500 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -22,13 +23,21 @@ from .config import Config, Rule
 from .errors import AccessDenied, AuthError, ConfigurationError, UpstreamUnavailable
 from .extract import extract_credential
 from .identity import IdentityChain
-from .memo import DecisionMemo, plugins_are_memo_safe
+from .memo import DecisionMemo, MemoKey, plugins_are_memo_safe
 from .metadata import resource_metadata
 from .models import ANONYMOUS_TRUST, AuditEvent, Decision, Principal, RequestView, TrustAssessment
 from .policy import RulePolicy
 from .registry import LoadedPlugin, load_plugin
 from .trust import TrustChain
-from .typing import AuditSink, BindingVerifier, Clock, PluginDeps, ResponseDecorator, TokenVerifier
+from .typing import (
+    AuditSink,
+    BindingVerifier,
+    Clock,
+    PluginDeps,
+    ResponseDecorator,
+    ReusingAuditSink,
+    TokenVerifier,
+)
 
 METADATA_RULE_ID = "ztmw-metadata"
 
@@ -111,8 +120,11 @@ class Pipeline:
                                  owner_requires_link=config.owner_requires_link, logger=self.log)
         self.trust = TrustChain([(p.name, p.instance) for p in evaluators], self.log)
         self.audit_sink: AuditSink | None = None
+        self._emit_again: Callable[[AuditEvent, int, float], None] | None = None
         if config.audit.enabled:
             self.audit_sink = audit_sink or AuditFanout([p.instance for p in sinks])
+            self._emit_again = (self.audit_sink.emit_again if isinstance(self.audit_sink, ReusingAuditSink)
+                                else self._emit_copy)
         dpop = next((b for b in bindings if b.scheme == "dpop"), None)
         self.dpop_algs: tuple[str, ...] | None = None
         if dpop is not None:
@@ -243,9 +255,19 @@ class Pipeline:
     def audit(self, request: RequestView, outcome: Outcome, status: int, started: float) -> None:
         if self.audit_sink is None:
             return
+        self.audit_sink.emit(self.audit_event(request, outcome, status, _elapsed_ms(started)))
+
+    def audit_again(self, template: AuditEvent | None, status: int, started: float) -> None:
+        """The audit event of a replayed decision: its template (see `audit_event`) with this request's
+        status and duration; a sink that can reuse what it rendered for the template does."""
+        if template is None or self._emit_again is None:
+            return
+        self._emit_again(template, status, _elapsed_ms(started))
+
+    def audit_event(self, request: RequestView, outcome: Outcome, status: int, duration_ms: float) -> AuditEvent:
         principal, token = outcome.principal, outcome.principal.token if outcome.principal else None
         error = outcome.error
-        self.audit_sink.emit(AuditEvent(
+        return AuditEvent(
             decision="allow" if outcome.decision.allowed else "deny",
             reason=outcome.decision.reason,
             status=status,
@@ -263,9 +285,23 @@ class Pipeline:
             ial=outcome.trust.ial if principal else None,
             failed_requirement=outcome.decision.failed_requirement,
             trust_inputs=outcome.trust.inputs if principal and outcome.trust.inputs else None,
-            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            duration_ms=duration_ms,
             security=bool(getattr(error, "security", False)),
-        ))
+        )
+
+    def remember(self, key: MemoKey, request: RequestView, outcome: Outcome) -> None:
+        """Offer an outcome to the decision memo, with the audit template its replays will be recorded from."""
+        if self.memo is not None:
+            template = self.audit_event(request, outcome, 0, 0.0) if self.audit_sink is not None else None
+            self.memo.remember(key, request, outcome, template)
+
+    def _emit_copy(self, template: AuditEvent, status: int, duration_ms: float) -> None:
+        assert self.audit_sink is not None
+        self.audit_sink.emit(dataclasses.replace(template, status=status, duration_ms=duration_ms))
+
+
+def _elapsed_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
 
 
 def _requirement(error: AuthError | UpstreamUnavailable) -> str | None:

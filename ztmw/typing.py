@@ -125,6 +125,14 @@ class AuditSink(Protocol):
     def emit(self, event: AuditEvent) -> None: ...
 
 
+@runtime_checkable
+class ReusingAuditSink(AuditSink, Protocol):
+    """Optional: a sink that can record "the decision in `template` again, for another request" without a new
+    AuditEvent (the decision memo's replays), e.g. by reusing what it rendered for the template."""
+
+    def emit_again(self, template: AuditEvent, status: int, duration_ms: float) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class PluginDeps:
     """What a plugin factory is handed, so plugins never reach into globals.

@@ -1,0 +1,169 @@
+"""The fast audit sink: one JSON line per decision, rendered here and written in batches.
+
+structlog's processor chain costs about 17 us per event in a loop and several times that in a busy server, as
+much as serving the request itself; a sink that renders a known, flat event needs none of it. Written by hand
+rather than as structlog processors because the saving comes from skipping the chain: an event replayed by
+the decision memo reuses the JSON fragment rendered for its template, and lines leave in one `write` per
+batch (at most `flush_interval` seconds or `buffer_bytes` late; security events are written at once).
+
+Configure with `[audit] sinks = ["jsonl"]` and `[plugins.jsonl] path = "audit.jsonl"` ("-" is stdout).
+The line format is what `ztmw serve`'s structlog setup prints: `timestamp` (ISO 8601, UTC), `level`, `event`,
+then the AuditEvent's non-empty fields.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import structlog
+
+from .audit import RenderedTemplates
+from .config import check_plugin_settings
+from .errors import ConfigurationError
+from .models import AuditEvent
+from .typing import Clock, PluginDeps
+
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode  # ensure_ascii: no raw control or non-ASCII bytes
+_STATIC_FIELDS = tuple(name for name in AuditEvent.__dataclass_fields__
+                       if name not in ("status", "duration_ms", "security"))
+
+
+def _fragment(event: AuditEvent) -> str:
+    """`"decision":"allow",...,` — every non-empty field except the per-request ones, with a trailing comma."""
+    return "".join(f"{_ENCODE(name)}:{_ENCODE(value)}," for name in _STATIC_FIELDS
+                   if (value := getattr(event, name)) is not None)
+
+
+class JsonLinesAuditSink:
+    """An AuditSink (and `ReusingAuditSink`) appending JSON lines to a file or stdout. Never raises: a failed
+    write is counted in `dropped` and reported once on the ztmw logger."""
+
+    name = "jsonl"
+
+    def __init__(
+        self,
+        target: str | os.PathLike[str],
+        *,
+        flush_interval: float = 0.2,
+        buffer_bytes: int = 65536,
+        clock: Clock = time.time,
+        logger: Any = None,
+    ) -> None:
+        self._target = target
+        self._fd: int | None = None
+        self._flush_interval = flush_interval
+        self._buffer_bytes = buffer_bytes
+        self._clock = clock
+        self._log = logger if logger is not None else structlog.get_logger("ztmw")
+        self._lines: list[str] = []
+        self._size = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._fragments = RenderedTemplates(_fragment)
+        self._second = -1
+        self._second_text = ""
+        self.dropped = 0
+
+    # -- lifetime ------------------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        if self._fd is None:
+            if str(self._target) == "-":
+                self._fd = 1
+            else:
+                self._fd = os.open(self._target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+    async def start(self) -> None:
+        self.open()
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.flush()
+        if self._fd is not None and self._fd != 1:
+            os.close(self._fd)
+        self._fd = None
+
+    # -- AuditSink -----------------------------------------------------------------------------------------
+
+    def emit(self, event: AuditEvent) -> None:
+        self._append(event, _fragment(event), event.status, event.duration_ms)
+
+    def emit_again(self, template: AuditEvent, status: int, duration_ms: float) -> None:
+        """The decision `template` records, for another request: its fragment is rendered once."""
+        self._append(template, self._fragments.get(template), status, duration_ms)
+
+    def _append(self, event: AuditEvent, fragment: str, status: int, duration_ms: float) -> None:
+        try:
+            level, name = ("warning", "ztmw.security") if event.security else ("info", "ztmw.decision")
+            line = (f'{{"timestamp":"{self._timestamp()}","level":"{level}","event":"{name}",{fragment}'
+                    f'"status":{int(status)},"duration_ms":{float(duration_ms)!r}}}\n')
+            self._lines.append(line)
+            self._size += len(line)
+            if event.security or self._size >= self._buffer_bytes:
+                self.flush()
+            elif self._timer is None:
+                self._arm_timer()
+        except Exception:  # an audit sink must never turn a decision into a 500
+            self.dropped += 1
+
+    def _timestamp(self) -> str:
+        """ISO 8601 in UTC with microseconds; the date and time part is formatted once a second."""
+        now = self._clock()
+        second = int(now)
+        if second != self._second:
+            self._second, self._second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._second_text}.{int((now - second) * 1_000_000):06d}Z"
+
+    def _arm_timer(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # used outside an event loop (a script, a test): write at once
+            self.flush()
+            return
+        self._timer = loop.call_later(self._flush_interval, self.flush)
+
+    def flush(self) -> None:
+        """Write what is buffered in one go; called by the timer, when the buffer is full, and on close."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._lines:
+            return
+        lines, self._lines, self._size = self._lines, [], 0
+        data = memoryview("".join(lines).encode("utf-8"))
+        try:
+            self.open()
+            assert self._fd is not None
+            while data:
+                written = os.write(self._fd, data)
+                data = data[written:]
+        except OSError as exc:
+            if not self.dropped:
+                self._log.error("ztmw.audit_write_failed", sink=self.name, error=exc.strerror or type(exc).__name__)
+            self.dropped += len(lines)
+
+
+def create(settings: Mapping[str, Any], deps: PluginDeps) -> JsonLinesAuditSink:
+    """Entry point `jsonl` in `ztmw.audit_sinks`: `path` (required; "-" for stdout), `flush_interval` (s,
+    default 0.2), `buffer_bytes` (default 65536). A relative path is taken from the working directory."""
+    check_plugin_settings(settings, "jsonl", ("path", "flush_interval", "buffer_bytes"))
+    path = settings.get("path")
+    if not isinstance(path, str) or not path:
+        raise ConfigurationError("plugins.jsonl.path: required, the file to append audit lines to (\"-\": stdout)")
+    interval = settings.get("flush_interval", 0.2)
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 < interval <= 60:
+        raise ConfigurationError("plugins.jsonl.flush_interval: seconds, more than 0 and at most 60")
+    size = settings.get("buffer_bytes", 65536)
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= 16 * 1024 * 1024:
+        raise ConfigurationError("plugins.jsonl.buffer_bytes: an integer from 0 to 16 MiB")
+    sink = JsonLinesAuditSink(path if path == "-" else Path(path).absolute(), flush_interval=float(interval),
+                              buffer_bytes=size, clock=deps.clock, logger=deps.logger)
+    deps.on_startup(sink.start)
+    deps.on_cleanup(sink.aclose)
+    return sink
