@@ -10,6 +10,8 @@ room, raises `UpstreamUnavailable` (503) instead of letting a proof through twic
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import heapq
 import math
@@ -81,11 +83,34 @@ class MemoryReplayStore:
         self._heap.clear()
 
 
+_Check = tuple[str, int, "asyncio.Future[bool]"]  # (key name, ttl in ms, the caller's answer)
+_OK = (b"OK", "OK")
+
+
+def _fail(checks: list[_Check]) -> None:
+    """Fail closed: every caller still waiting gets its own 503."""
+    for _, _, future in checks:
+        if not future.done():
+            future.set_exception(UpstreamUnavailable("replay_store_unavailable"))
+
+
 class RedisReplayStore:
     """Shared store: `SET key 1 NX PX ttl` is one atomic command, so two replicas cannot both see it first.
 
-    Timeouts are short and retries minimal: a slow Redis must turn into a quick 503, not a stalled request.
-    The client is opened by `start()` (or lazily on first use) and must be closed with `close()`.
+    Concurrent checks are coalesced: the first `first_seen` that finds no batch in flight starts a writer,
+    and every check made before the writer runs (the rest of that event-loop iteration), or while its batch
+    is in flight, joins the next batch. A batch is written in one go on one dedicated connection and its
+    replies are read back in order (Redis answers a connection's commands in the order it received them), so
+    each caller gets the reply to its own command. Under load this turns many round trips, each with
+    redis-py's pool and command machinery, into one write and one read of many small replies.
+
+    Fail closed, per batch: if anything goes wrong before every reply is read (connect, write, read, the
+    batch timeout, a reply that is neither OK nor nil), every caller of that batch gets `UpstreamUnavailable`
+    and the connection is dropped, so a late reply can never be read as the answer to a later command. A
+    caller cancelled before its batch is written is left out of it; one cancelled afterwards does not
+    disturb the others. Timeouts are short and retries minimal: a slow Redis must turn into a quick 503,
+    not a stalled request. The client is opened by `start()` (or lazily on first use) and must be closed
+    with `close()`.
     """
 
     def __init__(self, url: str, *, timeout: float = DEFAULT_REDIS_TIMEOUT) -> None:
@@ -94,6 +119,10 @@ class RedisReplayStore:
         self._url = url
         self._timeout = timeout
         self._client: Any = None
+        self._connection: Any = None  # the dedicated connection, made from the client's pool settings
+        self._pending: list[_Check] = []  # checks waiting for the next batch
+        self._writer: asyncio.Task[None] | None = None  # drains `_pending`, one batch at a time
+        self._connection_error: type[Exception] = OSError  # redis.exceptions.ConnectionError, once started
 
     def __repr__(self) -> str:  # the URL may carry a password
         return "RedisReplayStore(<url redacted>)"
@@ -104,9 +133,23 @@ class RedisReplayStore:
     async def start(self) -> None:
         if self._client is None:
             self._client = self._open()
+            self._connection = self._client.connection_pool.make_connection()  # connects on first use
+            from redis.exceptions import ConnectionError as connection_error  # the extra is there by now
+
+            self._connection_error = connection_error
 
     async def close(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+        pending, self._pending = self._pending, []
+        _fail(pending)
         client, self._client = self._client, None
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.disconnect()
         if client is not None:
             await client.aclose()
 
@@ -114,12 +157,72 @@ class RedisReplayStore:
         ttl = _check_ttl(ttl)
         if self._client is None:
             await self.start()
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append((REDIS_PREFIX + digest(key), math.ceil(ttl * 1000), future))
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
         try:
-            name = REDIS_PREFIX + digest(key)
-            stored = await self._client.set(name, b"1", nx=True, px=math.ceil(ttl * 1000))
-        except Exception:  # any client, connection or server error: we cannot know, so refuse (fail closed)
-            raise UpstreamUnavailable("replay_store_unavailable") from None
-        return bool(stored)
+            while self._pending:
+                batch, self._pending = self._pending, []
+                batch = [check for check in batch if not check[2].done()]  # callers cancelled meanwhile
+                if batch:
+                    await self._run(batch)
+        finally:
+            if self._writer is asyncio.current_task():
+                self._writer = None
+
+    async def _run(self, batch: list[_Check]) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                replies = await self._exchange(batch)
+        except BaseException as exc:
+            _fail(batch)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        for (_, _, future), reply in zip(batch, replies):
+            if not future.done():
+                future.set_result(reply)
+
+    async def _exchange(self, batch: list[_Check]) -> list[bool]:
+        connection = self._connection
+        if connection.is_connected and await connection.can_read():
+            # an idle connection with something to read is one the server closed (restart, idle timeout): a
+            # fresh one, as redis-py's pool does before it hands out a connection
+            await connection.disconnect(nowait=True)
+        commands = connection.pack_commands([("SET", name, b"1", "NX", "PX", px) for name, px, _ in batch])
+        reused = connection.is_connected
+        replies: list[bool] = []
+        try:
+            await self._send(connection, commands, replies, len(batch))
+        except self._connection_error:
+            if not reused or replies:
+                raise
+            # the server closed the connection before it answered anything, and closed it so recently that the
+            # check above could not see it yet: once more on a fresh connection, as redis-py's single retry
+            # does (should the first write have been executed after all, the retry reports a replay: a denial)
+            await self._send(connection, commands, replies, len(batch))
+        return replies
+
+    @staticmethod
+    async def _send(connection: Any, commands: list[bytes], replies: list[bool], count: int) -> None:
+        try:
+            await connection.send_packed_command(commands, check_health=False)
+            for _ in range(count):
+                reply = await connection.read_response()
+                if reply is None:
+                    replies.append(False)  # NX: the key exists
+                elif reply in _OK:
+                    replies.append(True)
+                else:
+                    raise UpstreamUnavailable("replay_store_unavailable")
+        except BaseException:
+            # whatever was not read yet would be taken for the replies to the next batch: never reuse it
+            await connection.disconnect(nowait=True)
+            raise
 
 
 def open_redis_client(url: str, timeout: float, *, what: str) -> Any:
