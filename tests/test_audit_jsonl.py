@@ -13,13 +13,12 @@ from structlog.testing import capture_logs
 
 import ztmw
 from ztmw.audit_jsonl import JsonLinesAuditSink, create
-from ztmw.config import load_config
 from ztmw.errors import ConfigurationError
 from ztmw.models import AuditEvent
 from ztmw.testing import DevIssuer, FakeClock
-from ztmw.typing import PluginDeps
 
 from .conftest import base_config, items_app
+from .test_audit_chain import deps
 
 EVENT = AuditEvent(decision="allow", reason="allowed", status=200, method="GET", route="/items", rule_id="read",
                    subject="sha256:abc", client_id="demo-client", issuer="https://issuer.test", token_id="t1",
@@ -116,15 +115,6 @@ def test_a_failed_write_is_counted_and_reported_once_never_raised(tmp_path: Path
     assert [e["event"] for e in logs] == ["ztmw.audit_write_failed"]
 
 
-def deps(clock: FakeClock | None = None) -> tuple[PluginDeps, list[Any], list[Any]]:
-    startup: list[Any] = []
-    cleanup: list[Any] = []
-    config = load_config({"resource": {"identifier": "https://api.example.com"}, "issuers": [
-        {"issuer": "https://issuer.test", "jwks_uri": "https://issuer.test/jwks"}]})
-    return PluginDeps(config=config, clock=clock or FakeClock(), http=lambda: None, logger=None,  # type: ignore
-                      on_startup=startup.append, on_cleanup=cleanup.append), startup, cleanup
-
-
 @pytest.mark.parametrize("settings, message", [
     ({}, "plugins.jsonl.path: required"),
     ({"path": ""}, "plugins.jsonl.path: required"),
@@ -136,11 +126,11 @@ def deps(clock: FakeClock | None = None) -> tuple[PluginDeps, list[Any], list[An
 ])
 def test_settings_are_checked(settings: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
-        create(settings, deps()[0])
+        create(settings, deps(FakeClock())[0])
 
 
 async def test_the_plugin_opens_at_start_and_flushes_at_cleanup(tmp_path: Path) -> None:
-    plugin_deps, startup, cleanup = deps()
+    plugin_deps, startup, cleanup = deps(FakeClock())
     sink = create({"path": str(tmp_path / "a.jsonl"), "buffer_bytes": 1 << 20}, plugin_deps)
     for hook in startup:
         await hook()

@@ -185,6 +185,13 @@ async def _replay(
     request[PRINCIPAL] = outcome.principal
     request[TRUST] = outcome.trust
     request[DECISION] = outcome.decision
+    return await _handle_and_record(request, handler, lambda status: pipeline.audit_again(entry.audit, status, started))
+
+
+async def _handle_and_record(
+    request: web.Request, handler: Handler, record: Callable[[int], None]
+) -> web.StreamResponse:
+    """Run the handler and record the status it produced, also when it raises (500, or the HTTPException's)."""
     status = 500
     try:
         response = await handler(request)
@@ -193,22 +200,15 @@ async def _replay(
         status = exc.status
         raise
     finally:
-        pipeline.audit_again(entry.audit, status, started)
+        record(status)
     return response
 
 
 async def _call_handler(
     request: web.Request, handler: Handler, pipeline: Pipeline, view: RequestView, outcome: Outcome, started: float
 ) -> web.StreamResponse:
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    finally:
-        pipeline.audit(view, outcome, status, started)
+    response = await _handle_and_record(request, handler,
+                                        lambda status: pipeline.audit(view, outcome, status, started))
     if not response.prepared:
         _decorate(pipeline, view, response)
     return response
@@ -304,20 +304,15 @@ def audit_middleware(pipeline: Pipeline) -> Any:
     @web.middleware
     async def audit(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
-        status = 500
-        try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        finally:
+
+        def record(status: int) -> None:
             if request.match_info.http_exception is None:
                 decision = request.get(DECISION) or Decision(False, "no_decision", None, status)
                 outcome = Outcome(decision, request.get(PRINCIPAL), request.get(TRUST) or ANONYMOUS_TRUST,
                                   request.get(_ERROR), request.get(_CACHE))
                 pipeline.audit(_bare_view(request), outcome, status, started)
+
+        return await _handle_and_record(request, handler, record)
 
     return audit
 
