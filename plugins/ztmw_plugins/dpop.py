@@ -9,6 +9,7 @@ exception message or a log line.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections import OrderedDict
@@ -167,8 +168,8 @@ class DPoPVerifier:
             raise _proof_error("dpop_htm_mismatch")
         if "?" in claims.htu or "#" in claims.htu:
             raise _proof_error("dpop_htu_mismatch")
-        expected = normalize_uri(self._origin + (request.path or "/"))
-        if expected is None or normalize_uri(claims.htu) != expected:
+        expected = _normalized(self._origin + (request.path or "/"))
+        if expected is None or _normalized(claims.htu) != expected:
             raise _proof_error("dpop_htu_mismatch")
         if not now - self._max_age <= claims.iat <= now + self._skew:
             raise _proof_error("dpop_iat_out_of_window")
@@ -243,6 +244,15 @@ _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
 
 
+_NORMALIZED_CACHE_MAX_CHARS = 512
+
+
+def _normalized(uri: str) -> str | None:
+    """`normalize_uri`, remembered for URIs of a sane length: a client sends the same htu request after request
+    (3 us each time otherwise); the bound keeps hostile proofs from filling memory."""
+    return _normalize_cached(uri) if len(uri) <= _NORMALIZED_CACHE_MAX_CHARS else normalize_uri(uri)
+
+
 def normalize_uri(uri: str) -> str | None:
     """Syntax- and scheme-based normal form of an http(s) URI without query or fragment, else None.
 
@@ -275,6 +285,9 @@ def normalize_uri(uri: str) -> str | None:
     authority += _normalize_percent(host).lower() + (":" + port if port else "")
     path = _remove_dot_segments(_normalize_percent(match["path"])) or "/"
     return f"{scheme}://{authority}{path}"
+
+
+_normalize_cached = functools.lru_cache(maxsize=2048)(normalize_uri)
 
 
 def _normalize_percent(text: str) -> str:

@@ -849,3 +849,16 @@ async def test_without_the_secret_env_each_process_has_its_own_nonces(
     nonce = (await first.reject(UseDPoPNonce, "dpop_nonce_required", first.proof())).nonce
     assert await first.confirm(first.proof(nonce=nonce))
     await second.reject(UseDPoPNonce, "dpop_nonce_required", second.proof(nonce=nonce))
+
+
+def test_htu_normal_forms_are_remembered_only_for_uris_of_a_sane_length() -> None:
+    from ztmw_plugins.dpop import _normalize_cached, _normalized, normalize_uri
+
+    short = "HTTPS://API.example.com:443/a/../hello/%7Eann"
+    long = "https://api.example.com/" + "a" * 600
+    before = _normalize_cached.cache_info().currsize
+    assert _normalized(short) == normalize_uri(short) == "https://api.example.com/hello/~ann"
+    assert _normalize_cached.cache_info().currsize <= before + 1
+    size = _normalize_cached.cache_info().currsize
+    assert _normalized(long) == normalize_uri(long)
+    assert _normalize_cached.cache_info().currsize == size  # a hostile proof cannot fill the cache
