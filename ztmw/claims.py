@@ -10,15 +10,80 @@ from __future__ import annotations
 
 import hashlib
 import re
-import sys
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Callable, Hashable, Mapping, TypeVar
 
 from .errors import InvalidToken
 from .jws import numeric_date
 from .models import VerifiedToken, frozen_mapping
 
 _PRINTABLE_ID = re.compile(r"[\x21-\x7e]{1,128}")
+
+H = TypeVar("H", bound=Hashable)
+V = TypeVar("V")
+
+
+class SharedValues:
+    """One stored object for each equal value that many cached tokens carry (claim names, issuer, audiences,
+    client ids, scope strings and sets), so 100,000 cached tokens hold them once instead of 100,000 times.
+
+    Bounded: when full it starts over (values already handed out stay shared), so it follows what tokens carry
+    now. It is fed only from tokens that verified, never by unverified input.
+    """
+
+    __slots__ = ("_values", "_max_entries")
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self._values: dict[Any, Any] = {}
+        self._max_entries = max_entries
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def share(self, value: H) -> H:
+        """The stored object equal to `value` (`value` itself the first time)."""
+        return self.derive(value, _identity)  # type: ignore[return-value]
+
+    def derive(self, key: H, make: Callable[[H], V]) -> V:
+        """The stored `make(key)`, made once per distinct `key` while it stays in the table."""
+        found = self._values.get(key)
+        if found is None:
+            if len(self._values) >= self._max_entries:
+                self._values.clear()
+            found = self._values[key] = make(key)
+        return found  # type: ignore[no-any-return]
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _scope_set(scope: str) -> frozenset[str]:
+    return frozenset(s for s in scope.split(" ") if s)
+
+
+_STRINGS = SharedValues()  # claim names and the string values in _REPEATED
+_TUPLES = SharedValues()  # audience and amr tuples
+_SCOPES = SharedValues()  # scope string -> frozenset of scope names
+# claims whose values recur across the tokens of an issuer (one issuer, a few audiences, clients and scope sets);
+# `sub` and `jti` are per user or per token, so sharing them would only churn the table
+_REPEATED = frozenset({"iss", "aud", "azp", "client_id", "scope", "acr", "amr", "token_type", "typ"})
+
+
+def stored_claims(claims: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of verified claims for a long-lived `VerifiedToken`: equal values, with the names and the recurring
+    string values (see `_REPEATED`) taken from the shared tables, so a cached token holds only what is its own
+    (sub, jti, times, private claims). Lists are copied, never shared: a reader cannot change another token."""
+    out: dict[str, Any] = {}
+    share = _STRINGS.share
+    for name, value in claims.items():
+        if name in _REPEATED:
+            if type(value) is str:
+                value = share(value)
+            elif type(value) is list:
+                value = [share(v) if type(v) is str else v for v in value]
+        out[share(name)] = value
+    return out
 
 
 def optional(claims: Mapping[str, Any], name: str, kind: type) -> Any:
@@ -101,29 +166,31 @@ def verified_token(
     amr = optional(claims, "amr", list)
     if amr is not None and not all(isinstance(m, str) for m in amr):  # AMR-01
         raise InvalidToken("invalid_claim")
+    acr = optional(claims, "acr", str)
     cnf = optional(claims, "cnf", dict)  # confirmed per request by the core, never here
     actor = optional(claims, "act", dict)
     jti = optional(claims, "jti", str)
+    share = _STRINGS.share
     return VerifiedToken(
-        issuer=issuer,
+        issuer=share(issuer),
         subject=subject,
-        audience=audience,
+        audience=_TUPLES.share(audience),
         expires_at=expires_at,
         token_id=jti if jti is not None and _PRINTABLE_ID.fullmatch(jti) else token_hash(token),
         verifier=verifier,
-        # interned: a cache of 100k tokens from a few clients holds each scope and client id string once
-        client_id=sys.intern(client_id) if client_id is not None else None,
-        scopes=frozenset(sys.intern(s) for s in scope.split(" ") if s),
+        # shared: a cache of 100k tokens from a few clients holds each client id, scope set and acr once
+        client_id=share(client_id) if client_id is not None else None,
+        scopes=_SCOPES.derive(scope, _scope_set),
         issued_at=issued_at,
         not_before=not_before,
         auth_time=date(claims, "auth_time"),
-        acr=optional(claims, "acr", str),
-        amr=tuple(amr or ()),
+        acr=share(acr) if acr is not None else None,
+        amr=_TUPLES.share(tuple(share(m) for m in amr)) if amr else (),
         cnf=frozen_mapping(cnf),
         actor=frozen_mapping(actor) if actor is not None else None,
-        # a read-only view of the parsed claims, not a copy: the verifier's own dict, referenced by nobody else
-        claims=MappingProxyType(claims) if isinstance(claims, dict) else frozen_mapping(claims),
-        key_id=key_id,
+        # every claim stays readable (AT-12: groups, roles... reach policy plugins), in a compact read-only copy
+        claims=MappingProxyType(stored_claims(claims)),
+        key_id=share(key_id) if key_id is not None else None,
         leeway=leeway,
         key_thumbprint=key_thumbprint,
     )

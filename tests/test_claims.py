@@ -1,0 +1,90 @@
+"""ztmw.claims: the VerifiedToken built from verified claims keeps every claim, and shares what tokens repeat."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from ztmw.claims import SharedValues, verified_token
+from ztmw.errors import InvalidToken
+
+
+def claims_of(**extra: Any) -> dict[str, Any]:
+    # a fresh parse per call, as a verifier gets it: equal values, distinct objects
+    body = {"iss": "https://as.example.com", "sub": "alice", "aud": ["https://api.example.com", "https://b"],
+            "exp": 2_000_000_000, "iat": 1_700_000_000, "jti": "j-1", "client_id": "demo-client",
+            "scope": "read write", "acr": "urn:acr:1", "amr": ["pwd", "otp"], "groups": ["admins"]}
+    body.update(extra)
+    return json.loads(json.dumps(body))
+
+
+def build(claims: dict[str, Any]) -> Any:
+    return verified_token(
+        claims, token="t", verifier="bearer", issuer=claims["iss"], audience=tuple(claims["aud"]),
+        expires_at=float(claims["exp"]), not_before=None, issued_at=float(claims["iat"]),
+        client_id=claims["client_id"], leeway=30.0, key_id="k1", key_thumbprint="tp",
+    )
+
+
+def test_every_claim_stays_readable_with_equal_values() -> None:
+    claims = claims_of(nested={"a": [1, {"b": None}]}, flag=True)
+    token = build(claims)
+    assert dict(token.claims) == claims
+    assert list(token.claims) == list(claims)  # order kept
+    with pytest.raises(TypeError):
+        token.claims["sub"] = "mallory"  # type: ignore[index]
+
+
+def test_recurring_names_and_values_are_stored_once() -> None:
+    a, b = build(claims_of()), build(claims_of(sub="bob", jti="j-2"))
+    for name in ("iss", "client_id", "scope", "acr"):
+        assert a.claims[name] is b.claims[name]
+    assert [x is y for x, y in zip(a.claims["aud"], b.claims["aud"])] == [True, True]
+    assert all(x is y for x, y in zip(a.claims, b.claims))  # the claim names
+    assert a.scopes is b.scopes and a.scopes == {"read", "write"}
+    assert a.audience is b.audience and a.amr is b.amr and a.amr == ("pwd", "otp")
+    assert a.client_id is b.client_id is a.claims["client_id"] and a.acr is b.acr
+    assert a.issuer is b.issuer and a.key_id is b.key_id
+
+
+def test_lists_are_copied_per_token() -> None:
+    a, b = build(claims_of()), build(claims_of())
+    assert a.claims["aud"] == b.claims["aud"] and a.claims["aud"] is not b.claims["aud"]
+    assert a.claims["groups"] is not b.claims["groups"]
+
+
+def test_per_token_values_are_not_pooled() -> None:
+    a, b = build(claims_of(sub="carol")), build(claims_of(sub="carol"))
+    assert a.subject == b.subject == "carol"
+    assert a.subject is a.claims["sub"]  # one object per token, not a second copy
+
+
+def test_checks_still_apply() -> None:
+    for bad in ({"scope": ["a"]}, {"amr": "pwd"}, {"amr": [1]}, {"acr": ""}, {"cnf": "x"}, {"act": []}):
+        with pytest.raises(InvalidToken) as caught:
+            build(claims_of(**bad))
+        assert caught.value.reason == "invalid_claim"
+
+
+class TestSharedValues:
+    def test_equal_values_get_the_first_object(self) -> None:
+        table = SharedValues()
+        first = "".join(["ab", "c"])
+        assert table.share(first) is first
+        assert table.share("".join(["a", "bc"])) is first
+
+    def test_derive_makes_once(self) -> None:
+        table, made = SharedValues(), []
+        for _ in range(3):
+            table.derive("a b", lambda key: made.append(key) or frozenset(key.split()))
+        assert made == ["a b"]
+
+    def test_bounded_and_starts_over_when_full(self) -> None:
+        table = SharedValues(max_entries=3)
+        for i in range(10):
+            table.share(f"v{i}")
+            assert len(table) <= 3
+        again = "".join(["v", "9"])
+        assert table.share(again) == "v9"
