@@ -381,10 +381,42 @@ def evaluate_targets(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]
     return rows
 
 
+def raw_es256_verify_us(count: int = 2000) -> float:
+    """One ES256 signature check in OpenSSL (via cryptography), measured in this run: the floor of any
+    middleware that verifies a signature per request, whatever it is written in."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    public, data, algorithm = key.public_key(), b"x" * 300, ec.ECDSA(hashes.SHA256())
+    signature = key.sign(data, algorithm)
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        for _ in range(count):
+            public.verify(signature, data, algorithm)
+        best = min(best, (time.perf_counter() - started) / count * 1e6)
+    return best
+
+
+def ceilings(summary: dict[str, dict[str, Any]], verify_us: float) -> list[dict[str, Any]]:
+    """What no implementation could beat on this machine, to read the targets against: the ratio of a no-op
+    aiohttp middleware (its dispatch alone), and bare aiohttp plus one ES256 check per request."""
+    rows = []
+    if "noop" in summary:
+        rows.append({"ceiling": "any aiohttp middleware (no-op middleware)", "ratio": round(summary["noop"]["ratio"], 3),
+                     "cpu_ratio": round(summary["noop"]["cpu_ratio"], 3)})
+    if "bare" in summary and summary["bare"]["cpu_us_per_req"]:
+        bare = summary["bare"]["cpu_us_per_req"]
+        rows.append({"ceiling": f"bare aiohttp + one ES256 verification ({verify_us:.0f} us)",
+                     "ratio": None, "cpu_ratio": round(bare / (bare + verify_us), 3)})
+    return rows
+
+
 def table(summary: dict[str, dict[str, Any]]) -> list[str]:
-    lines = [f"| {'scenario':<20} | {'req/s':>8} | {'p50 ms':>7} | {'p99 ms':>7} | {'ratio':>6} | "
+    lines = [f"| {'scenario':<21} | {'req/s':>8} | {'p50 ms':>7} | {'p99 ms':>7} | {'ratio':>6} | "
              f"{'vs':<9} | {'CPU us/req':>10} | {'CPU ratio':>9} | {'errors':>6} | generator |",
-             f"|{'-' * 22}|{'-' * 9}:|{'-' * 8}:|{'-' * 8}:|{'-' * 7}:|{'-' * 11}|{'-' * 11}:|{'-' * 10}:|"
+             f"|{'-' * 23}|{'-' * 9}:|{'-' * 8}:|{'-' * 8}:|{'-' * 7}:|{'-' * 11}|{'-' * 11}:|{'-' * 10}:|"
              f"{'-' * 7}:|-----------|"]
     for s in SCENARIOS:
         row = summary.get(s.name)
@@ -392,7 +424,7 @@ def table(summary: dict[str, dict[str, Any]]) -> list[str]:
             continue
         ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else "-"
         cpu_ratio = f"{row['cpu_ratio']:.2f}" if row["cpu_ratio"] is not None else "-"
-        lines.append(f"| {s.name:<20} | {row['rps']:>8.0f} | {row['p50_ms']:>7.2f} | {row['p99_ms']:>7.2f} | "
+        lines.append(f"| {s.name:<21} | {row['rps']:>8.0f} | {row['p50_ms']:>7.2f} | {row['p99_ms']:>7.2f} | "
                      f"{ratio:>6} | {row['baseline'] or '-':<9} | {row['cpu_us_per_req']:>10.0f} | "
                      f"{cpu_ratio:>9} | {row['errors']:>6} | {row['generator']:<9} |")
     return lines
@@ -566,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
 
         summary = summarize(samples)
         targets = evaluate_targets(summary)
+        verify_us = raw_es256_verify_us()
+        limits = ceilings(summary, verify_us)
         meta = {
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
             "mode": "quick" if args.quick else "default",
@@ -578,7 +612,8 @@ def main(argv: list[str] | None = None) -> int:
             "elapsed_s": round(time.monotonic() - started, 1),
             "command": " ".join(["python benchmarks/run.py"] + sys.argv[1:]),
         }
-        document = {"meta": meta, "scenarios": summary, "targets": targets, "micro": micro,
+        document = {"meta": meta, "scenarios": summary, "targets": targets, "ceilings": limits,
+                    "raw_es256_verify_us": round(verify_us, 1), "micro": micro,
                     "audit_cache_counts": audit_counts, "samples": samples,
                     "descriptions": {s.name: s.title for s in selected}}
         (out / "latest.json").write_text(json.dumps(document, indent=2), encoding="utf-8")
@@ -591,6 +626,11 @@ def main(argv: list[str] | None = None) -> int:
             report += ["", "| target | req/s ratio | result | CPU-time ratio | result |", "|---|---:|---|---:|---|"]
             report += [f"| {t['target']} | {t['ratio']:.2f} | {'PASS' if t['pass'] else 'FAIL'} | "
                        f"{t['cpu_ratio']:.2f} | {'PASS' if t['cpu_pass'] else 'FAIL'} |" for t in targets]
+        if limits:
+            report += ["", "| ceiling on this machine (nothing can do better) | req/s ratio | CPU-time ratio |",
+                       "|---|---:|---:|"]
+            report += [f"| {c['ceiling']} | {'-' if c['ratio'] is None else format(c['ratio'], '.2f')} | "
+                       f"{c['cpu_ratio']:.2f} |" for c in limits]
         if micro:
             report += ["", "| stage | ns/op (median) | best | note |", "|---|---:|---:|---|"]
             report += [f"| {m['stage']} | {m['ns_per_op']:,} | {m['best_ns']:,} | {m['note']} |" for m in micro]
