@@ -212,7 +212,8 @@ class RedisReplayStore:
         try:
             await connection.send_packed_command(commands, check_health=False)
             for _ in range(count):
-                reply = await connection.read_response()
+                # no timer per reply (math.inf): the batch timeout in `_run` bounds the whole exchange
+                reply = await connection.read_response(timeout=math.inf)
                 if reply is None:
                     replies.append(False)  # NX: the key exists
                 elif reply in _OK:
