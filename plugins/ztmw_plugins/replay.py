@@ -105,12 +105,12 @@ class RedisReplayStore:
     redis-py's pool and command machinery, into one write and one read of many small replies.
 
     Fail closed, per batch: if anything goes wrong before every reply is read (connect, write, read, the
-    batch timeout, a reply that is neither OK nor nil), every caller of that batch gets `UpstreamUnavailable`
-    and the connection is dropped, so a late reply can never be read as the answer to a later command. A
-    caller cancelled before its batch is written is left out of it; one cancelled afterwards does not
-    disturb the others. Timeouts are short and retries minimal: a slow Redis must turn into a quick 503,
-    not a stalled request. The client is opened by `start()` (or lazily on first use) and must be closed
-    with `close()`.
+    batch timeout, a reply that is neither OK nor nil), every caller of that batch, and every caller queued
+    behind it, gets `UpstreamUnavailable` and the connection is dropped, so a late reply can never be read as
+    the answer to a later command. A caller cancelled before its batch is written is left out of it; one
+    cancelled afterwards does not disturb the others. Timeouts are short and retries minimal: a slow Redis
+    must turn into a quick 503 (within one timeout), not a stalled request. The client is opened by
+    `start()` (or lazily on first use) and must be closed with `close()`.
     """
 
     def __init__(self, url: str, *, timeout: float = DEFAULT_REDIS_TIMEOUT) -> None:
@@ -182,6 +182,10 @@ class RedisReplayStore:
             _fail(batch)
             if isinstance(exc, asyncio.CancelledError):
                 raise
+            # the checks that queued behind a failed batch fail with it: sent now they would wait out another
+            # full timeout (a stalled Redis), and a caller must get its 503 within one timeout, as before
+            queued, self._pending = self._pending, []
+            _fail(queued)
             return
         for (_, _, future), reply in zip(batch, replies):
             if not future.done():

@@ -474,3 +474,26 @@ async def test_redis_restarted_while_idle_is_not_a_503(private_redis: PrivateRed
         assert await store.first_seen(key, 60) is False
     finally:
         await store.close()
+
+
+@pytest.mark.redis
+async def test_redis_checks_queued_behind_a_stalled_batch_fail_with_it_not_one_timeout_later(
+    proxy: GatedProxy, redis_url: str
+) -> None:
+    store = proxied_store(proxy, redis_url, timeout=0.3)
+    try:
+        await store.first_seen(unique("warm-up"), 60)
+        writes = count_writes(store)
+        proxy.replies.clear()
+        stalled = [unique("stalled") for _ in range(3)]
+        in_flight = [asyncio.create_task(store.first_seen(key, 60)) for key in stalled]
+        await wait_until_stored(redis_url, stalled)
+        queued = [unique("queued") for _ in range(3)]
+        results = await asyncio.gather(*in_flight, *(store.first_seen(key, 60) for key in queued),
+                                       return_exceptions=True)
+        assert all(isinstance(r, UpstreamUnavailable) for r in results)
+        assert writes == [1]  # the queued checks were never sent: their jti values are not burnt
+        proxy.replies.set()
+        assert await asyncio.gather(*(store.first_seen(key, 60) for key in queued)) == [True] * 3
+    finally:
+        await store.close()
