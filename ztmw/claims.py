@@ -42,7 +42,12 @@ class SharedValues:
 
     def share(self, value: H) -> H:
         """The stored object equal to `value` (`value` itself the first time)."""
-        return self.derive(value, _identity)  # type: ignore[return-value]
+        found = self._values.get(value)
+        if found is None:
+            if len(self._values) >= self._max_entries:
+                self._values.clear()
+            found = self._values[value] = value
+        return found  # type: ignore[no-any-return]
 
     def derive(self, key: H, make: Callable[[H], V]) -> V:
         """The stored `make(key)`, made once per distinct `key` while it stays in the table."""
@@ -52,10 +57,6 @@ class SharedValues:
                 self._values.clear()
             found = self._values[key] = make(key)
         return found  # type: ignore[no-any-return]
-
-
-def _identity(value: Any) -> Any:
-    return value
 
 
 def _scope_set(scope: str) -> frozenset[str]:

@@ -28,7 +28,7 @@ from joserfc.jwk import ECKey, OKPKey, RSAKey
 
 from .errors import ZtmwError
 
-_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+_PADDING = ("", "", "==", "=")  # by length % 4 (1 is never valid)
 _ALPHABET = {c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")}
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 # Which JWK key type (and curve) each JWS algorithm may use: one key, one algorithm family (RFC 8725 §3.1).
@@ -71,27 +71,28 @@ def b64url_encode(data: bytes) -> str:
 def b64url_decode(segment: str) -> bytes:
     """Decode unpadded base64url, refusing padding, other alphabets and non-canonical trailing bits.
 
-    Python's decoder drops unknown characters and accepts `+ / =`, so the alphabet is checked first; the
-    re-encode comparison makes sure one byte string has exactly one accepted spelling (RFC 4648 §3.5).
+    `+ / =` are refused first; the decoder's strict mode then refuses every other character outside the
+    alphabet (non-ASCII included) instead of dropping it, and the check of the unused low bits makes sure one
+    byte string has exactly one accepted spelling (RFC 4648 §3.5).
     """
     remainder = len(segment) % 4
-    if not _B64URL.fullmatch(segment) or remainder == 1:
+    if remainder == 1 or "+" in segment or "/" in segment or "=" in segment:
         raise MalformedJWS("bad_base64url")
+    try:
+        data = binascii.a2b_base64(segment.replace("-", "+").replace("_", "/") + _PADDING[remainder],
+                                   strict_mode=True)
+    except ValueError:  # binascii.Error, or a str that is not ASCII
+        raise MalformedJWS("bad_base64url") from None
     # canonical form: the unused low bits of the last character are zero (2 chars -> 4 bits, 3 chars -> 2 bits)
     if remainder and _ALPHABET[segment[-1]] & (0xF if remainder == 2 else 0x3):
         raise MalformedJWS("non_canonical_base64url")
-    try:
-        return base64.urlsafe_b64decode(segment + "=" * (-remainder % 4))
-    except (binascii.Error, ValueError):
-        raise MalformedJWS("bad_base64url") from None
+    return data
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise MalformedJWS("duplicate_member")
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise MalformedJWS("duplicate_member")
     return out
 
 
@@ -99,26 +100,39 @@ def _reject_constant(name: str) -> Any:
     raise MalformedJWS("non_finite_number")
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+# the C scanner behind json.JSONDecoder, called directly: `decode` adds only a whitespace regex around it
+_SCAN = json.JSONDecoder(object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant).scan_once
+_JSON_WHITESPACE = " \t\n\r"
 
 
 def strict_json_object(data: bytes) -> dict[str, Any]:
     """Parse UTF-8 JSON into a dict: no BOM, no UTF-16/32 guessing, no duplicates, no NaN/Infinity."""
     try:
         text = data.decode("utf-8")  # strict: lone surrogates and invalid bytes raise
-        if text.startswith("\ufeff"):
+        body = text.strip(_JSON_WHITESPACE)  # a BOM is not JSON whitespace: the scan below refuses it
+        value, end = _SCAN(body, 0)
+        if end != len(body):
             raise MalformedJWS("bad_json")
-        value = _DECODER.decode(text)
         # a "\ud800" escape decodes to a lone surrogate: refuse it now, not later when something re-encodes
-        if _SURROGATE_ESCAPE.search(text):
+        if "\\" in text and _SURROGATE_ESCAPE.search(text):
             json.dumps(value, ensure_ascii=False).encode("utf-8")
     except MalformedJWS:
         raise
-    except (UnicodeError, ValueError, RecursionError):
+    except (UnicodeError, ValueError, RecursionError, StopIteration):  # StopIteration: no value at all
         raise MalformedJWS("bad_json") from None
-    if not isinstance(value, dict):
+    if type(value) is not dict:
         raise MalformedJWS("not_an_object")
     return value
+
+
+# Checked headers by their base64url text: an issuer signs every token with one of a few headers (alg, kid,
+# typ), so a token costs one dict lookup for its header. Only small headers of scalar members are kept (a caller
+# gets its own copy, and nothing nested is shared); bounded, and emptied when full, so a flood of distinct
+# headers costs nothing but the parse it would have cost anyway.
+_HEADERS: dict[str, dict[str, Any]] = {}
+_HEADERS_MAX = 256
+_HEADER_MAX_CHARS = 512
+_SCALARS = (str, int, float, bool, type(None))
 
 
 def parse_compact(token: str, *, max_bytes: int = 16384) -> CompactJWS:
@@ -131,9 +145,20 @@ def parse_compact(token: str, *, max_bytes: int = 16384) -> CompactJWS:
     header_b64, payload_b64, signature_b64 = parts
     if not header_b64 or not payload_b64 or not signature_b64:
         raise MalformedJWS("not_a_jws")
-    header = strict_json_object(b64url_decode(header_b64))
+    known = _HEADERS.get(header_b64)
+    header = strict_json_object(b64url_decode(header_b64)) if known is None else dict(known)
     claims = strict_json_object(b64url_decode(payload_b64))
     signature = b64url_decode(signature_b64)
+    if known is None:
+        _check_header(header)
+        if len(header_b64) <= _HEADER_MAX_CHARS and all(type(v) in _SCALARS for v in header.values()):
+            if len(_HEADERS) >= _HEADERS_MAX:
+                _HEADERS.clear()
+            _HEADERS[header_b64] = dict(header)
+    return CompactJWS(header, claims, token[:len(header_b64) + len(payload_b64) + 1].encode("ascii"), signature)
+
+
+def _check_header(header: dict[str, Any]) -> None:
     if not isinstance(header.get("alg"), str):
         raise MalformedJWS("missing_alg")
     if "crit" in header:  # no extensions are supported, so any crit is not understood (RFC 7515 §4.1.11)
@@ -142,7 +167,6 @@ def parse_compact(token: str, *, max_bytes: int = 16384) -> CompactJWS:
         raise MalformedJWS("nested_jwt")
     if "b64" in header or "zip" in header or "enc" in header:  # even as null: we implement none of them
         raise MalformedJWS("unsupported_header")
-    return CompactJWS(header, claims, f"{header_b64}.{payload_b64}".encode("ascii"), signature)
 
 
 def media_type_is(value: Any, expected: str) -> bool:
@@ -321,8 +345,13 @@ def constant_time_equals(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
 
 
+_MAX_DATE = 2**53
+
+
 def numeric_date(value: Any) -> float | None:
     """A NumericDate (RFC 7519 §2): a finite JSON number that is not a boolean; None when it is not one."""
+    if type(value) is int and -_MAX_DATE < value < _MAX_DATE:  # the common case, answered first
+        return float(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     value = float(value) if isinstance(value, int) and abs(value) < 2**53 else value

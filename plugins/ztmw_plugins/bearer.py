@@ -15,12 +15,12 @@ from ztmw import claims as claims_
 from ztmw.config import IssuerConfig, check_plugin_settings
 from ztmw.errors import ConfigurationError, InvalidToken, UpstreamUnavailable
 from ztmw.jws import (
+    ALGORITHM_KEY_TYPES,
     MalformedJWS,
     b64url_decode,
     media_type_is,
     parse_compact,
     strict_json_object,
-    thumbprint,
     verify_signature,
 )
 from ztmw.models import VerifiedToken
@@ -28,7 +28,7 @@ from ztmw.typing import PluginDeps
 
 from .jwks import KeySet
 
-_RFC9068_REQUIRED = ("sub", "client_id", "iat", "jti")
+_RFC9068_REQUIRED = frozenset({"sub", "client_id", "iat", "jti"})
 
 
 def create(settings: Mapping[str, Any], deps: PluginDeps) -> BearerVerifier:
@@ -110,8 +110,8 @@ class BearerVerifier:
             raise InvalidToken("unsupported_algorithm", security=True)
         if not verify_signature(jws, found.key, alg):
             raise InvalidToken("bad_signature")
-        return self._claims(token, claims, issuer, iss, kid if kid is not None else found.kid,
-                            thumbprint(found.key))
+        # found.kid equals the token's kid when it names one: the JWKS's own string, shared by every cached token
+        return self._claims(token, claims, issuer, iss, found.kid, found.thumbprint)
 
     def still_trusted(self, verified: VerifiedToken) -> bool:
         """A cached result stands only while the key that verified it is still published (JWKS rotation)."""
@@ -129,10 +129,8 @@ class BearerVerifier:
     def _claims(self, token: str, claims: Mapping[str, Any], issuer: _Issuer, iss: str,
                 kid: str | None, key_thumbprint: str) -> VerifiedToken:
         cfg = issuer.config
-        if issuer.strict:
-            for name in _RFC9068_REQUIRED:  # AT-08
-                if name not in claims:
-                    raise InvalidToken("missing_claim")
+        if issuer.strict and not claims.keys() >= _RFC9068_REQUIRED:  # AT-08
+            raise InvalidToken("missing_claim")
         exp, nbf, iat = claims_.check_times(claims, now=self._clock(), leeway=cfg.leeway)  # JOSE-15/16, AT-06
         if exp is None:
             raise InvalidToken("missing_claim")
@@ -153,7 +151,9 @@ class BearerVerifier:
 
 def _never_allowed(alg: Any) -> bool:
     """`none` and HMAC in any spelling: an access token is never unsigned or MAC'd (AT-09, JOSE-13)."""
-    return isinstance(alg, str) and (alg.lower() == "none" or alg.upper().startswith("HS"))
+    if not isinstance(alg, str) or alg in ALGORITHM_KEY_TYPES:  # the asymmetric names: no case conversions
+        return False
+    return alg.lower() == "none" or alg.upper().startswith("HS")
 
 
 def _unsecured(token: str) -> bool:
@@ -173,7 +173,7 @@ def _unsecured(token: str) -> bool:
 
 def _check_type(typ: Any, strict: bool) -> None:
     """AT-01/AT-13/BCP-11: rfc9068 wants at+jwt; the legacy profile also takes JWT or no typ, nothing else."""
-    if media_type_is(typ, "at+jwt"):
+    if typ == "at+jwt" or media_type_is(typ, "at+jwt"):
         return
     if not strict and (typ is None or media_type_is(typ, "jwt")):
         return

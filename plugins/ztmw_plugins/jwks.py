@@ -33,7 +33,7 @@ import aiohttp
 
 from ztmw.config import IssuerConfig
 from ztmw.errors import ConfigurationError, InvalidToken, UpstreamUnavailable, ZtmwError
-from ztmw.jws import ALGORITHM_KEY_TYPES, MalformedJWS, import_public_jwk, strict_json_object
+from ztmw.jws import ALGORITHM_KEY_TYPES, MalformedJWS, import_public_jwk, strict_json_object, thumbprint
 from ztmw.typing import PluginDeps
 
 MAX_JWKS_BYTES = 512 * 1024
@@ -86,6 +86,8 @@ class PublicKey:
     kid: str | None
     key: Any  # joserfc ECKey | RSAKey | OKPKey
     algorithms: frozenset[str]
+    thumbprint: str
+    """RFC 7638 thumbprint of the key material, computed once at import."""
 
 
 class KeyIndex:
@@ -98,9 +100,9 @@ class KeyIndex:
         self.by_kid = {k.kid: k for k in keys if k.kid is not None}
         # what a key verifies with: RFC 7638 thumbprint of the material plus the algorithms it may be used
         # for; a kid whose fingerprint changes between fetches counts as removed (its old key is gone)
-        self.fingerprints = {k.kid: (k.key.thumbprint(), k.algorithms) for k in keys if k.kid is not None}
-        self.identity = frozenset((k.kid, k.key.thumbprint(), k.algorithms) for k in keys)
-        self.thumbprints = frozenset(k.key.thumbprint() for k in keys)
+        self.fingerprints = {k.kid: (k.thumbprint, k.algorithms) for k in keys if k.kid is not None}
+        self.identity = frozenset((k.kid, k.thumbprint, k.algorithms) for k in keys)
+        self.thumbprints = frozenset(k.thumbprint for k in keys)
         by_alg: dict[str, list[PublicKey]] = {}
         for key in keys:
             for alg in key.algorithms:
@@ -188,7 +190,7 @@ def _usable_key(entry: Any) -> PublicKey | None:
         alg for alg, (kty, want_crv) in ALGORITHM_KEY_TYPES.items()
         if kty == entry["kty"] and (want_crv is None or want_crv == crv) and jwk_alg in (None, alg)  # JWKS-04
     )
-    return PublicKey(kid, key, fits) if fits else None
+    return PublicKey(kid, key, fits, thumbprint(key)) if fits else None
 
 
 class KeySet:

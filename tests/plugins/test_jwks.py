@@ -927,3 +927,10 @@ async def test_random_kid_flood_costs_at_most_one_fetch_per_cooldown(make_keyset
             assert set(results[:-1]) == {"unknown_key"} and results[-1] == issuer.kid
         refetches = issuer.fetch_count - 1
         assert 1 <= refetches <= duration // cooldown
+
+
+def test_each_key_carries_its_rfc7638_thumbprint() -> None:
+    issuer = DevIssuer("https://as.example.com", algorithm="ES256")
+    index = parse_jwks(issuer.jwks())
+    assert index.keys and all(key.thumbprint == key.key.thumbprint() for key in index.keys)
+    assert index.thumbprints == {key.thumbprint for key in index.keys}
