@@ -87,6 +87,19 @@ _Check = tuple[str, int, "asyncio.Future[bool]"]  # (key name, ttl in ms, the ca
 _OK = (b"OK", "OK")
 
 
+async def _stale(connection: Any) -> bool:
+    """An idle connection with something to read, or that cannot even be asked, is one the server closed.
+
+    `can_read()` is redis-py 8's name; `can_read_destructive()` before it may buffer what it finds or raise
+    on a closed connection: harmless here, as such a connection is dropped either way.
+    """
+    can_read = getattr(connection, "can_read", None) or connection.can_read_destructive
+    try:
+        return bool(await can_read())
+    except Exception:
+        return True
+
+
 def _fail(checks: list[_Check]) -> None:
     """Fail closed: every caller still waiting gets its own 503."""
     for _, _, future in checks:
@@ -193,7 +206,7 @@ class RedisReplayStore:
 
     async def _exchange(self, batch: list[_Check]) -> list[bool]:
         connection = self._connection
-        if connection.is_connected and await connection.can_read():
+        if connection.is_connected and await _stale(connection):
             # an idle connection with something to read is one the server closed (restart, idle timeout): a
             # fresh one, as redis-py's pool does before it hands out a connection
             await connection.disconnect(nowait=True)

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -185,6 +185,7 @@ class GatedProxy:
         self.replies = asyncio.Event()
         self.replies.set()
         self.connections = 0
+        self.tamper: Callable[[bytes], bytes] | None = None  # rewrites the replies on their way back
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self.port = 0
@@ -221,6 +222,8 @@ class GatedProxy:
             while data := await source.read(65536):
                 if gated:
                     await self.replies.wait()
+                    if self.tamper is not None:
+                        data = self.tamper(data)
                 sink.write(data)
                 await sink.drain()
         except OSError:
@@ -368,6 +371,35 @@ async def test_redis_stalled_batch_fails_every_member_closed_and_its_late_replie
         proxy.replies.set()  # the held "OK"s go to the dropped connection, never to the next batch
         assert await asyncio.gather(*(store.first_seen(key, 60) for key in keys)) == [False] * 5
         assert proxy.connections == 2
+    finally:
+        await store.close()
+
+
+@pytest.mark.redis
+async def test_redis_error_reply_in_a_batch_fails_every_member_closed_none_is_told_first_seen(
+    proxy: GatedProxy, redis_url: str
+) -> None:
+    store = proxied_store(proxy, redis_url, timeout=10)
+    try:
+        await store.first_seen(unique("warm-up"), 60)
+        oks = [0]
+
+        def second_reply_is_an_error(data: bytes) -> bytes:  # Redis answered OK to all three; we say otherwise
+            out = b""
+            for part in data.split(b"+OK\r\n")[:-1]:
+                oks[0] += 1
+                out += part + (b"-ERR injected\r\n" if oks[0] == 2 else b"+OK\r\n")
+            return out + data.split(b"+OK\r\n")[-1]
+
+        proxy.tamper = second_reply_is_an_error
+        keys = [unique("jkt") for _ in range(3)]
+        results = await asyncio.gather(*(store.first_seen(key, 60) for key in keys), return_exceptions=True)
+        assert oks[0] >= 2
+        assert all(isinstance(r, UpstreamUnavailable) for r in results)  # also the first, answered OK
+        proxy.tamper = None
+        assert await asyncio.gather(*(store.first_seen(key, 60) for key in keys)) == [False] * 3
+        assert await store.first_seen(unique("jkt"), 60) is True
+        assert proxy.connections == 2  # the connection that carried the error was dropped
     finally:
         await store.close()
 
