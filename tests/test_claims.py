@@ -88,3 +88,10 @@ class TestSharedValues:
             assert len(table) <= 3
         again = "".join(["v", "9"])
         assert table.share(again) == "v9"
+
+    def test_large_values_are_not_kept(self) -> None:
+        table = SharedValues(max_chars=8)
+        assert table.share("x" * 9) == "x" * 9 and table.share(("a", "y" * 9)) == ("a", "y" * 9)
+        assert table.derive("z" * 9, len) == 9
+        assert len(table) == 0
+        assert table.share(("a", "b")) == ("a", "b") and len(table) == 1

@@ -27,36 +27,46 @@ class SharedValues:
     """One stored object for each equal value that many cached tokens carry (claim names, issuer, audiences,
     client ids, scope strings and sets), so 100,000 cached tokens hold them once instead of 100,000 times.
 
-    Bounded: when full it starts over (values already handed out stay shared), so it follows what tokens carry
-    now. It is fed only from tokens that verified, never by unverified input.
+    Bounded: at most `max_entries` values (when full it starts over, so it follows what tokens carry now; values
+    already handed out stay shared), each a string of at most `max_chars` or a short tuple of such strings, so
+    the table itself never holds more than a few MB. It is fed only from tokens that verified.
     """
 
-    __slots__ = ("_values", "_max_entries")
+    __slots__ = ("_values", "_max_entries", "_max_chars")
 
-    def __init__(self, max_entries: int = 4096) -> None:
+    def __init__(self, max_entries: int = 4096, max_chars: int = 256) -> None:
         self._values: dict[Any, Any] = {}
         self._max_entries = max_entries
+        self._max_chars = max_chars
 
     def __len__(self) -> int:
         return len(self._values)
 
     def share(self, value: H) -> H:
-        """The stored object equal to `value` (`value` itself the first time)."""
+        """The stored object equal to `value` (`value` itself the first time, or when it is too large)."""
         found = self._values.get(value)
         if found is None:
-            if len(self._values) >= self._max_entries:
-                self._values.clear()
-            found = self._values[value] = value
+            found = self._remember(value, value)
         return found  # type: ignore[no-any-return]
 
     def derive(self, key: H, make: Callable[[H], V]) -> V:
         """The stored `make(key)`, made once per distinct `key` while it stays in the table."""
         found = self._values.get(key)
         if found is None:
+            found = self._remember(key, make(key))
+        return found  # type: ignore[no-any-return]
+
+    def _remember(self, key: Any, value: Any) -> Any:
+        limit = self._max_chars
+        if type(key) is str:
+            small = len(key) <= limit
+        else:  # a tuple of strings
+            small = len(key) <= 16 and all(type(v) is str and len(v) <= limit for v in key)
+        if small:
             if len(self._values) >= self._max_entries:
                 self._values.clear()
-            found = self._values[key] = make(key)
-        return found  # type: ignore[no-any-return]
+            self._values[key] = value
+        return value
 
 
 def _scope_set(scope: str) -> frozenset[str]:
