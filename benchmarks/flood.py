@@ -1,6 +1,7 @@
 """Memory under a token flood: distinct garbage tokens, then distinct valid tokens, against ONE ztmw process.
 
     python benchmarks/flood.py [--garbage 1000000] [--valid 100000] [--audit-log devnull|file]
+    python benchmarks/flood.py --in-process 100000     # no server: traced bytes per cached verification
 
 The server is `python -m ztmw serve` with the default cache (max_entries 100000), audit on (JSON lines to
 /dev/null by default). Garbage tokens are made by garbage.lua inside wrk (half random token68 strings, half
@@ -24,7 +25,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from fixtures import PATH, b64url, make_material, write_lines  # noqa: E402
+from apps import AUDIENCE, ISSUER, SCOPE  # noqa: E402
+from fixtures import PATH, Material, b64url, make_material, write_lines  # noqa: E402
 from run import LUA, Scenario, Server, install_signal_handlers, kill_all, run_wrk  # noqa: E402
 
 TARGET_MB = 150
@@ -44,15 +46,69 @@ def wrk(argv: list[str], timeout: float, cpus: set[int] | None, done_file: Path)
     return run_wrk(argv + [str(done_file)], done_file, timeout, cpus)
 
 
+def in_process(count: int) -> int:
+    """Bytes per cached verification, traced in this process: `count` distinct tokens verified by the bearer
+    plugin into the memory cache, as the server would keep them. Seconds instead of minutes, for iterating."""
+    import asyncio
+    import gc
+    import tracemalloc
+
+    from ztmw.cache import token_key
+    from ztmw.config import load_config
+    from ztmw.pipeline import Pipeline
+
+    async def run(material: Material) -> None:
+        tokens = material.unique_tokens(count + 100)
+        pipeline = Pipeline(load_config({
+            "resource": {"identifier": AUDIENCE},
+            "issuers": [{"issuer": ISSUER, "jwks_file": str(material.jwks), "algorithms": ["ES256"]}],
+            "verifiers": {"enabled": ["bearer"]}, "cache": {"max_entries": count},
+            "rules": [{"id": "hello", "path": "/hello/{name}", "methods": ["GET"], "scopes": [SCOPE]}],
+        }))
+        await pipeline.start()
+        try:
+            bearer = next(p.instance for p in pipeline.plugins if p.name == "bearer")
+            for token in tokens[:100]:  # warm: imports, shared tables and allocator pools before the baseline
+                pipeline.cache.set(token_key(token), await bearer.verify_token(token))
+            pipeline.cache.clear()
+            gc.collect()
+            tracemalloc.start()
+            before = tracemalloc.take_snapshot()
+            for token in tokens[100:]:
+                pipeline.cache.set(token_key(token), await bearer.verify_token(token))
+            gc.collect()
+            stats = tracemalloc.take_snapshot().compare_to(before, "lineno")
+            tracemalloc.stop()
+        finally:
+            await pipeline.close()
+        total = sum(stat.size_diff for stat in stats)
+        print(f"{len(pipeline.cache):,} cached verifications: +{total / 1e6:.1f} MB traced, "
+              f"{total / count:.0f} B per entry; largest allocation sites:")
+        for stat in stats[:8]:
+            frame = stat.traceback[0]
+            print(f"  {stat.size_diff / count:6.0f} B/entry  {frame.filename}:{frame.lineno}")
+
+    workdir = Path(tempfile.mkdtemp(prefix="ztmw-flood-"))
+    try:
+        asyncio.run(run(make_material(workdir)))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--garbage", type=int, default=1_000_000)
     parser.add_argument("--valid", type=int, default=100_000)
+    parser.add_argument("--in-process", type=int, metavar="N",
+                        help="no server: trace the memory of N cached verifications in this process, and stop")
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--max-seconds", type=float, default=900, help="time limit per phase")
     parser.add_argument("--audit-log", choices=["devnull", "file"], default="devnull")
     parser.add_argument("--json", default=str(HERE / "results" / "flood.json"))
     args = parser.parse_args()
+    if args.in_process:
+        return in_process(args.in_process)
     if not shutil.which("wrk"):
         raise SystemExit("flood.py needs wrk (apt-get install -y wrk)")
     install_signal_handlers()
