@@ -695,13 +695,21 @@ def test_the_memo_is_on_only_when_every_request_dependent_stage_is_memo_safe(
 async def test_the_ip_reputation_evaluator_answers_per_request(
     aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
 ) -> None:
-    """The sample evaluator reads the peer: with it the memo is off, so a peer that turns bad is refused."""
-    config = base_config(issuer, trust={"evaluators": ["mapping", "ip-reputation"]},
+    """The sample evaluator reads the peer: with it the memo is off, so a request whose peer it now denies is
+    refused, however often the same token was allowed on the same path before."""
+    import ipaddress
+
+    config = base_config(issuer, trust={"evaluators": ["mapping", "ip-reputation"],
+                                        "acr": {"urn:example:mfa": {"aal": 2, "ial": 1}}},
                          plugins={"ip-reputation": {"deny": ["192.0.2.0/24"]}})
+    config["rules"][1]["min_aal"] = 2
     client, pipeline = await protected(aiohttp_client, config, clock)
     assert pipeline.memo is None
-    token = issuer.mint(scope="items:read")
+    token = issuer.mint(scope="items:read", acr="urn:example:mfa")
     assert [(await call(client, token))[0] for _ in range(3)] == [200] * 3
+    (evaluator,) = [p.instance for p in pipeline.plugins if p.name == "ip-reputation"]
+    evaluator._deny = (ipaddress.ip_network("127.0.0.0/8"),)  # what a request from a denied peer meets
+    assert [(await call(client, token))[0] for _ in range(2)] == [401] * 2  # step-up: aal 0 from here
 
 
 async def test_the_stage_middlewares_alone_never_use_the_memo(
