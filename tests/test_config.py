@@ -334,6 +334,7 @@ OUT_OF_RANGE: list[tuple[dict[str, Any], str]] = [
     (minimal(dpop={"clock_skew": -1}), "dpop.clock_skew"),
     (minimal(dpop={"nonce_lifetime": 0}), "dpop.nonce_lifetime"),
     (minimal(cache={"max_entries": -1}), "cache.max_entries"),
+    (minimal(cache={"memo_entries": -1}), "cache.memo_entries"),
     (minimal(cache={"max_ttl": -1}), "cache.max_ttl"),
     (minimal(cache={"max_ttl": 86401}), "cache.max_ttl"),
     (minimal(trust={"acr": {"x": {"aal": 4}}}), "trust.acr.x.aal"),
@@ -356,7 +357,7 @@ def test_boundary_values_are_accepted() -> None:
     config = load_config(minimal(
         issuers=[issuer(leeway=0, refetch_cooldown=0)],
         dpop={"max_age": 1, "clock_skew": 0},
-        cache={"max_entries": 0, "max_ttl": 0},
+        cache={"max_entries": 0, "max_ttl": 0, "memo_entries": 0},
         rules=[rule(min_aal=3, min_ial=0, max_auth_age=0)],
     ))
     assert config.cache.max_entries == 0
@@ -430,6 +431,10 @@ def test_audiences_default_to_the_resource_identifier() -> None:
 class TestRules:
     def test_duplicate_rule_ids_are_refused(self) -> None:
         refuses(minimal(rules=[rule(id="a", path="/a"), rule(id="a", path="/b")]), "rules", "id")
+
+    @pytest.mark.parametrize("rule_id", ["ztmw-metadata", "ztmw-anything"])
+    def test_ids_of_ztmws_own_rules_are_reserved(self, rule_id: str) -> None:
+        refuses(minimal(rules=[rule(id=rule_id)]), "rules[0].id", "reserved")
 
     @pytest.mark.parametrize(
         "requirement",

@@ -196,8 +196,15 @@ async def test_no_memo_when_a_stage_may_depend_on_the_request(
     assert [(await call(client, token))[0] for _ in range(3)] == [200] * 3
 
 
+async def test_memo_entries_zero_turns_the_memo_off(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock) -> None:
+    client, pipeline = await protected(aiohttp_client, base_config(issuer, cache={"memo_entries": 0}), clock)
+    assert pipeline.memo is None
+    token = issuer.mint(scope="items:read")
+    assert [(await call(client, token))[0] for _ in range(3)] == [200] * 3
+
+
 async def test_the_memo_is_bounded(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock) -> None:
-    client, pipeline = await protected(aiohttp_client, base_config(issuer, cache={"max_entries": 2}), clock)
+    client, pipeline = await protected(aiohttp_client, base_config(issuer, cache={"memo_entries": 2}), clock)
     tokens = [issuer.mint(f"user{i}", scope="items:read") for i in range(4)]
     for token in tokens:
         assert [(await call(client, token))[0] for _ in range(2)] == [200] * 2

@@ -30,6 +30,10 @@ def _default(cls: type, name: str) -> Any:
     return cls.__dataclass_fields__[name].default  # type: ignore[attr-defined]
 
 
+RESERVED_RULE_PREFIX = "ztmw-"
+"""Rule ids ztmw uses for the rules it adds itself (the metadata route): configured rules may not."""
+
+
 @dataclass(frozen=True, slots=True)
 class ResourceConfig:
     identifier: str
@@ -77,6 +81,8 @@ class CacheConfig:
     max_ttl: float = 300.0
     negative_ttl: float = 30.0
     secret_env: str = "ZTMW_CACHE_SECRET"
+    memo_entries: int = 10_000
+    """Bound of the decision memo (replayed bearer decisions, ~0.7 KB each); 0 turns the memo off."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,6 +353,7 @@ class _Reader:
             max_entries=_integer(t.get("max_entries", 100_000), "cache.max_entries", 0, 100_000_000),
             max_ttl=_number(t.get("max_ttl", 300), "cache.max_ttl", 0, 86400),
             negative_ttl=_number(t.get("negative_ttl", 30), "cache.negative_ttl", 0, 3600),
+            memo_entries=_integer(t.get("memo_entries", 10_000), "cache.memo_entries", 0, 10_000_000),
             secret_env=_str(t.get("secret_env", "ZTMW_CACHE_SECRET"), "cache.secret_env"),
         )
 
@@ -404,6 +411,8 @@ class _Reader:
         t = _as_table(t, key)
         _only(t, key, set(Rule.__dataclass_fields__))
         rule_id = _str(t.get("id"), f"{key}.id")
+        if rule_id.startswith(RESERVED_RULE_PREFIX):  # the built-in rules' ids must name only those rules
+            raise ConfigurationError(f"{key}.id: ids starting with {RESERVED_RULE_PREFIX!r} are reserved for ztmw")
         key = f"rules[{rule_id!r}]"
         path = _str(t.get("path"), f"{key}.path")
         if not path.startswith("/"):

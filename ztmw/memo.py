@@ -16,6 +16,8 @@ What keeps it correct:
 - an entry lives only while the verification cache still holds the very result it was built on (so never
   past `exp` or `cache.max_ttl`, and not past an eviction), and while the verifier still trusts that result
   (its key is still in the issuer's JWKS);
+- only the canonical spelling (`Bearer <token>`, a path without percent-encoding, no query token) is keyed
+  (the adapter decides that), so one token cannot fill the memo with spellings of itself;
 - keys are SHA-256 of the Authorization header value: no token is held here.
 """
 
@@ -83,9 +85,12 @@ class DecisionMemo:
         if entry is None:
             return None
         token = entry.outcome.principal.token  # type: ignore[union-attr] # remember() keeps principals only
-        if self._cached(entry.cache_key) is token and self._still_trusted(token):
-            return entry
-        del self._entries[key]
+        try:
+            if self._cached(entry.cache_key) is token and self._still_trusted(token):
+                return entry
+        except Exception:  # a verifier bug: the full pipeline decides (and denies, SEC-07), never a 500 here
+            pass
+        self._entries.pop(key, None)
         return None
 
     def remember(self, key: MemoKey, view: RequestView, outcome: Outcome, audit: AuditEvent | None) -> None:

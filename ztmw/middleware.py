@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
 from aiohttp import web
+from yarl import URL
 
 from .client_cert import certificate_from_request
 from .config import Config, load_config
@@ -114,8 +115,7 @@ def request_view(request: web.Request, pipeline: Pipeline, *, shared: bool = Fal
         dpop=tuple(request.headers.getall("DPoP", ())),
         peer=peer,
         client_certificate=certificate,
-        has_query_token="access_token" in request.rel_url.raw_query_string
-        and "access_token" in request.rel_url.query,
+        has_query_token=_has_query_token(request.rel_url),
     )
     if shared:
         request[_VIEW] = view
@@ -150,15 +150,27 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
 
 
 def _memo_key(request: web.Request, match_info: web.UrlMappingMatchInfo) -> MemoKey | None:
-    """Only a request with one Authorization header, no DPoP proof and no query token can be replayed."""
+    """Only a plain request can be replayed: one Authorization header in the canonical `Bearer <token>`
+    spelling, no DPoP header, no query token, no percent-encoding in the path (other spellings of the same
+    request are decided in full, so one token cannot fill the memo with spellings of itself)."""
     headers = request.headers
     authorization = headers.getall("Authorization", ())
     if len(authorization) != 1 or "DPoP" in headers:
         return None
-    url = request.rel_url
-    if "access_token" in url.raw_query_string:
+    value = authorization[0]
+    if value[:7] != "Bearer " or value[7:8] in (" ", ""):
         return None
-    return memo_key(match_info.route, request.method, url.raw_path, authorization[0])
+    url = request.rel_url
+    path = url.raw_path
+    if "%" in path or _has_query_token(url):
+        return None
+    return memo_key(match_info.route, request.method, path, value)
+
+
+def _has_query_token(url: URL) -> bool:
+    """RFC 6750 §2.3's `access_token` query parameter, also when its name is percent-encoded."""
+    raw = url.raw_query_string
+    return ("access_token" in raw or "%" in raw) and "access_token" in url.query
 
 
 async def _decide(request: web.Request, pipeline: Pipeline) -> tuple[RequestView, Outcome]:

@@ -19,7 +19,7 @@ from .audit import AuditFanout, subject_for_audit
 from .authenticate import Authentication, Authenticator, CacheResult
 from .cache import MemoryVerificationCache, NegativeCache, SharedVerificationCache
 from .challenge import ChallengeRenderer, ErrorResponse
-from .config import Config, Rule
+from .config import RESERVED_RULE_PREFIX, Config, Rule
 from .errors import AccessDenied, AuthError, ConfigurationError, UpstreamUnavailable
 from .extract import extract_credential
 from .identity import IdentityChain
@@ -39,7 +39,7 @@ from .typing import (
     TokenVerifier,
 )
 
-METADATA_RULE_ID = "ztmw-metadata"
+METADATA_RULE_ID = RESERVED_RULE_PREFIX + "metadata"
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,11 +137,11 @@ class Pipeline:
         )
         self._decorators = [p.instance for p in verifiers if isinstance(p.instance, ResponseDecorator)]
         self.memo: DecisionMemo | None = None
-        if not self.mtls_enabled and plugins_are_memo_safe(
+        if config.cache.memo_entries > 0 and not self.mtls_enabled and plugins_are_memo_safe(
             [p.instance for p in evaluators] + self._decorators
             + ([p.instance for p in resolvers] if self.authenticator.resolves_identity else [])
         ):
-            self.memo = DecisionMemo(rules=rules, max_entries=config.cache.max_entries,
+            self.memo = DecisionMemo(rules=rules, max_entries=config.cache.memo_entries,
                                      cached=self.authenticator.cached, still_trusted=self.authenticator.still_trusted)
 
     def _identity_chain(self, resolvers: list[LoadedPlugin]) -> IdentityChain | None:
