@@ -13,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator
+from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
@@ -234,7 +235,8 @@ class GatedProxy:
 
 @pytest.fixture
 async def proxy(redis_url: str) -> AsyncIterator[GatedProxy]:
-    async with GatedProxy(("127.0.0.1", 6379)) as gated:
+    address = urlsplit(redis_url)
+    async with GatedProxy((address.hostname or "127.0.0.1", address.port or 6379)) as gated:
         yield gated
 
 
