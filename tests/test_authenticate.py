@@ -118,6 +118,23 @@ async def test_shared_cache_serves_a_second_replica(
 
 
 @pytest.mark.redis
+async def test_a_shared_result_lives_max_ttl_from_its_verification_not_from_its_reading(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, redis_url: str, cache_secret: str
+) -> None:
+    config = base_config(issuer, cache={"backend": redis_url, "max_ttl": 60})
+    first, _, first_count = await protected(aiohttp_client, config, clock)
+    second, _, second_count = await protected(aiohttp_client, config, clock)
+    token = issuer.mint(scope="items:read", lifetime=3600)
+    assert await status(first, token) == 200  # verified at t0, shared until t0 + 60
+    clock.advance(50)
+    assert await status(second, token) == 200  # read from the shared level at t0 + 50
+    assert second_count.calls == 0
+    clock.advance(11)  # t0 + 61: past max_ttl since the verification, though only 11 s since the reading
+    assert await status(second, token) == 200
+    assert second_count.calls == 1  # verified again, not served from a copy that outlived max_ttl
+
+
+@pytest.mark.redis
 async def test_forged_shared_cache_entry_is_ignored(
     aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, redis_url: str, cache_secret: str
 ) -> None:
@@ -132,7 +149,7 @@ async def test_forged_shared_cache_entry_is_ignored(
     forged = issuer.mint("mallory", scope="items:read")[:-3] + "xyz"
     conn = redis.from_url(redis_url)
     try:
-        await conn.set("ztmw:vt:" + token_key(forged).hex(), b"\x00" * 32 + raw[32:], ex=60)
+        await conn.set("ztmw:vt2:" + token_key(forged).hex(), b"\x00" * 32 + raw[32:], ex=60)
     finally:
         await conn.aclose()
     assert await status(client, forged) == 401
@@ -158,7 +175,7 @@ def test_shared_cache_without_a_secret_refuses_to_start(issuer: DevIssuer, monke
 async def _redis_get(url: str, key: bytes) -> bytes | None:
     conn = redis.from_url(url)
     try:
-        return await conn.get("ztmw:vt:" + key.hex())
+        return await conn.get("ztmw:vt2:" + key.hex())
     finally:
         await conn.aclose()
 
@@ -203,7 +220,7 @@ async def test_a_genuine_shared_entry_copied_to_another_tokens_key_is_void(
     chosen = "attacker-chosen-string"  # anyone with Redis write access copies a valid entry under its key
     conn = redis.from_url(redis_url)
     try:
-        await conn.set("ztmw:vt:" + token_key(chosen).hex(), raw, ex=60)
+        await conn.set("ztmw:vt2:" + token_key(chosen).hex(), raw, ex=60)
     finally:
         await conn.aclose()
     assert await status(second, chosen) == 401

@@ -85,7 +85,7 @@ def window_around(now: float, *, minutes: int = 1) -> dict[str, str]:
     return {"start": f"{start // 60:02d}:{start % 60:02d}", "end": f"{end // 60:02d}:{end % 60:02d}"}
 
 
-# -- real problems (xfail strict until fixed) ---------------------------------------------------------------
+# -- problems the review found, fixed since ------------------------------------------------------------------
 
 async def test_a_user_rule_cannot_take_the_metadata_rule_id(issuer: DevIssuer, clock: FakeClock) -> None:
     """The memo trusts rule ids to name one rule: ztmw's own ids ("ztmw-metadata") are reserved."""
@@ -570,12 +570,6 @@ async def test_a_replica_remembers_only_its_own_cache_hits(
 
 
 @pytest.mark.redis
-@pytest.mark.xfail(strict=True, reason=(
-    "not the memo's own bug, which inherits it: a result read from the shared cache is put in the memory "
-    "cache for a fresh max_ttl, so a replica can keep (and replay) a result up to twice max_ttl after it was "
-    "verified; README says a revoked introspected token keeps working 'until min(max_ttl, exp - now)'. Fix: "
-    "ztmw/authenticate.py Authenticator._verify_token should bound the level-1 copy of a shared result by "
-    "when it was verified (carry verified_at in the MACed payload of ztmw/cache.py SharedVerificationCache)"))
 async def test_a_shared_result_is_not_replayed_past_max_ttl_after_its_verification(
     aiohttp_client: Any, aiohttp_server: Any, issuer: DevIssuer, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -88,8 +88,11 @@ class MemoryVerificationCache:
             self.hits += 1
         return value
 
-    def set(self, key: bytes, value: VerifiedToken) -> None:
-        self._lru.put(key, value, min(self._clock() + self._max_ttl, value.expires_at))
+    def set(self, key: bytes, value: VerifiedToken, until: float | None = None) -> None:
+        """`until`: an earlier end for a result verified elsewhere (a replica's, through the shared level),
+        so `max_ttl` counts from the verification, not from when this process learnt of it."""
+        expires = min(self._clock() + self._max_ttl, value.expires_at)
+        self._lru.put(key, value, expires if until is None else min(expires, until))
 
     def discard(self, key: bytes) -> None:
         self._lru.pop(key)
@@ -171,7 +174,7 @@ class SharedVerificationCache:
 
         self._cache = Cache.from_url(url)
         self._cache.serializer = _RawBytes()
-        self._cache.namespace = "ztmw:vt"  # aiocache joins namespace and key with ":"
+        self._cache.namespace = "ztmw:vt2"  # aiocache joins namespace and key with ":"; v2: entries carry `until`
         self._secret = secret
         self._clock = clock
         self._timeout = timeout
@@ -179,9 +182,10 @@ class SharedVerificationCache:
 
     def _mac(self, key: bytes, payload: bytes) -> bytes:
         """The MAC binds the entry to its cache key: a genuine entry copied under another token's key is void."""
-        return hmac.new(self._secret, b"ztmw-vt-v1\0" + key + payload, hashlib.sha256).digest()
+        return hmac.new(self._secret, b"ztmw-vt-v2\0" + key + payload, hashlib.sha256).digest()
 
-    async def get(self, key: bytes) -> VerifiedToken | None:
+    async def get(self, key: bytes) -> tuple[VerifiedToken, float] | None:
+        """The result another replica stored, and until when it may be used (its verification + `ttl`)."""
         try:
             raw = await self._cache.get(key.hex(), timeout=self._timeout)
         except Exception as exc:
@@ -194,15 +198,19 @@ class SharedVerificationCache:
             self._warn("ztmw.shared_cache_forged_entry", None)
             return None
         try:
-            value = load_verified(payload)
+            head, _, body = payload.partition(b"\n")
+            until = float(head)
+            value = load_verified(body)
         except (ValueError, KeyError, TypeError):
             return None
-        return value if value.expires_at > self._clock() else None
+        now = self._clock()
+        return (value, until) if value.expires_at > now and until > now else None
 
     async def set(self, key: bytes, value: VerifiedToken, ttl: float) -> None:
         if ttl < 1:
             return
-        payload = dump_verified(value)
+        # "until\n" + the result: a reader must not keep it for a fresh max_ttl of its own
+        payload = repr(float(self._clock() + ttl)).encode("ascii") + b"\n" + dump_verified(value)
         try:
             await self._cache.set(key.hex(), self._mac(key, payload) + payload, ttl=int(ttl),
                                    timeout=self._timeout)

@@ -90,7 +90,9 @@ class VerificationCache(Protocol):
 
     def get(self, key: bytes) -> VerifiedToken | None: ...
 
-    def set(self, key: bytes, value: VerifiedToken) -> None: ...
+    def set(self, key: bytes, value: VerifiedToken, until: float | None = None) -> None:
+        """Keep `value` until its `expires_at`, the cache's `max_ttl`, and `until` (when given), whichever
+        comes first."""
 
     def discard(self, key: bytes) -> None: ...
 
