@@ -4,7 +4,8 @@
 --
 -- LINES_FILE: one request per line, its headers separated by TAB ("Authorization: Bearer x<TAB>DPoP: y").
 --   cycle: rotate through the lines (distinct tokens: the cache never sees the same one twice in a row);
---   once:  send each line at most once (DPoP proofs: every request needs a fresh jti) and stop when done.
+--   once:  send each line at most once (DPoP proofs: every request needs a fresh jti) and stop when the
+--          last one is sent (answers still in flight then are not counted).
 -- LIMIT: stop after this many responses (0: no limit, the -d duration bounds the run).
 -- DONE_FILE: created when the thread stops early; wrk itself still sleeps for -d, so the caller (run.py)
 --   watches for this file and sends wrk SIGINT, which ends the run and keeps its req/s honest.
@@ -34,23 +35,32 @@ function init(args)
   if n > 0 then i = (tonumber(args[6] or "0") or 0) % n end
 end
 
+local function finish()
+  if done_file and done_file ~= "" then
+    local fh = io.open(done_file, "w")
+    if fh then fh:write("done\n"); fh:close() end
+  end
+  wrk.thread:stop()
+end
+
 function request()
   if n == 0 then return plain end
   i = i + 1
   if i > n then
-    i = 1  -- "once" mode stops in response() before this happens, except for in-flight requests
+    -- "once": the thread is stopping (below); requests written in its last loop turn repeat the last line
+    -- and are never counted. "cycle": start over.
+    if mode == "once" then i = n else i = 1 end
+  end
+  if mode == "once" and i == n then
+    finish()  -- stop when the last line is SENT: restarting from line 1 would send used proofs (replays)
   end
   return reqs[i]
 end
 
 function response(status, headers, body)
   seen = seen + 1
-  if (mode == "once" and n > 0 and seen >= n) or (limit > 0 and seen >= limit) then
-    if done_file and done_file ~= "" then
-      local fh = io.open(done_file, "w")
-      if fh then fh:write("done\n"); fh:close() end
-    end
-    wrk.thread:stop()
+  if limit > 0 and seen >= limit then
+    finish()
   end
 end
 
