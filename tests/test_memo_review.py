@@ -571,30 +571,25 @@ async def test_a_replica_remembers_only_its_own_cache_hits(
 
 @pytest.mark.redis
 async def test_a_shared_result_is_not_replayed_past_max_ttl_after_its_verification(
-    aiohttp_client: Any, aiohttp_server: Any, issuer: DevIssuer, redis_url: str, monkeypatch: pytest.MonkeyPatch
+    aiohttp_client: Any, aiohttp_server: Any, issuer: DevIssuer, clock: FakeClock, redis_url: str,
+    monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import time
-
     monkeypatch.setenv("ZTMW_CACHE_SECRET", "test-cache-secret-0123456789")
-    answers, config = await introspecting(aiohttp_server, monkeypatch, time.time, issuer,
-                                          backend=redis_url, max_ttl=3)
-    token = f"opaque-{time.time_ns()}"
-    answers[token] = active_answer(time.time)
+    answers, config = await introspecting(aiohttp_server, monkeypatch, clock, issuer, backend=redis_url, max_ttl=3)
+    token = f"opaque-{clock()}-{id(answers)}"
+    answers[token] = active_answer(clock)
     first_app, second_app = whoami_app(), whoami_app()
-    ztmw.setup(first_app, config)
-    second_pipeline = ztmw.setup(second_app, config)
+    ztmw.setup(first_app, config, clock=clock)
+    second_pipeline = ztmw.setup(second_app, config, clock=clock)
     first, second = await aiohttp_client(first_app), await aiohttp_client(second_app)
-    verified_at = time.time()
-    assert (await call(first, token))[0] == 200  # introspected, shared for max_ttl = 3 s
+    assert (await call(first, token))[0] == 200  # introspected at t0, shared for max_ttl = 3 s
     answers[token] = {"active": False}  # revoked
-    await asyncio.sleep(2.0)
+    clock.advance(2)
     assert [(await call(second, token))[0] for _ in range(2)] == [200, 200]  # shared, then a hit: remembered
     assert memo_size(second_pipeline) == 1
-    await asyncio.sleep(max(0.0, verified_at + 3.5 - time.time()))
-    assert (await call(first, token))[0] == 401  # max_ttl is over: the first replica asks the AS again
-    if time.time() - verified_at > 4.8:  # the second replica's copy would have ended anyway: proves nothing
-        pytest.fail("too slow to tell")
-    assert (await call(second, token))[0] == 401  # the second still replays the result verified 3.5 s ago
+    clock.advance(1.5)  # t0 + 3.5: max_ttl since the verification is over, on both replicas
+    assert (await call(first, token))[0] == 401  # the first replica asks the AS again
+    assert (await call(second, token))[0] == 401  # so does the second: its copy ended with the original
 
 
 async def test_config_identity_links_are_replayed_with_the_linked_account(
