@@ -93,10 +93,10 @@ class DecisionMemo:
         self._entries.pop(key, None)
         return None
 
-    def remember(self, key: MemoKey, view: RequestView, outcome: Outcome, audit: AuditEvent | None) -> None:
-        """Keep `outcome` when replaying it later is certain to give the same answer (see the module doc)."""
+    def accepts(self, outcome: Outcome) -> bool:
+        """Whether replaying `outcome` later is certain to give the same answer (see the module doc)."""
         principal = outcome.principal
-        if (
+        return not (
             outcome.cache != "hit"
             or outcome.cache_key is None
             or outcome.error is not None
@@ -108,8 +108,11 @@ class DecisionMemo:
             or principal.token.cnf
             or principal.token.auth_time is not None
             or self._max_entries <= 0
-        ):
-            return
+        )
+
+    def remember(self, key: MemoKey, view: RequestView, outcome: Outcome, audit: AuditEvent | None) -> None:
+        """Keep `outcome` (which `accepts` must have accepted) and the audit template of its replays."""
+        assert outcome.cache_key is not None
         entries = self._entries
         # the view keeps what the audit event reads, not the Authorization value the request carried
         bare = RequestView(method=view.method, path=view.path, route=view.route, match_info=view.match_info)

@@ -291,7 +291,7 @@ class Pipeline:
 
     def remember(self, key: MemoKey, request: RequestView, outcome: Outcome) -> None:
         """Offer an outcome to the decision memo, with the audit template its replays will be recorded from."""
-        if self.memo is not None:
+        if self.memo is not None and self.memo.accepts(outcome):  # the template only for what is kept
             template = self.audit_event(request, outcome, 0, 0.0) if self.audit_sink is not None else None
             self.memo.remember(key, request, outcome, template)
 
