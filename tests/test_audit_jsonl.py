@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 import ztmw
-from ztmw.audit_jsonl import JsonLinesAuditSink, create
+from ztmw.audit_jsonl import _STATIC_FIELDS, JsonLinesAuditSink, _fragment, create
 from ztmw.errors import ConfigurationError
 from ztmw.models import AuditEvent
 from ztmw.testing import DevIssuer, FakeClock
@@ -160,3 +162,16 @@ async def test_end_to_end_one_line_per_request_with_replays_and_no_token(
     assert {line["rule_id"] for line in lines} == {"read"}
     text = path.read_text(encoding="utf-8")
     assert all(part not in text for part in token.split("."))
+
+
+@given(st.text(), st.text(), st.one_of(st.none(), st.text()), st.integers(-5, 5),
+       st.one_of(st.none(), st.lists(st.text(), max_size=3).map(tuple)))
+def test_a_rendered_line_reads_back_as_the_events_fields(reason: str, route: str, subject: str | None, aal: int,
+                                                         inputs: tuple[str, ...] | None) -> None:
+    event = replace(EVENT, reason=reason, route=route, subject=subject, aal=aal, trust_inputs=inputs)
+    fragment = _fragment(event)
+    assert fragment.isascii() and "\n" not in fragment
+    expected = {name: value for name in _STATIC_FIELDS if (value := getattr(event, name)) is not None}
+    if inputs is not None:
+        expected["trust_inputs"] = list(inputs)
+    assert json.loads("{" + fragment[:-1] + "}") == expected

@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import time
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -33,10 +34,27 @@ _STATIC_FIELDS = tuple(name for name in AuditEvent.__dataclass_fields__
                        if name not in ("status", "duration_ms", "security"))
 
 
+_KEYS = {name: encode_basestring_ascii(name) + ":" for name in _STATIC_FIELDS}
+
+
 def _fragment(event: AuditEvent) -> str:
-    """`"decision":"allow",...,` — every non-empty field except the per-request ones, with a trailing comma."""
-    fields = {name: value for name in _STATIC_FIELDS if (value := getattr(event, name)) is not None}
-    return _ENCODE(fields)[1:-1] + ","  # one encoder call: the object's braces dropped
+    """`"decision":"allow",...,` — every non-empty field except the per-request ones, with a trailing comma.
+
+    Strings and ints (nearly every field) are encoded directly, which is about twice as fast as handing a dict
+    to the JSON encoder; anything else (the trust inputs) goes through the encoder."""
+    parts = []
+    for name in _STATIC_FIELDS:
+        value = getattr(event, name)
+        if value is None:
+            continue
+        if value.__class__ is str:
+            parts.append(_KEYS[name] + encode_basestring_ascii(value))
+        elif value.__class__ is int:
+            parts.append(_KEYS[name] + str(value))
+        else:
+            parts.append(_KEYS[name] + _ENCODE(value))
+    parts.append("")
+    return ",".join(parts)
 
 
 class JsonLinesAuditSink:
