@@ -143,17 +143,23 @@ class MetricsSink:
 
     def emit(self, event: AuditEvent) -> None:
         try:
-            self._record(event)
+            self._record(event, event.status, event.duration_ms)
         except Exception:  # a metrics failure must never change a decision or turn it into a 500
             pass
 
-    def _record(self, event: AuditEvent) -> None:
+    def emit_again(self, template: AuditEvent, status: int, duration_ms: float) -> None:
+        """A `ReusingAuditSink`: a memo replay is counted from its template, no new AuditEvent needed."""
+        try:
+            self._record(template, status, duration_ms)
+        except Exception:  # a metrics failure must never change a decision or turn it into a 500
+            pass
+
+    def _record(self, event: AuditEvent, status: int, duration: float) -> None:
         decision = event.decision if event.decision in ("allow", "deny") else OTHER
         reason = self._reason(event.reason)
         rule_id = self._rule_id(event.rule_id)
         self.decisions.labels(decision=decision, reason=reason, rule_id=rule_id,
-                              status=_status_label(event.status)).inc()
-        duration = event.duration_ms
+                              status=_status_label(status)).inc()
         if isinstance(duration, (int, float)) and math.isfinite(duration) and duration >= 0:
             self.decision_seconds.labels(decision=decision, rule_id=rule_id).observe(duration / 1000.0)
         if event.cache in CACHE_RESULTS:

@@ -133,6 +133,18 @@ async def test_counts_after_a_known_mix_of_requests(client: Any, issuer: DevIssu
     assert total(samples, "ztmw_security_events_total") == 0
 
 
+async def test_replayed_decisions_are_counted_like_fresh_ones(client: Any, issuer: DevIssuer) -> None:
+    token = issuer.mint(SUBJECT, scope="items:read", client_id=CLIENT)
+    statuses = [await status_of(client, "/items", Authorization=f"Bearer {token}") for _ in range(5)]
+    assert statuses == [200] * 5  # a miss, a hit, then three decision-memo replays (emit_again)
+    samples = parse(await scrape_text(client))
+    assert value(samples, "ztmw_decisions_total", decision="allow", reason="allowed", rule_id="read",
+                 status="200") == 5
+    assert value(samples, "ztmw_decision_seconds_count", decision="allow", rule_id="read") == 5
+    assert value(samples, "ztmw_token_cache_total", result="hit") == 4
+    assert value(samples, "ztmw_token_binding_total", binding="bearer") == 5
+
+
 async def test_a_scrape_is_itself_a_counted_decision(client: Any) -> None:
     first = parse(await scrape_text(client))
     assert value(first, "ztmw_decisions_total", decision="allow", reason="public", rule_id="metrics",
