@@ -42,6 +42,8 @@ class MemoEntry:
 
     view: RequestView
     outcome: Outcome
+    token: VerifiedToken
+    """The verification-cache entry the outcome stands on (found again under `cache_key`)."""
     cache_key: bytes
     audit: AuditEvent | None
     """The audit event each replay is recorded from (status and duration filled in per request)."""
@@ -84,9 +86,8 @@ class DecisionMemo:
         entry = self._entries.get(key)
         if entry is None:
             return None
-        token = entry.outcome.principal.token  # type: ignore[union-attr] # remember() keeps principals only
         try:
-            if self._cached(entry.cache_key) is token and self._still_trusted(token):
+            if self._cached(entry.cache_key) is entry.token and self._still_trusted(entry.token):
                 return entry
         except Exception:  # a verifier bug: the full pipeline decides (and denies, SEC-07), never a 500 here
             pass
@@ -112,11 +113,11 @@ class DecisionMemo:
 
     def remember(self, key: MemoKey, view: RequestView, outcome: Outcome, audit: AuditEvent | None) -> None:
         """Keep `outcome` (which `accepts` must have accepted) and the audit template of its replays."""
-        assert outcome.cache_key is not None
+        assert outcome.principal is not None and outcome.cache_key is not None
         entries = self._entries
         # the view keeps what the audit event reads, not the Authorization value the request carried
         bare = RequestView(method=view.method, path=view.path, route=view.route, match_info=view.match_info)
-        entries[key] = MemoEntry(bare, outcome, outcome.cache_key, audit)
+        entries[key] = MemoEntry(bare, outcome, outcome.principal.token, outcome.cache_key, audit)
         if len(entries) > self._max_entries:
             del entries[next(iter(entries))]
 
