@@ -170,7 +170,7 @@ class SharedVerificationCache:
     """
 
     def __init__(self, url: str, secret: bytes, *, clock: Clock, timeout: float = 0.25, logger: Any = None) -> None:
-        from aiocache import Cache  # imported here: only deployments with a shared cache need it
+        from aiocache import Cache  # type: ignore[import-untyped] # only deployments with a shared cache need it
 
         self._cache = Cache.from_url(url)
         self._cache.serializer = _RawBytes()

@@ -13,14 +13,14 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from joserfc import jws, jwt
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
 from .jws import b64url_encode
 
-_GENERATORS = {
+_GENERATORS: dict[str, Callable[[], ECKey | RSAKey | OKPKey]] = {
     "ES256": lambda: ECKey.generate_key("P-256"),
     "ES384": lambda: ECKey.generate_key("P-384"),
     "PS256": lambda: RSAKey.generate_key(2048),
@@ -60,9 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     proof.add_argument("--nonce")
 
 
-def _read_key(path: str) -> Any:
+def _read_key(path: str) -> ECKey | RSAKey | OKPKey:
     data = json.loads(Path(path).read_text(encoding="utf-8"))
-    return {"EC": ECKey, "RSA": RSAKey, "OKP": OKPKey}[data["kty"]].import_key(data)
+    kinds: dict[str, type[ECKey] | type[RSAKey] | type[OKPKey]] = {"EC": ECKey, "RSA": RSAKey, "OKP": OKPKey}
+    return kinds[data["kty"]].import_key(data)
 
 
 def _alg_for(key: Any) -> str:

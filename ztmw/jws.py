@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, OKPKey, RSAKey
@@ -101,7 +101,8 @@ def _reject_constant(name: str) -> Any:
 
 
 # the C scanner behind json.JSONDecoder, called directly: `decode` adds only a whitespace regex around it
-_SCAN = json.JSONDecoder(object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant).scan_once
+_SCAN: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder(  # type: ignore[attr-defined] # not in typeshed
+    object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant).scan_once
 _JSON_WHITESPACE = " \t\n\r"
 
 
@@ -173,10 +174,10 @@ def media_type_is(value: Any, expected: str) -> bool:
     """RFC 7515 §4.1.9: `typ` compares case-insensitively, and a value without '/' means application/<value>."""
     if not isinstance(value, str):
         return False
-    value = value.lower()
-    if "/" not in value:
-        value = "application/" + value
-    return value == "application/" + expected.lower()
+    text: str = value.lower()
+    if "/" not in text:
+        text = "application/" + text
+    return text == "application/" + expected.lower()
 
 
 _IMPORTED: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
@@ -199,7 +200,7 @@ def import_public_jwk(jwk: Mapping[str, Any], *, allow_private: bool = False) ->
     names = _MEMBERS.get(kty) if isinstance(kty, str) else None
     cache_key = tuple(jwk.get(n) for n in names) if names else None
     if cache_key is not None and all(isinstance(v, str) for v in cache_key):
-        cached = _IMPORTED.get(cache_key)
+        cached: ECKey | RSAKey | OKPKey | None = _IMPORTED.get(cache_key)
         if cached is not None:
             _IMPORTED.move_to_end(cache_key)
             return cached
@@ -219,7 +220,7 @@ def _import_public_jwk(jwk: Mapping[str, Any], kty: Any) -> ECKey | RSAKey | OKP
                 raise MalformedJWS("bad_jwk")
             if len(b64url_decode(jwk["x"])) != size or len(b64url_decode(jwk["y"])) != size:
                 raise MalformedJWS("bad_jwk")
-            key: Any = ECKey.import_key(_public_members(jwk, ("kty", "crv", "x", "y")))
+            key: ECKey | RSAKey | OKPKey = ECKey.import_key(_public_members(jwk, ("kty", "crv", "x", "y")))
         elif kty == "RSA":
             if not isinstance(jwk.get("n"), str) or not isinstance(jwk.get("e"), str):
                 raise MalformedJWS("bad_jwk")
@@ -245,7 +246,7 @@ def _import_public_jwk(jwk: Mapping[str, Any], kty: Any) -> ECKey | RSAKey | OKP
     return key
 
 
-def _public_members(jwk: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, str]:
+def _public_members(jwk: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, str | list[str]]:
     return {name: jwk[name] for name in names}
 
 
@@ -275,50 +276,71 @@ class _PerKey:
         return value
 
 
-_HASHES = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
+_HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
+    "256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512,
+}
 _VERIFIERS = _PerKey()
+Verify = Callable[[bytes, bytes], bool]
 
 
-def _prepared(key: ECKey | RSAKey | OKPKey, alg: str) -> Callable[[bytes, bytes], bool]:
+def _prepared(key: ECKey | RSAKey | OKPKey, alg: str) -> Verify:
     """A ready `verify(message, signature)` on the cryptography key, built once per key and algorithm.
 
     Written on cryptography directly (not joserfc's JWS layer) because the general path re-derived the
     operation key and re-encoded on every call; the checks are the same: raw R||S of the exact length for
     ECDSA (JOSE-11), the algorithm's own hash and padding, and nothing but True/False out.
     """
-    per_key = _VERIFIERS.get(key) or _VERIFIERS.set(key, {})
+    per_key: dict[str, Verify] = _VERIFIERS.get(key) or _VERIFIERS.set(key, {})
     verify = per_key.get(alg)
     if verify is not None:
         return verify
     public = key.get_op_key("verify")
     family, bits = alg[:2], alg[2:]
-    if family == "ES":
-        size = (public.curve.key_size + 7) // 8
-        algorithm = ec.ECDSA(_HASHES[bits]())
-
-        def verify(message: bytes, signature: bytes) -> bool:
-            if len(signature) != 2 * size:
-                return False
-            r, s = int.from_bytes(signature[:size], "big"), int.from_bytes(signature[size:], "big")
-            if r == 0 or s == 0:  # degenerate signatures (CVE-2022-21449 class) never verify
-                return False
-            public.verify(encode_dss_signature(r, s), message, algorithm)
-            return True
-    elif family in ("RS", "PS"):
-        digest = _HASHES[bits]
-        pad = (padding.PKCS1v15() if family == "RS"
-               else padding.PSS(mgf=padding.MGF1(digest()), salt_length=digest.digest_size))
-
-        def verify(message: bytes, signature: bytes) -> bool:
-            public.verify(signature, message, pad, digest())
-            return True
-    else:  # EdDSA / Ed25519
-
-        def verify(message: bytes, signature: bytes) -> bool:
-            public.verify(signature, message)
-            return True
-
+    if family == "ES" and isinstance(public, ec.EllipticCurvePublicKey):
+        verify = _ecdsa(public, _HASHES[bits]())
+    elif family in ("RS", "PS") and isinstance(public, rsa.RSAPublicKey):
+        verify = _rsa(public, _HASHES[bits], pss=family == "PS")
+    elif family == "Ed" and isinstance(public, ed25519.Ed25519PublicKey):
+        verify = _eddsa(public)
+    else:  # key_fits_algorithm rules this out; fail closed all the same
+        raise ValueError(f"no verifier for {alg} with {type(public).__name__}")
     per_key[alg] = verify
+    return verify
+
+
+def _ecdsa(public: ec.EllipticCurvePublicKey, digest: hashes.HashAlgorithm) -> Verify:
+    size = (public.curve.key_size + 7) // 8
+    algorithm = ec.ECDSA(digest)
+
+    def verify(message: bytes, signature: bytes) -> bool:
+        if len(signature) != 2 * size:
+            return False
+        r, s = int.from_bytes(signature[:size], "big"), int.from_bytes(signature[size:], "big")
+        if r == 0 or s == 0:  # degenerate signatures (CVE-2022-21449 class) never verify
+            return False
+        public.verify(encode_dss_signature(r, s), message, algorithm)
+        return True
+
+    return verify
+
+
+def _rsa(public: rsa.RSAPublicKey, digest: Callable[[], hashes.HashAlgorithm], *, pss: bool) -> Verify:
+    pad: padding.AsymmetricPadding = (
+        padding.PSS(mgf=padding.MGF1(digest()), salt_length=digest().digest_size) if pss else padding.PKCS1v15()
+    )
+
+    def verify(message: bytes, signature: bytes) -> bool:
+        public.verify(signature, message, pad, digest())
+        return True
+
+    return verify
+
+
+def _eddsa(public: ed25519.Ed25519PublicKey) -> Verify:
+    def verify(message: bytes, signature: bytes) -> bool:
+        public.verify(signature, message)
+        return True
+
     return verify
 
 
@@ -338,7 +360,7 @@ _THUMBPRINTS = _PerKey()
 def thumbprint(key: ECKey | RSAKey | OKPKey) -> str:
     """RFC 7638 SHA-256 thumbprint, unpadded base64url (43 characters); keys are canonical by import."""
     value = _THUMBPRINTS.get(key)
-    return value if value is not None else _THUMBPRINTS.set(key, key.thumbprint())
+    return str(value) if value is not None else str(_THUMBPRINTS.set(key, key.thumbprint()))
 
 
 def constant_time_equals(a: str, b: str) -> bool:

@@ -8,7 +8,7 @@ Imports of the test kit happen inside the fixtures, so installing ztmw costs oth
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Iterator, MutableMapping
 
 import pytest
 
@@ -39,7 +39,7 @@ def ztmw_test_ca() -> Any:
 
 
 @pytest.fixture
-def ztmw_audit() -> Iterator[list[dict[str, Any]]]:
+def ztmw_audit() -> Iterator[list[MutableMapping[str, Any]]]:
     """The audit events emitted during the test, as dicts (structlog's capture_logs)."""
     from structlog.testing import capture_logs
 

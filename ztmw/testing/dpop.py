@@ -112,7 +112,7 @@ class DPoPKey:
         if isinstance(self._private, ed25519.Ed25519PrivateKey):
             return self._private.sign(signing_input)
         pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=hashes.SHA256.digest_size)
-        return self._private.sign(signing_input, pss, hashes.SHA256())
+        return bytes(self._private.sign(signing_input, pss, hashes.SHA256()))
 
     def sign_compact(self, header: Mapping[str, Any], claims: Mapping[str, Any]) -> str:
         """Any header and claims, signed as given: for proofs no well-behaved client would send."""
