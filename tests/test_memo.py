@@ -32,16 +32,18 @@ def whoami_app() -> web.Application:
     return app
 
 
-async def protected(aiohttp_client: Any, config: dict[str, Any], clock: FakeClock) -> tuple[Any, ztmw.Pipeline]:
-    app = whoami_app()
+async def protected(aiohttp_client: Any, config: dict[str, Any], clock: FakeClock,
+                    app: web.Application | None = None) -> tuple[Any, ztmw.Pipeline]:
+    app = app if app is not None else whoami_app()
     pipeline = ztmw.setup(app, config, clock=clock)
     return await aiohttp_client(app), pipeline
 
 
-async def call(client: Any, token: str | None = None, path: str = "/items", **headers: Any) -> tuple[int, Any]:
+async def call(client: Any, token: str | None = None, path: str = "/items", method: str = "GET",
+               **headers: Any) -> tuple[int, Any]:
     if token is not None:
         headers.setdefault("Authorization", f"Bearer {token}")
-    async with client.get(path, headers=headers) as response:
+    async with client.request(method, path, headers=headers) as response:
         body = await response.json() if response.content_type == "application/json" else None
         return response.status, body
 

@@ -19,34 +19,7 @@ from ztmw.errors import ConfigurationError
 from ztmw.testing import DevIssuer, FakeClock
 
 from .conftest import base_config
-
-
-def whoami_app() -> web.Application:
-    async def whoami(request: web.Request) -> web.Response:
-        principal, trust, decision = request[ztmw.PRINCIPAL], request[ztmw.TRUST], request[ztmw.DECISION]
-        return web.json_response({"sub": principal.subject if principal else None, "aal": trust.aal,
-                                  "rule": decision.rule_id})
-
-    app = web.Application()
-    for path in ("/items", "/users/{user}/items", "/health"):
-        app.router.add_get(path, whoami)
-    return app
-
-
-async def protected(aiohttp_client: Any, config: dict[str, Any], clock: FakeClock,
-                    app: web.Application | None = None) -> tuple[Any, ztmw.Pipeline]:
-    app = app if app is not None else whoami_app()
-    pipeline = ztmw.setup(app, config, clock=clock)
-    return await aiohttp_client(app), pipeline
-
-
-async def call(client: Any, token: str | None = None, path: str = "/items", method: str = "GET",
-               **headers: Any) -> tuple[int, Any]:
-    if token is not None:
-        headers.setdefault("Authorization", f"Bearer {token}")
-    async with client.request(method, path, headers=headers) as response:
-        body = await response.json() if response.content_type == "application/json" else None
-        return response.status, body
+from .test_memo import call, memo_size, protected, whoami_app
 
 
 async def raw(client: Any, request: bytes) -> int:
@@ -59,11 +32,6 @@ async def raw(client: Any, request: bytes) -> int:
         return int(status_line.split()[1])
     finally:
         writer.close()
-
-
-def memo_size(pipeline: ztmw.Pipeline) -> int:
-    assert pipeline.memo is not None
-    return len(pipeline.memo)
 
 
 def decisions(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
