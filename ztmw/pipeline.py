@@ -301,7 +301,8 @@ class Pipeline:
 
 
 def _elapsed_ms(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 3)
+    """Milliseconds since `started`, to the microsecond (truncated: a third of what round() costs)."""
+    return int((time.perf_counter() - started) * 1_000_000) / 1000
 
 
 def _requirement(error: AuthError | UpstreamUnavailable) -> str | None:
