@@ -64,6 +64,7 @@ async def test_the_cache_never_skips_a_binding_check(aiohttp_client: Any, issuer
         status, event = await send(client, **headers)
         assert (status, event["decision"]) == (401, "deny"), what
         assert pipeline.cache.hits == hits + 1, f"{what}: the token check was a cache hit, the binding still decided"
+        assert event["cache"] == "hit", f"{what}: the audit trail says the token itself was a cache hit"
 
 
 async def test_the_cache_never_outlives_exp(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock) -> None:

@@ -85,6 +85,7 @@ class Authenticator:
 
     async def authenticate(self, credential: Credential, request: RequestView) -> Authentication:
         key = token_key(credential.token)
+        cache: CacheResult | None = None
         try:
             verified, cache = await self._verify_token(credential.token, key)
             self._check_still_valid(verified)
@@ -96,12 +97,16 @@ class Authenticator:
         except AuthError as error:
             if error.scheme is None:
                 error.scheme = credential.scheme
+            error.cache = cache
             raise
-        except UpstreamUnavailable:
+        except UpstreamUnavailable as error:
+            error.cache = cache
             raise
         except Exception:  # a plugin bug must deny, never allow and never answer 500 (SEC-07)
             self._log.exception("ztmw.verifier_error")  # type: ignore[attr-defined]
-            raise InvalidToken("verifier_error", scheme=credential.scheme) from None
+            refusal = InvalidToken("verifier_error", scheme=credential.scheme)
+            refusal.cache = cache
+            raise refusal from None
         certificate = None
         if request.client_certificate is not None:
             try:

@@ -26,6 +26,10 @@ from typing import ClassVar, Mapping
 class ZtmwError(Exception):
     """Base of every error ztmw raises on purpose."""
 
+    cache: str | None = None
+    """For a refusal after the token itself verified (a binding, expiry or identity check failed): how the
+    token check was answered ("hit", "shared", "miss"), set by the authenticator for the audit trail."""
+
 
 class ConfigurationError(ZtmwError, ValueError):
     """The configuration is invalid; raised at start-up, naming the key and the problem."""

@@ -10,7 +10,7 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, cast
 
 import aiohttp
 import structlog
@@ -218,7 +218,7 @@ class Pipeline:
             return Outcome(decision, principal, trust, None, cache, cache_key)
         except (AuthError, UpstreamUnavailable) as error:
             decision = Decision(False, error.reason, rule.id, error.status, _requirement(error))
-            return Outcome(decision, principal, trust, error, cache)
+            return Outcome(decision, principal, trust, error, cache or cast("CacheResult | None", error.cache))
 
     def rule_for(self, request: RequestView) -> Rule | None:
         return self.policy.rule_for(request.route) if request.route is not None else None
