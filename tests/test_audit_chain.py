@@ -30,7 +30,7 @@ from ztmw.errors import ConfigurationError
 from ztmw.models import AuditEvent
 from ztmw.registry import available
 from ztmw.testing import DevIssuer, FakeClock
-from ztmw.typing import PluginDeps
+from ztmw.testing.lifetime import PluginLifetime
 
 from .conftest import base_config, items_app
 
@@ -441,13 +441,7 @@ def test_a_byte_change_that_parses_to_the_same_content_is_detected(before: bytes
 # -- the plugin factory ------------------------------------------------------------------------------------
 
 
-def deps(clock: FakeClock) -> tuple[PluginDeps, list[Any], list[Any]]:
-    startup: list[Any] = []
-    cleanup: list[Any] = []
-    config = ztmw.load_config({"resource": {"identifier": "https://api.example.com"}})
-    plugin_deps = PluginDeps(config=config, clock=clock, http=lambda: None,  # type: ignore
-                             logger=_Silent(), on_startup=startup.append, on_cleanup=cleanup.append)
-    return plugin_deps, startup, cleanup
+MINIMAL_CONFIG = ztmw.load_config({"resource": {"identifier": "https://api.example.com"}})
 
 
 @pytest.mark.parametrize(("settings_", "message"), [
@@ -464,7 +458,7 @@ def test_factory_rejects_bad_settings(
     monkeypatch.delenv("ZTMW_TEST_UNSET_KEY", raising=False)
     monkeypatch.setenv(KEY_ENV, "short")
     with pytest.raises(ConfigurationError, match=message):
-        create(settings_, deps(clock)[0])
+        create(settings_, PluginLifetime().deps(MINIMAL_CONFIG, clock=clock, logger=_Silent()))
 
 
 async def test_factory_opens_on_startup_and_closes_on_cleanup(
@@ -472,14 +466,13 @@ async def test_factory_opens_on_startup_and_closes_on_cleanup(
 ) -> None:
     monkeypatch.setenv(KEY_ENV, KEY)
     monkeypatch.chdir(tmp_path)
-    plugin_deps, startup, cleanup = deps(clock)
-    sink = create({"path": "logs.jsonl", "key_env": KEY_ENV}, plugin_deps)
+    lifetime = PluginLifetime()
+    sink = create({"path": "logs.jsonl", "key_env": KEY_ENV}, lifetime.deps(MINIMAL_CONFIG, clock=clock,
+                                                                              logger=_Silent()))
     assert sink.path == tmp_path / "logs.jsonl" and not sink.path.exists(), "nothing happens before start-up"
-    for hook in startup:
-        await hook()
+    await lifetime.start()
     sink.emit(event())
-    for hook in cleanup:
-        await hook()
+    await lifetime.stop()
     sink.emit(event())
     assert len(lines_of(sink.path)) == 1 and verify_file(sink.path, key=KEY.encode()).ok
 

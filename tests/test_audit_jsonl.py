@@ -18,9 +18,10 @@ from ztmw.audit_jsonl import _STATIC_FIELDS, JsonLinesAuditSink, _fragment, crea
 from ztmw.errors import ConfigurationError
 from ztmw.models import AuditEvent
 from ztmw.testing import DevIssuer, FakeClock
+from ztmw.testing.lifetime import PluginLifetime
 
 from .conftest import base_config, items_app
-from .test_audit_chain import deps
+from .test_audit_chain import MINIMAL_CONFIG
 
 EVENT = AuditEvent(decision="allow", reason="allowed", status=200, method="GET", route="/items", rule_id="read",
                    subject="sha256:abc", client_id="demo-client", issuer="https://issuer.test", token_id="t1",
@@ -128,17 +129,15 @@ def test_a_failed_write_is_counted_and_reported_once_never_raised(tmp_path: Path
 ])
 def test_settings_are_checked(settings: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
-        create(settings, deps(FakeClock())[0])
+        create(settings, PluginLifetime().deps(MINIMAL_CONFIG))
 
 
 async def test_the_plugin_opens_at_start_and_flushes_at_cleanup(tmp_path: Path) -> None:
-    plugin_deps, startup, cleanup = deps(FakeClock())
-    sink = create({"path": str(tmp_path / "a.jsonl"), "buffer_bytes": 1 << 20}, plugin_deps)
-    for hook in startup:
-        await hook()
+    lifetime = PluginLifetime()
+    sink = create({"path": str(tmp_path / "a.jsonl"), "buffer_bytes": 1 << 20}, lifetime.deps(MINIMAL_CONFIG))
+    await lifetime.start()
     sink.emit(EVENT)
-    for hook in cleanup:
-        await hook()
+    await lifetime.stop()
     assert len(read_lines(tmp_path / "a.jsonl")) == 1
 
 

@@ -16,7 +16,6 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
-import structlog
 from aiohttp import web
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -30,7 +29,8 @@ from ztmw.models import VerifiedToken
 from ztmw.testing.clock import FakeClock
 from ztmw.testing.http import free_port
 from ztmw.testing.issuer import DevIssuer
-from ztmw.typing import PluginDeps, TokenVerifier
+from ztmw.testing.lifetime import PluginLifetime
+from ztmw.typing import TokenVerifier
 
 API = "https://api.example.com"
 VEC_7519_1 = ("eyJhbGciOiJub25lIn0.eyJpc3MiOiJqb2UiLA0KICJleHAiOjEzMDA4MTkzODAsDQogImh0dHA6Ly9leGFtcGxlLmNvbS9pc19yb"
@@ -45,12 +45,6 @@ ECDSA_R_S_ORDER = ("_____wAAAAD__________7zm-q2nF56E87nKwvxjJVH_____AAAAAP______
 
 
 # -- harness ----------------------------------------------------------------------------------------------
-
-class Hooks:
-    def __init__(self) -> None:
-        self.startup: list[Callable[[], Awaitable[None]]] = []
-        self.cleanup: list[Callable[[], Awaitable[None]]] = []
-
 
 def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
@@ -94,23 +88,19 @@ async def issuer(clock: FakeClock) -> AsyncIterator[DevIssuer]:
 async def make_verifier(
     session: aiohttp.ClientSession, clock: FakeClock
 ) -> AsyncIterator[Callable[..., Awaitable[BearerVerifier]]]:
-    made: list[Hooks] = []
+    made: list[PluginLifetime] = []
 
     async def make(*tables: dict[str, Any], settings: dict[str, Any] | None = None) -> BearerVerifier:
-        hooks = Hooks()
-        made.append(hooks)
-        deps = PluginDeps(config=make_config(*tables), clock=clock, http=lambda: session,
-                          logger=structlog.get_logger(), on_startup=hooks.startup.append,
-                          on_cleanup=hooks.cleanup.append)
-        verifier = bearer.create(settings or {}, deps)
-        for hook in hooks.startup:
-            await hook()
+        lifetime = PluginLifetime()
+        made.append(lifetime)
+        verifier = bearer.create(settings or {}, lifetime.deps(make_config(*tables), clock=clock,
+                                                               http=lambda: session))
+        await lifetime.start()
         return verifier
 
     yield make
-    for hooks in made:
-        for hook in reversed(hooks.cleanup):
-            await hook()
+    for lifetime in made:
+        await lifetime.stop()
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
-import structlog
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 from multidict import CIMultiDict
@@ -38,23 +37,7 @@ from ztmw.errors import ConfigurationError, InvalidToken, UpstreamUnavailable
 from ztmw.testing.clock import FakeClock
 from ztmw.testing.http import free_port
 from ztmw.testing.issuer import DevIssuer
-from ztmw.typing import PluginDeps
-
-
-class Hooks:
-    """Stands in for the app's lifetime: the plugin registers hooks, the test runs them."""
-
-    def __init__(self) -> None:
-        self.startup: list[Callable[[], Awaitable[None]]] = []
-        self.cleanup: list[Callable[[], Awaitable[None]]] = []
-
-    async def start(self) -> None:
-        for hook in self.startup:
-            await hook()
-
-    async def stop(self) -> None:
-        for hook in reversed(self.cleanup):
-            await hook()
+from ztmw.testing.lifetime import PluginLifetime
 
 
 def b64(data: bytes) -> str:
@@ -101,21 +84,20 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 async def make_keyset(
     session: aiohttp.ClientSession, clock: FakeClock
 ) -> AsyncIterator[Callable[..., Awaitable[KeySet]]]:
-    started: list[Hooks] = []
+    started: list[PluginLifetime] = []
 
     async def make(cfg: IssuerConfig, *, start: bool = True, **options: Any) -> KeySet:
-        hooks = Hooks()
-        deps = PluginDeps(config=replace(BASE, issuers=(cfg,)), clock=clock, http=lambda: session, logger=structlog.get_logger(),
-                          on_startup=hooks.startup.append, on_cleanup=hooks.cleanup.append)
-        keyset = KeySet(cfg, deps, **options)
-        started.append(hooks)
+        lifetime = PluginLifetime()
+        keyset = KeySet(cfg, lifetime.deps(replace(BASE, issuers=(cfg,)), clock=clock, http=lambda: session),
+                        **options)
+        started.append(lifetime)
         if start:
-            await hooks.start()
+            await lifetime.start()
         return keyset
 
     yield make
-    for hooks in started:
-        await hooks.stop()
+    for lifetime in started:
+        await lifetime.stop()
 
 
 @pytest.fixture
@@ -420,16 +402,13 @@ async def test_unreachable_key_server_does_not_stop_start_up_and_recovers_by_its
 
 
 async def test_cleanup_cancels_the_background_retry(make_keyset: Any, session: Any, clock: FakeClock) -> None:
-    hooks = Hooks()
+    lifetime = PluginLifetime()
     config = load(jwks_uri=f"http://127.0.0.1:{free_port()}/jwks")
-    cfg = config.issuers[0]
-    deps = PluginDeps(config=config, clock=clock, http=lambda: session, logger=structlog.get_logger(),
-                      on_startup=hooks.startup.append, on_cleanup=hooks.cleanup.append)
-    keyset = KeySet(cfg, deps, retry_initial=30)
-    await hooks.start()
+    keyset = KeySet(config.issuers[0], lifetime.deps(config, clock=clock, http=lambda: session), retry_initial=30)
+    await lifetime.start()
     task = keyset._task
     assert task is not None and not task.done()
-    await hooks.stop()
+    await lifetime.stop()
     assert task.cancelled()
 
 

@@ -8,5 +8,6 @@ from .clock import FakeClock
 from .dpop import DPoPKey
 from .http import challenges, free_port
 from .issuer import DevIssuer
+from .lifetime import PluginLifetime
 
-__all__ = ["ClientCert", "DPoPKey", "DevIssuer", "FakeClock", "TestCA", "challenges", "free_port"]
+__all__ = ["ClientCert", "DPoPKey", "DevIssuer", "FakeClock", "PluginLifetime", "TestCA", "challenges", "free_port"]

@@ -65,6 +65,7 @@ from ztmw.typing import PluginDeps, TokenVerifier, TrustEvaluator
 
 from .certs import TestCA
 from .clock import FakeClock
+from .lifetime import PluginLifetime
 
 __all__ = [
     "HOSTILE_TOKENS",
@@ -452,20 +453,15 @@ class TokenVerifierConformance:
     async def standalone_verifier(self) -> AsyncIterator[TokenVerifier]:
         """The verifier alone: no app, no request, only the `PluginDeps` a factory is given."""
         config = ztmw.load_config(self._app_config(shim=False))
-        startup: list[Callable[[], Any]] = []
-        cleanup: list[Callable[[], Any]] = []
+        lifetime = PluginLifetime()
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-            deps = PluginDeps(config=config, clock=self.clock, http=lambda: session,
-                              logger=structlog.get_logger("ztmw.conformance"),
-                              on_startup=startup.append, on_cleanup=cleanup.append)
-            verifier = self.create_verifier(deps)
-            for hook in startup:
-                await hook()
+            verifier = self.create_verifier(lifetime.deps(config, clock=self.clock, http=lambda: session,
+                                                          logger=structlog.get_logger("ztmw.conformance")))
+            await lifetime.start()
             try:
                 yield verifier
             finally:
-                for hook in reversed(cleanup):
-                    await hook()
+                await lifetime.stop()
 
     # -- the checks ----------------------------------------------------------------------------------------
 
@@ -649,8 +645,8 @@ class TrustEvaluatorConformance:
 
     @pytest.fixture
     def evaluator(self) -> TrustEvaluator:
-        deps = PluginDeps(config=ztmw.load_config(self.config()), clock=self.clock,
-                          http=_no_http, logger=structlog.get_logger("ztmw.conformance"))
+        deps = PluginLifetime().deps(ztmw.load_config(self.config()), clock=self.clock,
+                                     logger=structlog.get_logger("ztmw.conformance"))
         return self.create_evaluator(deps)
 
     def _evaluate(self, evaluator: TrustEvaluator, principal: Principal | None, view: RequestView,
@@ -690,7 +686,3 @@ class TrustEvaluatorConformance:
         for principal, view in self.scenarios():
             assert (self._evaluate(evaluator, principal, view, self.PRIOR)
                     == self._evaluate(evaluator, principal, view, self.PRIOR))
-
-
-def _no_http() -> aiohttp.ClientSession:
-    raise RuntimeError("a trust evaluator gets no HTTP session in the conformance kit")
