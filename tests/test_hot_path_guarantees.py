@@ -8,8 +8,7 @@ proving the request really was answered from the cache (or the decision memo):
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Iterator
+from typing import Any
 
 from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
@@ -19,6 +18,7 @@ from ztmw.testing import DevIssuer, DPoPKey, FakeClock
 from ztmw.testing.http import free_port
 
 from .conftest import base_config, items_app
+from .test_cache import _walk
 
 
 async def start(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, **sections: Any) -> tuple[Any, Any, str]:
@@ -79,30 +79,6 @@ async def test_the_cache_never_outlives_exp(aiohttp_client: Any, issuer: DevIssu
     assert len(pipeline.memo) == 0 and len(pipeline.cache) == 0
 
 
-def _reachable(value: Any, seen: set[int] | None = None) -> Iterator[Any]:
-    """Everything reachable from `value` through containers, dataclasses (slots included) and objects."""
-    seen = set() if seen is None else seen
-    if id(value) in seen:
-        return
-    seen.add(id(value))
-    yield value
-    if isinstance(value, (str, bytes, int, float, bool, type(None))):
-        return
-    if isinstance(value, dict) or hasattr(value, "items") and callable(value.items):
-        try:
-            for k, v in value.items():
-                yield from _reachable(k, seen)
-                yield from _reachable(v, seen)
-        except TypeError:
-            pass
-    elif isinstance(value, (list, tuple, set, frozenset)):
-        for item in value:
-            yield from _reachable(item, seen)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        for f in dataclasses.fields(value):
-            yield from _reachable(getattr(value, f.name), seen)
-
-
 async def test_the_cache_never_stores_a_token(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock) -> None:
     client, pipeline, _ = await start(aiohttp_client, issuer, clock)
     token = issuer.mint(scope="items:read")
@@ -110,7 +86,7 @@ async def test_the_cache_never_stores_a_token(aiohttp_client: Any, issuer: DevIs
         assert (await send(client, Authorization=f"Bearer {token}"))[0] == 200
     assert len(pipeline.cache) == 1 and pipeline.memo is not None and len(pipeline.memo) == 1
     stored = [pipeline.cache._lru._entries, pipeline.memo._entries]  # what the two caches hold, keys included
-    texts = [v for v in _reachable(stored) if isinstance(v, (str, bytes))]
+    texts = [v for v in _walk(stored) if isinstance(v, (str, bytes))]
     assert texts, "the walk must reach the stored values"
     secrets = [token, *token.split(".")]
     for text in texts:
