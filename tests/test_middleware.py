@@ -378,5 +378,6 @@ async def test_stage_middlewares_audit_security_refusals_and_cache_results(
         assert (await get(client, Authorization=f"Bearer {bound}")).status == 401  # downgrade
         assert (await get(client, Authorization=f"Bearer {plain}")).status == 200
     audited = [(e["event"], e["reason"], e.get("cache")) for e in events if e["event"].startswith("ztmw.")]
-    assert audited == [("ztmw.security", "dpop_bound_token_as_bearer", None),
+    # the downgrade is refused after the token check itself: its cache result is recorded too
+    assert audited == [("ztmw.security", "dpop_bound_token_as_bearer", "miss"),
                        ("ztmw.decision", "allowed", "miss")]

@@ -43,13 +43,6 @@ CACHE_SECRET = "review-session2-cache-secret-0123"
 
 # -- problems ------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "A write failure is reported only while `dropped` is still 0: once one outage has been reported (or one "
-    "event was dropped for any reason), every later outage, even after days of successful writes, loses audit "
-    "events silently. Fix: ztmw/audit_jsonl.py JsonLinesAuditSink.flush: keep a `_failing` flag, report when "
-    "it turns on (each outage, with the error) and clear it after a successful write (optionally logging "
-    "`ztmw.audit_write_recovered` with how many lines were lost); count render failures in _append the same "
-    "way instead of silently."))
 def test_every_outage_of_the_audit_file_is_reported_not_only_the_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -117,13 +110,6 @@ _PARTIAL_WRITE_CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "When a batch is only partly written (non-blocking stdout answering EAGAIN, ENOSPC part-way through a "
-    "file), the bytes already written end in the middle of a line and the next batch is appended to them: the "
-    "first event after the outage is glued to a truncated one and no JSON parser can read it. Fix: "
-    "ztmw/audit_jsonl.py JsonLinesAuditSink.flush: after an OSError that followed a partial write, remember "
-    "the stream is mid-line and start the next write with a newline (better: keep the unwritten tail, bounded, "
-    "and retry it first; for BlockingIOError wait with loop.add_writer instead of dropping)."))
 def test_a_partial_write_never_glues_the_next_event_to_a_truncated_line(tmp_path: Path) -> None:
     out = tmp_path / "stdout.bin"
     root = str(Path(__file__).resolve().parents[1])  # the checkout, so the child imports this ztmw
@@ -433,12 +419,6 @@ def _staged(pipeline: ztmw.Pipeline) -> web.Application:
     return app
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "With the stage middlewares, a refusal after the token check (binding, downgrade, expiry, identity) is "
-    "audited without the cache result the all-in-one middleware records (2f33d94 covered only "
-    "Pipeline.evaluate): the audit stage reads request[_CACHE], which _refuse never sets. Fix: "
-    "ztmw/middleware.py _refuse: `if error.cache is not None: request[_CACHE] = error.cache` (and in "
-    "authentication_middleware keep authentication.cache when trust.evaluate raises after it)."))
 async def test_the_stage_middlewares_record_the_cache_result_of_a_refusal_too(
     aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
 ) -> None:

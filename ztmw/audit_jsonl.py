@@ -58,8 +58,10 @@ def _fragment(event: AuditEvent) -> str:
 
 
 class JsonLinesAuditSink:
-    """An AuditSink (and `ReusingAuditSink`) appending JSON lines to a file or stdout. Never raises: a failed
-    write is counted in `dropped` and reported once on the ztmw logger."""
+    """An AuditSink (and `ReusingAuditSink`) appending JSON lines to a file or stdout. Never raises: lost
+    events are counted in `dropped`, and each outage is reported on the ztmw logger when it starts
+    (`ztmw.audit_write_failed`) and when writing works again (`ztmw.audit_write_recovered`, with the count);
+    a line cut short by a failed write is ended before the next batch, so every other line stays parseable."""
 
     name = "jsonl"
 
@@ -84,6 +86,9 @@ class JsonLinesAuditSink:
         self._fragments = RenderedTemplates(_fragment)
         self._second = -1
         self._second_text = ""
+        self._failing = False  # an outage is reported when it starts, and its end with the count lost
+        self._lost_before = 0
+        self._mid_line = False  # the last write stopped inside a line
         self.dropped = 0
 
     # -- lifetime ------------------------------------------------------------------------------------------
@@ -127,8 +132,8 @@ class JsonLinesAuditSink:
                 self.flush()
             elif self._timer is None:
                 self._arm_timer()
-        except Exception:  # an audit sink must never turn a decision into a 500
-            self.dropped += 1
+        except Exception as exc:  # an audit sink must never turn a decision into a 500
+            self._failed(1, type(exc).__name__)
 
     def _timestamp(self) -> str:
         """ISO 8601 in UTC with microseconds; the date and time part is formatted once a second."""
@@ -154,17 +159,30 @@ class JsonLinesAuditSink:
         if not self._lines:
             return
         lines, self._lines, self._size = self._lines, [], 0
-        data = memoryview("".join(lines).encode("utf-8"))
+        # a batch cut short by an earlier failure left a line half written: end it before anything else
+        text = ("\n" if self._mid_line else "") + "".join(lines)
+        data = memoryview(text.encode("utf-8"))
         try:
             self.open()
             assert self._fd is not None
             while data:
                 written = os.write(self._fd, data)
                 data = data[written:]
+                self._mid_line = bool(data)
         except OSError as exc:
-            if not self.dropped:
-                self._log.error("ztmw.audit_write_failed", sink=self.name, error=exc.strerror or type(exc).__name__)
-            self.dropped += len(lines)
+            self._failed(len(lines), exc.strerror or type(exc).__name__)
+            return
+        if self._failing:
+            self._failing = False
+            self._log.warning("ztmw.audit_write_recovered", sink=self.name, lost=self.dropped - self._lost_before)
+
+    def _failed(self, count: int, error: str) -> None:
+        """Count lost events; say so once per outage (when the sink starts failing), never raise."""
+        if not self._failing:
+            self._failing = True
+            self._lost_before = self.dropped
+            self._log.error("ztmw.audit_write_failed", sink=self.name, error=error)
+        self.dropped += count
 
 
 def create(settings: Mapping[str, Any], deps: PluginDeps) -> JsonLinesAuditSink:

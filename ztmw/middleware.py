@@ -275,13 +275,13 @@ def authentication_middleware(pipeline: Pipeline) -> Any:
             view = request_view(request, pipeline, shared=True)
             authentication = await pipeline.authenticate(view)
             principal = authentication.principal if authentication else None
+            if authentication is not None:
+                request[_CACHE] = authentication.cache  # recorded even when trust evaluation refuses next
             trust = pipeline.trust.evaluate(principal, view)
         except (AuthError, UpstreamUnavailable) as error:
             return _refuse(request, pipeline, error)
         request[PRINCIPAL] = principal
         request[TRUST] = trust
-        if authentication is not None:
-            request[_CACHE] = authentication.cache
         response = await handler(request)
         if not response.prepared:
             _decorate(pipeline, view, response)
@@ -330,9 +330,12 @@ def audit_middleware(pipeline: Pipeline) -> Any:
 
 
 def _refuse(request: web.Request, pipeline: Pipeline, error: AuthError | UpstreamUnavailable) -> web.Response:
-    """A stage's refusal, published for the audit stage (reason, security flag) and rendered."""
+    """A stage's refusal, published for the audit stage (reason, security flag, how the token check was
+    answered when it came first) and rendered."""
     request[DECISION] = Decision(False, error.reason, None, error.status)
     request[_ERROR] = error
+    if error.cache is not None:
+        request[_CACHE] = error.cache
     return _error_response(pipeline, error)
 
 
