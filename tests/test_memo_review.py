@@ -20,6 +20,7 @@ from ztmw.testing import DevIssuer, FakeClock
 
 from .conftest import base_config
 from .test_memo import call, memo_size, protected, whoami_app
+from .test_middleware import staged_app
 
 
 async def raw(client: Any, request: bytes) -> int:
@@ -641,17 +642,7 @@ async def test_the_stage_middlewares_alone_never_use_the_memo(
     aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
 ) -> None:
     pipeline = ztmw.Pipeline(ztmw.load_config(base_config(issuer)), clock=clock)
-
-    async def lifetime(app: web.Application) -> Any:
-        await pipeline.start()
-        yield
-        await pipeline.close()
-
-    app = whoami_app()
-    app.middlewares.extend([ztmw.audit_middleware(pipeline), ztmw.authentication_middleware(pipeline),
-                            ztmw.authorization_middleware(pipeline)])
-    app.cleanup_ctx.append(lifetime)
-    client = await aiohttp_client(app)
+    client = await aiohttp_client(staged_app(pipeline, whoami_app()))
     ann = issuer.mint("ann", scope="items:read")
     assert [(await call(client, ann, "/users/ann/items"))[0] for _ in range(3)] == [200] * 3
     assert [(await call(client, ann, "/users/bob/items"))[0] for _ in range(3)] == [403] * 3

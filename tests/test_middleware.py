@@ -25,15 +25,16 @@ async def client(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock) -> An
     return await aiohttp_client(app)
 
 
-def staged_app(pipeline: ztmw.Pipeline) -> web.Application:
-    """The items app protected by the three stage middlewares used alone, as an app author would compose them."""
+def staged_app(pipeline: ztmw.Pipeline, app: web.Application | None = None) -> web.Application:
+    """An app (the items app by default) protected by the three stage middlewares used alone, as an app author
+    would compose them."""
 
     async def lifetime(app: web.Application) -> Any:
         await pipeline.start()
         yield
         await pipeline.close()
 
-    app = items_app()
+    app = app if app is not None else items_app()
     app.middlewares.extend([ztmw.audit_middleware(pipeline), ztmw.authentication_middleware(pipeline),
                             ztmw.authorization_middleware(pipeline)])
     app.cleanup_ctx.append(lifetime)

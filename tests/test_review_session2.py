@@ -35,6 +35,7 @@ from .conftest import base_config, items_app
 from .test_audit_jsonl import EVENT, read_lines
 from .test_memo import call, protected
 from .test_memo_review import decisions, raw
+from .test_middleware import staged_app
 
 CACHE_SECRET = "review-session2-cache-secret-0123"
 
@@ -406,26 +407,13 @@ async def test_a_negatively_cached_token_records_no_cache_result(
     assert [e.get("cache") for e in decisions(logs)] == [None, None]
 
 
-def _staged(pipeline: ztmw.Pipeline) -> web.Application:
-    async def lifetime(app: web.Application) -> Any:
-        await pipeline.start()
-        yield
-        await pipeline.close()
-
-    app = items_app()
-    app.middlewares.extend([ztmw.audit_middleware(pipeline), ztmw.authentication_middleware(pipeline),
-                            ztmw.authorization_middleware(pipeline)])
-    app.cleanup_ctx.append(lifetime)
-    return app
-
-
 async def test_the_stage_middlewares_record_the_cache_result_of_a_refusal_too(
     aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
 ) -> None:
     config = ztmw.load_config(base_config(issuer, verifiers={"enabled": ["bearer", "dpop"]}))
     token = issuer.mint(scope="items:read", cnf={"jkt": DPoPKey().thumbprint})
     trails = []
-    for app in (None, _staged(ztmw.Pipeline(config, clock=clock))):
+    for app in (None, staged_app(ztmw.Pipeline(config, clock=clock))):
         if app is None:
             client, _ = await protected(aiohttp_client, base_config(issuer, verifiers={"enabled": ["bearer", "dpop"]}),
                                         clock)
