@@ -164,10 +164,6 @@ class Authenticator:
             self._negative.set(key, error.reason, error.security)
         raise error
 
-    def cached(self, key: bytes) -> VerifiedToken | None:
-        """What the verification cache holds for a token key now (None once expired or evicted)."""
-        return self._cache.get(key)
-
     def still_trusted(self, verified: VerifiedToken) -> bool:
         """Asks the verifier, when it can tell, whether what it concluded still stands (key still published)."""
         check = self._still_trusted_by_name.get(verified.verifier)

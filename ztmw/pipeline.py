@@ -142,7 +142,7 @@ class Pipeline:
             + ([p.instance for p in resolvers] if self.authenticator.resolves_identity else [])
         ):
             self.memo = DecisionMemo(rules=rules, max_entries=config.cache.memo_entries,
-                                     cached=self.authenticator.cached, still_trusted=self.authenticator.still_trusted)
+                                     cached=self.cache.get, still_trusted=self.authenticator.still_trusted)
 
     def _identity_chain(self, resolvers: list[LoadedPlugin]) -> IdentityChain | None:
         """None when nothing could ever link (only the config resolver, and no links): saves an await a request."""
