@@ -142,9 +142,11 @@ class Authenticator:
                 raise InvalidToken(remembered[0], security=remembered[1])
         if self._shared is not None:
             shared = await self._shared.get(key)
-            if shared is not None and self.still_trusted(shared[0]):
-                self._cache.set(key, shared[0], until=shared[1])
-                return shared[0], "shared"
+            if shared is not None:
+                value, until = shared
+                if self.still_trusted(value):
+                    self._cache.set(key, value, until=until)
+                    return value, "shared"
         errors: list[InvalidToken] = []
         for verifier in self._token_verifiers:
             try:

@@ -108,7 +108,6 @@ class DecisionMemo:
             or principal.caller.certificate is not None
             or principal.token.cnf
             or principal.token.auth_time is not None
-            or self._max_entries <= 0
         )
 
     def remember(self, key: MemoKey, view: RequestView, outcome: Outcome, audit: AuditEvent | None) -> None:
@@ -120,6 +119,3 @@ class DecisionMemo:
         entries[key] = MemoEntry(bare, outcome, outcome.principal.token, outcome.cache_key, audit)
         if len(entries) > self._max_entries:
             del entries[next(iter(entries))]
-
-    def clear(self) -> None:
-        self._entries.clear()

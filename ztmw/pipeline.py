@@ -6,7 +6,6 @@ error to render, so the adapter cannot accidentally turn a bad token into a 500 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -35,7 +34,6 @@ from .typing import (
     Clock,
     PluginDeps,
     ResponseDecorator,
-    ReusingAuditSink,
     TokenVerifier,
 )
 
@@ -119,12 +117,11 @@ class Pipeline:
                                  conditions={p.name: p.instance for p in conditions},
                                  owner_requires_link=config.owner_requires_link, logger=self.log)
         self.trust = TrustChain([(p.name, p.instance) for p in evaluators], self.log)
-        self.audit_sink: AuditSink | None = None
-        self._emit_again: Callable[[AuditEvent, int, float], None] | None = None
+        # always a fanout, also around a sink handed in: it shields requests from a raising sink, and gives
+        # every sink emit_again (a full event for those that cannot reuse a template)
+        self.audit_sink: AuditFanout | None = None
         if config.audit.enabled:
-            self.audit_sink = audit_sink or AuditFanout([p.instance for p in sinks])
-            self._emit_again = (self.audit_sink.emit_again if isinstance(self.audit_sink, ReusingAuditSink)
-                                else self._emit_copy)
+            self.audit_sink = AuditFanout([audit_sink] if audit_sink is not None else [p.instance for p in sinks])
         dpop = next((b for b in bindings if b.scheme == "dpop"), None)
         self.dpop_algs: tuple[str, ...] | None = None
         if dpop is not None:
@@ -260,9 +257,9 @@ class Pipeline:
     def audit_again(self, template: AuditEvent | None, status: int, started: float) -> None:
         """The audit event of a replayed decision: its template (see `audit_event`) with this request's
         status and duration; a sink that can reuse what it rendered for the template does."""
-        if template is None or self._emit_again is None:
+        if template is None or self.audit_sink is None:
             return
-        self._emit_again(template, status, _elapsed_ms(started))
+        self.audit_sink.emit_again(template, status, _elapsed_ms(started))
 
     def audit_event(self, request: RequestView, outcome: Outcome, status: int, duration_ms: float) -> AuditEvent:
         principal, token = outcome.principal, outcome.principal.token if outcome.principal else None
@@ -294,10 +291,6 @@ class Pipeline:
         if self.memo is not None and self.memo.accepts(outcome):  # the template only for what is kept
             template = self.audit_event(request, outcome, 0, 0.0) if self.audit_sink is not None else None
             self.memo.remember(key, request, outcome, template)
-
-    def _emit_copy(self, template: AuditEvent, status: int, duration_ms: float) -> None:
-        assert self.audit_sink is not None
-        self.audit_sink.emit(dataclasses.replace(template, status=status, duration_ms=duration_ms))
 
 
 def _elapsed_ms(started: float) -> float:
