@@ -6,6 +6,7 @@ import os
 import socket
 from typing import Any, AsyncIterator, Callable
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -38,6 +39,13 @@ def redis_url() -> str:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session for tests that talk to loopback servers themselves."""
+    async with aiohttp.ClientSession() as client:
+        yield client
 
 
 @pytest.fixture

@@ -33,12 +33,6 @@ async def dev_issuer() -> AsyncIterator[DevIssuer]:
         yield issuer
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
-
-
 Result = tuple[int, Any, str]
 
 

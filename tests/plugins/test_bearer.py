@@ -73,12 +73,6 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
-
-
-@pytest.fixture
 async def issuer(clock: FakeClock) -> AsyncIterator[DevIssuer]:
     async with DevIssuer(clock=clock) as dev:
         yield dev

@@ -75,12 +75,6 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
-
-
-@pytest.fixture
 async def make_keyset(
     session: aiohttp.ClientSession, clock: FakeClock
 ) -> AsyncIterator[Callable[..., Awaitable[KeySet]]]:
