@@ -23,6 +23,11 @@ from .test_memo import call, memo_size, protected, whoami_app
 from .test_middleware import staged_app
 
 
+def raw_get(path: str, header_lines: bytes) -> bytes:
+    """A GET request as bytes, `header_lines` (each ending in CRLF) sent exactly as given."""
+    return f"GET {path} HTTP/1.1\r\nHost: x\r\n".encode() + header_lines + b"Connection: close\r\n\r\n"
+
+
 async def raw(client: Any, request: bytes) -> int:
     """Send bytes as they are (no client-side normalisation) and return the status code of the answer."""
     reader, writer = await asyncio.open_connection(client.host, client.port)
@@ -85,8 +90,7 @@ async def test_a_still_trusted_check_that_raises_is_a_401_on_replay_too(
 
 def with_query(query: str, token: str, path: str = "/items") -> bytes:
     """A request with `query` sent byte for byte (an HTTP client would normalise the percent-encoding)."""
-    return (f"GET {path}?{query} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
-            "Connection: close\r\n\r\n").encode("ascii")
+    return raw_get(f"{path}?{query}", f"Authorization: Bearer {token}\r\n".encode("ascii"))
 
 
 ENCODED_QUERY_TOKEN_NAMES = ["access%5Ftoken", "access%5ftoken", "%61ccess_token", "access_t%6Fken"]
@@ -168,12 +172,10 @@ async def test_a_second_authorization_field_in_any_spelling_is_refused_after_a_r
 ) -> None:
     client, pipeline = await protected(aiohttp_client, base_config(issuer), clock)
     token = issuer.mint(scope="items:read")
-    cold = await raw(client, b"GET /items HTTP/1.1\r\nHost: x\r\n" + headers.replace(b"{t}", token.encode())
-                     + b"Connection: close\r\n\r\n")
+    request = raw_get("/items", headers.replace(b"{t}", token.encode()))
+    cold = await raw(client, request)
     await warm(client, pipeline, token)
-    warmed = await raw(client, b"GET /items HTTP/1.1\r\nHost: x\r\n" + headers.replace(b"{t}", token.encode())
-                       + b"Connection: close\r\n\r\n")
-    assert cold == warmed == 400
+    assert cold == await raw(client, request) == 400
 
 
 @pytest.mark.parametrize("value", [
@@ -192,8 +194,7 @@ async def test_odd_header_values_get_the_same_refusal_cold_and_warm_never_a_500(
 ) -> None:
     client, pipeline = await protected(aiohttp_client, base_config(issuer), clock)
     token = issuer.mint(scope="items:read")
-    request = (b"GET /items HTTP/1.1\r\nHost: x\r\nAuthorization: " + value.replace(b"{t}", token.encode())
-               + b"\r\nConnection: close\r\n\r\n")
+    request = raw_get("/items", b"Authorization: " + value.replace(b"{t}", token.encode()) + b"\r\n")
     cold = await raw(client, request)
     await warm(client, pipeline, token)
     assert [await raw(client, request) for _ in range(3)] == [cold] * 3
@@ -209,8 +210,7 @@ async def test_trailing_whitespace_is_the_same_header_value(
     await warm(client, pipeline, token)
     runs = full_runs(pipeline)
     for padding in (b" ", b"\t", b" \t "):
-        request = (b"GET /items HTTP/1.1\r\nHost: x\r\nAuthorization:" + padding + b"Bearer " + token.encode()
-                   + padding + b"\r\nConnection: close\r\n\r\n")
+        request = raw_get("/items", b"Authorization:" + padding + b"Bearer " + token.encode() + padding + b"\r\n")
         assert await raw(client, request) == 200
     assert runs == [] and memo_size(pipeline) == 1
 
@@ -238,8 +238,7 @@ async def test_a_dpop_field_in_any_spelling_takes_the_full_pipeline(
     token = issuer.mint(scope="items:read")
     await warm(client, pipeline, token)
     runs = full_runs(pipeline)
-    request = (f"GET /items HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n{name}: x.y.z\r\n"
-               "Connection: close\r\n\r\n").encode()
+    request = raw_get("/items", f"Authorization: Bearer {token}\r\n{name}: x.y.z\r\n".encode())
     cold_like = await raw(client, request)
     assert runs == [1] and cold_like == 200  # a bearer token ignores the stray proof, as without the memo
     assert memo_size(pipeline) == 1
@@ -357,8 +356,7 @@ async def test_owner_rules_on_percent_encoded_paths_answer_alike_cold_and_warm(
 ) -> None:
     client, pipeline = await protected(aiohttp_client, base_config(issuer), clock)
     ann = issuer.mint("ann", scope="items:read")
-    request = (f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ann}\r\nConnection: close\r\n\r\n"
-               ).encode()
+    request = raw_get(path, f"Authorization: Bearer {ann}\r\n".encode())
     cold = await raw(client, request)
     await warm(client, pipeline, ann, "/users/ann/items")
     assert [await raw(client, request) for _ in range(3)] == [cold] * 3

@@ -34,7 +34,7 @@ from ztmw.testing import DevIssuer, DPoPKey, FakeClock
 from .conftest import base_config, items_app
 from .test_audit_jsonl import EVENT, read_lines
 from .test_memo import call, protected
-from .test_memo_review import decisions, raw
+from .test_memo_review import decisions, raw, with_query
 from .test_middleware import staged_app
 
 CACHE_SECRET = "review-session2-cache-secret-0123"
@@ -440,8 +440,7 @@ async def test_any_spelling_of_the_access_token_parameter_beside_the_header_is_r
     token = issuer.mint(scope="items:read")
     for _ in range(2):  # warm: the header alone is remembered
         assert (await call(client, token))[0] == 200
-    request = (f"GET /items?{query} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
-               "Connection: close\r\n\r\n").encode()
+    request = with_query(query, token)
     assert await raw(client, request) == 400
 
 
@@ -463,8 +462,7 @@ async def test_names_that_only_resemble_access_token_are_not_a_second_transport(
     app.router.add_get("/items", handler)
     client, _ = await protected(aiohttp_client, base_config(issuer), clock, app)
     token = issuer.mint(scope="items:read")
-    request = (f"GET /items?{query} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
-               "Connection: close\r\n\r\n").encode()
+    request = with_query(query, token)
     assert await raw(client, request) == 200
     assert seen == [False]
 
