@@ -174,15 +174,22 @@ class JsonLinesAuditSink:
             return
         if self._failing:
             self._failing = False
-            self._log.warning("ztmw.audit_write_recovered", sink=self.name, lost=self.dropped - self._lost_before)
+            self._report("warning", "ztmw.audit_write_recovered", lost=self.dropped - self._lost_before)
 
     def _failed(self, count: int, error: str) -> None:
         """Count lost events; say so once per outage (when the sink starts failing), never raise."""
+        self.dropped += count
         if not self._failing:
             self._failing = True
-            self._lost_before = self.dropped
-            self._log.error("ztmw.audit_write_failed", sink=self.name, error=error)
-        self.dropped += count
+            self._lost_before = self.dropped - count
+            self._report("error", "ztmw.audit_write_failed", error=error)
+
+    def _report(self, level: str, event: str, **fields: Any) -> None:
+        """Tell the ztmw logger, which may write to the very stream that just failed (stdout): never raise."""
+        try:
+            getattr(self._log, level)(event, sink=self.name, **fields)
+        except Exception:
+            pass
 
 
 def create(settings: Mapping[str, Any], deps: PluginDeps) -> JsonLinesAuditSink:
