@@ -141,7 +141,7 @@ async def test_the_plugin_opens_at_start_and_flushes_at_cleanup(tmp_path: Path) 
     assert len(read_lines(tmp_path / "a.jsonl")) == 1
 
 
-async def test_end_to_end_one_line_per_request_with_replays_and_no_token(
+async def test_sec_03_end_to_end_one_line_per_request_with_replays_and_no_token(
     aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, tmp_path: Path
 ) -> None:
     path = tmp_path / "audit.jsonl"

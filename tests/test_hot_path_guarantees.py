@@ -79,7 +79,7 @@ async def test_the_cache_never_outlives_exp(aiohttp_client: Any, issuer: DevIssu
     assert len(pipeline.memo) == 0 and len(pipeline.cache) == 0
 
 
-async def test_the_cache_never_stores_a_token(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock) -> None:
+async def test_sec_03_the_cache_never_stores_a_token(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock) -> None:
     client, pipeline, _ = await start(aiohttp_client, issuer, clock)
     token = issuer.mint(scope="items:read")
     for _ in range(3):

@@ -213,7 +213,7 @@ async def test_the_memo_is_bounded(aiohttp_client: Any, issuer: DevIssuer, clock
     assert memo_size(pipeline) <= 2
 
 
-async def test_the_memo_holds_no_token(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock) -> None:
+async def test_sec_03_the_memo_holds_no_token(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock) -> None:
     client, pipeline = await protected(aiohttp_client, base_config(issuer), clock)
     token = issuer.mint(scope="items:read")
     assert [(await call(client, token))[0] for _ in range(2)] == [200] * 2

@@ -70,7 +70,7 @@ async def test_a_user_rule_cannot_take_the_metadata_rule_id(issuer: DevIssuer, c
         ztmw.setup(whoami_app(), config, clock=clock)
 
 
-async def test_a_still_trusted_check_that_raises_is_a_401_on_replay_too(
+async def test_sec_07_a_still_trusted_check_that_raises_is_a_401_on_replay_too(
     aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from ztmw_plugins.jwks import KeySet
@@ -97,7 +97,7 @@ ENCODED_QUERY_TOKEN_NAMES = ["access%5Ftoken", "access%5ftoken", "%61ccess_token
 
 
 @pytest.mark.parametrize("name", ENCODED_QUERY_TOKEN_NAMES)
-async def test_a_percent_encoded_query_token_beside_the_header_is_refused(
+async def test_http_06_a_percent_encoded_query_token_beside_the_header_is_refused(
     aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, name: str
 ) -> None:
     client, _ = await protected(aiohttp_client, base_config(issuer), clock)
@@ -106,7 +106,7 @@ async def test_a_percent_encoded_query_token_beside_the_header_is_refused(
 
 
 @pytest.mark.parametrize("name", ENCODED_QUERY_TOKEN_NAMES)
-async def test_a_percent_encoded_query_token_is_refused_after_a_replay_too(
+async def test_http_06_a_percent_encoded_query_token_is_refused_after_a_replay_too(
     aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, name: str
 ) -> None:
     client, pipeline = await protected(aiohttp_client, base_config(issuer), clock)

@@ -433,7 +433,7 @@ async def test_the_stage_middlewares_record_the_cache_result_of_a_refusal_too(
     "access_token=x", "access_tok%65n=x", "%61ccess_token=x", "access%5Ftoken=x", "access_token",
     "a=1&access_token=", "ACCESS=1&access_token=x&b=2",
 ])
-async def test_any_spelling_of_the_access_token_parameter_beside_the_header_is_refused(
+async def test_http_06_any_spelling_of_the_access_token_parameter_beside_the_header_is_refused(
     aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, query: str
 ) -> None:
     client, _ = await protected(aiohttp_client, base_config(issuer), clock)
