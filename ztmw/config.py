@@ -53,6 +53,23 @@ class IssuerConfig:
     profile: Literal["rfc9068", "jwt"] = "rfc9068"
     kids: tuple[str, ...] = ()
     fetch_timeout: float = 5.0
+    discovery: Literal["oauth", "openid"] | None = None
+    """Find `jwks_uri` in the issuer's metadata instead of configuring it (JWKS-08/09): "oauth" is RFC 8414
+    authorization-server metadata, "openid" OpenID Connect Discovery 1.0."""
+
+    @property
+    def metadata_url(self) -> str | None:
+        """Where the issuer's metadata lives, built only from the configured issuer (never from a token).
+
+        RFC 8414 §3/§3.1: the well-known string goes between the host and the path, a terminating "/" of the
+        path removed first; OIDC Discovery §4: appended to the issuer, a terminating "/" removed first.
+        """
+        if self.discovery is None:
+            return None
+        if self.discovery == "openid":
+            return f"{self.issuer.rstrip('/')}/.well-known/openid-configuration"
+        parts = urlsplit(self.issuer)
+        return f"{parts.scheme}://{parts.netloc}/.well-known/oauth-authorization-server{parts.path.rstrip('/')}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,18 +291,19 @@ class _Reader:
 
     def issuer(self, t: Any, key: str, resource: ResourceConfig) -> IssuerConfig:
         t = _as_table(t, key)
-        _only(t, key, {"issuer", "jwks_uri", "jwks_file", "algorithms", "audiences", "leeway",
+        _only(t, key, {"issuer", "jwks_uri", "jwks_file", "discovery", "algorithms", "audiences", "leeway",
                        "refetch_cooldown", "profile", "kids", "fetch_timeout"})
         issuer = _str(t.get("issuer"), f"{key}.issuer")
-        jwks_uri, jwks_file = t.get("jwks_uri"), t.get("jwks_file")
-        if (jwks_uri is None) == (jwks_file is None):
-            raise ConfigurationError(f"{key}: set exactly one of jwks_uri and jwks_file")
+        jwks_uri, jwks_file, discovery = t.get("jwks_uri"), t.get("jwks_file"), t.get("discovery")
+        if [jwks_uri, jwks_file, discovery].count(None) != 2:
+            raise ConfigurationError(f"{key}: set exactly one of jwks_uri, jwks_file and discovery")
         if jwks_uri is not None:
-            jwks_uri = _url(jwks_uri, f"{key}.jwks_uri")
-            if urlsplit(jwks_uri).scheme != "https" and not is_loopback_host(urlsplit(jwks_uri).hostname):
-                raise ConfigurationError(f"{key}.jwks_uri: must be https (plain http only on loopback)")
+            jwks_uri = https_url(jwks_uri, f"{key}.jwks_uri")
         if jwks_file is not None:
             jwks_file = str((self.base / _str(jwks_file, f"{key}.jwks_file")).resolve())
+        if discovery is not None:
+            discovery = _choice(discovery, f"{key}.discovery", ("oauth", "openid"))
+            _discoverable_issuer(issuer, f"{key}.issuer")
         algorithms = _strings(t.get("algorithms", list(_default(IssuerConfig, "algorithms"))), f"{key}.algorithms")
         bad = [a for a in algorithms if a not in ASYMMETRIC_ALGORITHMS]
         if bad or not algorithms:
@@ -306,6 +324,7 @@ class _Reader:
             profile=profile,  # type: ignore[arg-type]
             kids=_strings(t.get("kids", []), f"{key}.kids"),
             fetch_timeout=_number(t.get("fetch_timeout", 5), f"{key}.fetch_timeout", 0.1, 60),
+            discovery=discovery,
         )
 
     def dpop(self, t: Mapping[str, Any]) -> DPoPConfig:
@@ -526,6 +545,25 @@ def _url(value: Any, key: str) -> str:
     if parts.scheme not in ("https", "http") or not parts.netloc:
         raise ConfigurationError(f"{key}: must be an absolute http(s) URL")
     return text
+
+
+def https_url(value: Any, key: str) -> str:
+    """An absolute https URL, or plain http on loopback only (development and tests): the one check for every
+    URL keys or metadata are fetched from, configured or found in an issuer's metadata (JWKS-09)."""
+    text = _url(value, key)
+    parts = urlsplit(text)
+    if parts.scheme != "https" and not is_loopback_host(parts.hostname):
+        raise ConfigurationError(f"{key}: must be https (plain http only on loopback)")
+    return text
+
+
+def _discoverable_issuer(issuer: str, key: str) -> None:
+    """With `discovery` the metadata URL is built from the issuer, so the issuer must be a URL we may fetch from
+    (https; http on loopback for tests) and, as RFC 8414 §2 and OIDC Discovery §3 define an issuer identifier,
+    have no query or fragment (an AS could never publish metadata for it, and §3.3 would then never match)."""
+    https_url(issuer, key)
+    if "?" in issuer or "#" in issuer:
+        raise ConfigurationError(f"{key}: must have no query or fragment when discovery is set (RFC 8414 §2)")
 
 
 def is_loopback_host(host: str | None) -> bool:

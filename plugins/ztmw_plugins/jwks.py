@@ -17,6 +17,14 @@ remembered (bounded, LRU) so that requests naming it again fail at once instead 
 a fetch. Every successful fetch that changes the keys bumps `version`; one that removes keys notifies the
 `on_change` callbacks, for operators who want to act on removals. The token cache itself does not depend on
 them: it asks `publishes(thumbprint)` on every hit, so a withdrawn or replaced key stops vouching at once.
+
+Discovery (JWKS-08/09): with `discovery = "oauth"` or `"openid"` the `jwks_uri` comes from the issuer's metadata
+(RFC 8414 / OpenID Connect Discovery), fetched from a URL built from the configured issuer only, never from a
+token (BCP-10). The document is used only when its `issuer` is identical to the configured one, and its
+`jwks_uri` must pass the same https-except-loopback check as a configured one. It is fetched with the same
+defenses as the JWKS (`fetch_json`), kept for its own Cache-Control lifetime and fetched again, as the first
+step of a key fetch, once that has passed; a changed `jwks_uri` is followed. A metadata fetch that fails or is
+refused fails the whole key fetch: no keys until one succeeds, and a stale `jwks_uri` is never used.
 """
 
 from __future__ import annotations
@@ -31,13 +39,16 @@ from typing import Any, Callable, Iterable, Mapping
 
 import aiohttp
 
-from ztmw.config import IssuerConfig
+from ztmw.config import IssuerConfig, https_url
 from ztmw.errors import ConfigurationError, InvalidToken, UpstreamUnavailable, ZtmwError
 from ztmw.jws import ALGORITHM_KEY_TYPES, MalformedJWS, import_public_jwk, strict_json_object, thumbprint
 from ztmw.typing import PluginDeps
 
 MAX_JWKS_BYTES = 512 * 1024
 MAX_KEYS = 100
+# Issuer metadata documents of common authorization servers are 2-10 KB; 128 KB leaves room for large ones
+# without letting a metadata endpoint make us buffer much.
+MAX_METADATA_BYTES = 128 * 1024
 
 # Freshness of a fetched set (seconds). 5 min floor: a key server that says `no-store`, `max-age=0` or garbage
 # still costs at most one background fetch per 5 min (per verifier process). 24 h ceiling: an issuer that says
@@ -72,7 +83,8 @@ _KEY_TYPES = frozenset(kty for kty, _ in ALGORITHM_KEY_TYPES.values())
 
 
 class JWKSRejected(ZtmwError, ValueError):
-    """A fetched or configured document is not a usable JWK Set; `reason` is a stable id for logs."""
+    """A fetched or configured document (a JWK Set, or an issuer's metadata) is not usable; `reason` is a
+    stable id for logs."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -135,6 +147,64 @@ def parse_jwks(document: Any, *, pins: tuple[str, ...] = ()) -> KeyIndex:
     return KeyIndex([key for key in keys if key.kid is None or counts[key.kid] == 1])  # JWKS-13: fail closed
 
 
+@dataclass(frozen=True, slots=True)
+class IssuerMetadata:
+    """What ztmw takes from an issuer's metadata document: only where its keys are, and until when to believe it."""
+
+    jwks_uri: str
+    expires_at: float
+    """Clock time the document goes stale; the next key fetch after it fetches the metadata first."""
+
+
+def metadata_jwks_uri(document: Mapping[str, Any], issuer: str) -> str:
+    """The `jwks_uri` of a metadata document fetched for `issuer`, or `JWKSRejected`.
+
+    JWKS-08 (RFC 8414 §3.3, OIDC Discovery §4.3): `issuer` must be identical (no normalisation) to the issuer
+    the metadata URL was built from, else nothing in the document is used: a metadata endpoint answering for
+    another issuer (mix-up, a shared host, a misrouted tenant) must not hand us that issuer's keys. JWKS-09:
+    the `jwks_uri` must be https (plain http on loopback only), checked by the function that checks a
+    configured one.
+    """
+    if document.get("issuer") != issuer:
+        raise JWKSRejected("issuer_mismatch")
+    jwks_uri = document.get("jwks_uri")
+    if not isinstance(jwks_uri, str) or not jwks_uri:
+        raise JWKSRejected("no_jwks_uri")
+    try:
+        return https_url(jwks_uri, "jwks_uri")
+    except ConfigurationError:
+        raise JWKSRejected("jwks_uri_not_https") from None
+
+
+async def fetch_json(http: aiohttp.ClientSession, uri: str, *, timeout: float, max_bytes: int) -> tuple[Any, float]:
+    """GET one JSON object from a network peer: the one fetch for JWK Sets and issuer metadata alike.
+
+    Defensive because the peer is a network peer like any other: no redirects at all (so none to another
+    origin), a status other than 200 refused, at most `max_bytes` read (checked on the announced length and
+    while reading), `timeout` seconds in all, strict JSON that must be an object. Returns the object and its
+    freshness lifetime from `Cache-Control`/`Age` (`freshness_lifetime`).
+    """
+    async with asyncio.timeout(timeout):
+        async with http.get(
+            uri,
+            allow_redirects=False,
+            headers={"Accept": "application/json"},
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        ) as response:
+            if response.status != 200:
+                raise JWKSRejected(f"http_{response.status}")
+            if response.content_length is not None and response.content_length > max_bytes:
+                raise JWKSRejected("too_large")
+            lifetime = freshness_lifetime(response.headers.getall("Cache-Control", ()),
+                                          response.headers.get("Age"))
+            body = bytearray()
+            async for chunk in response.content.iter_chunked(65536):
+                body += chunk
+                if len(body) > max_bytes:
+                    raise JWKSRejected("too_large")
+    return strict_json_object(bytes(body)), lifetime
+
+
 def freshness_lifetime(cache_control: Iterable[str], age: str | None = None) -> float:
     """Seconds a fetched JWKS stays fresh, from its `Cache-Control` field lines and `Age` (RFC 9111 §4.2).
 
@@ -194,7 +264,8 @@ def _usable_key(entry: Any) -> PublicKey | None:
 
 
 class KeySet:
-    """The keys of one issuer, from `jwks_file` (read now) or `jwks_uri` (fetched at start-up, kept fresh).
+    """The keys of one issuer, from `jwks_file` (read now) or `jwks_uri` (fetched at start-up, kept fresh), the
+    latter configured or found through `discovery` in the issuer's metadata.
 
     Registers its own start-up and cleanup hooks on `deps`. Start-up fetches once and then starts a background
     task that refreshes the set before its lifetime ends (`refresh_if_due`). A start-up fetch failure does not
@@ -215,6 +286,9 @@ class KeySet:
     ) -> None:
         self.issuer = issuer.issuer
         self._uri = issuer.jwks_uri
+        self._metadata_url = issuer.metadata_url
+        self._metadata: IssuerMetadata | None = None
+        self._remote = self._uri is not None or self._metadata_url is not None
         self._pins = issuer.kids
         self._timeout = issuer.fetch_timeout
         self._cooldown = issuer.refetch_cooldown
@@ -238,7 +312,7 @@ class KeySet:
         if issuer.jwks_file is not None:
             self._index = _read_file(issuer.jwks_file, self._pins)
             self._version = 1
-        if self._uri is not None:
+        if self._remote:
             deps.on_startup(self.start)
             deps.on_cleanup(self.close)
 
@@ -251,6 +325,14 @@ class KeySet:
         """0 until keys are loaded; +1 on every successful fetch that changed the usable keys (kid, key
         material or algorithms). Equal versions of one KeySet mean the same keys."""
         return self._version
+
+    @property
+    def jwks_uri(self) -> str | None:
+        """Where the keys are fetched from: the configured `jwks_uri`, or the one the issuer's metadata named
+        last (None before the first metadata fetch succeeded, and for a `jwks_file`)."""
+        if self._metadata is not None:
+            return self._metadata.jwks_uri
+        return self._uri
 
     @property
     def lifetime(self) -> float | None:
@@ -291,7 +373,7 @@ class KeySet:
         if index is not None and kid is not None and self._known_absent(kid):
             raise InvalidToken("unknown_key")  # proven absent by a recent fetch: no fetch, no wait
         refetch_failed = False
-        if self._uri is not None and (self._inflight is not None or self._cooldown_over()):
+        if self._remote and (self._inflight is not None or self._cooldown_over()):
             fetched = await self._refresh()
             refetch_failed = not fetched
             index = self._usable()
@@ -311,7 +393,7 @@ class KeySet:
         Returns None when nothing was due (no fetch), else whether the fetch succeeded. Joins a fetch that is
         already under way instead of starting another. The background task calls this; tests can too.
         """
-        if self._uri is None or (self._index is not None and self._deps.clock() < self._refresh_at):
+        if not self._remote or (self._index is not None and self._deps.clock() < self._refresh_at):
             return None
         return await self._refresh()
 
@@ -382,14 +464,18 @@ class KeySet:
 
     async def _fetch(self) -> bool:
         started = self._deps.clock()
+        stage = "metadata"  # only the metadata fetch can fail before the key fetch starts
         try:
-            document, lifetime = await self._download()
+            uri = await self._jwks_location(started)
+            stage = "jwks"
+            document, lifetime = await fetch_json(self._deps.http(), uri, timeout=self._timeout,
+                                                  max_bytes=MAX_JWKS_BYTES)
             index = parse_jwks(document, pins=self._pins)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # any failure of a network peer means "unavailable"; old keys stay (JWKS-10)
             reason = getattr(exc, "reason", None) or type(exc).__name__
-            self._log.warning("jwks_fetch_failed", issuer=self.issuer, reason=reason,
+            self._log.warning("jwks_fetch_failed", issuer=self.issuer, stage=stage, reason=reason,
                               stale=self._index is not None and started >= self._expires_at,
                               fail_closed=self._index is not None and started >= self._usable_until)
             return False
@@ -397,6 +483,25 @@ class KeySet:
             self._inflight = None
         self._install(index, lifetime, started)
         return True
+
+    async def _jwks_location(self, now: float) -> str:
+        """The configured `jwks_uri`, or the one in the issuer's metadata, fetched first when it is stale."""
+        if self._metadata_url is None:
+            assert self._uri is not None
+            return self._uri
+        if self._metadata is None or now >= self._metadata.expires_at:
+            self._metadata = await self._discover(self._metadata_url, now)
+        return self._metadata.jwks_uri
+
+    async def _discover(self, url: str, now: float) -> IssuerMetadata:
+        """Fetch and check the issuer's metadata (JWKS-08/09); raises on anything unusable."""
+        document, lifetime = await fetch_json(self._deps.http(), url, timeout=self._timeout,
+                                              max_bytes=MAX_METADATA_BYTES)
+        jwks_uri = metadata_jwks_uri(document, self.issuer)
+        if self._metadata is None or self._metadata.jwks_uri != jwks_uri:
+            self._log.info("jwks_uri_discovered", issuer=self.issuer, jwks_uri=jwks_uri,
+                           changed=self._metadata is not None)
+        return IssuerMetadata(jwks_uri, now + lifetime)
 
     def _install(self, index: KeyIndex, lifetime: float, fetched_at: float) -> None:
         """Swap in a successfully fetched set (no await: callers see the old set or the new, never a mix)."""
@@ -422,28 +527,6 @@ class KeySet:
                     callback(self.issuer, removed)
                 except Exception:
                     self._log.exception("jwks_change_callback_failed", issuer=self.issuer)
-
-    async def _download(self) -> tuple[Any, float]:
-        assert self._uri is not None
-        async with asyncio.timeout(self._timeout):
-            async with self._deps.http().get(
-                self._uri,
-                allow_redirects=False,
-                headers={"Accept": "application/json"},
-                timeout=aiohttp.ClientTimeout(total=self._timeout),
-            ) as response:
-                if response.status != 200:
-                    raise JWKSRejected(f"http_{response.status}")
-                if response.content_length is not None and response.content_length > MAX_JWKS_BYTES:
-                    raise JWKSRejected("too_large")
-                lifetime = freshness_lifetime(response.headers.getall("Cache-Control", ()),
-                                              response.headers.get("Age"))
-                body = bytearray()
-                async for chunk in response.content.iter_chunked(65536):
-                    body += chunk
-                    if len(body) > MAX_JWKS_BYTES:
-                        raise JWKSRejected("too_large")
-        return strict_json_object(bytes(body)), lifetime
 
 
 def _read_file(path: str, pins: tuple[str, ...]) -> KeyIndex:
