@@ -418,6 +418,72 @@ def test_https_or_loopback_http_jwks_uri_is_accepted(uri: str) -> None:
     assert load_config(minimal(issuers=[issuer(jwks_uri=uri)])).issuers[0].jwks_uri == uri
 
 
+# -- discovery: keys found through the issuer's metadata (JWKS-08/09) ---------------------------------------
+
+def discovering(**overrides: Any) -> dict[str, Any]:
+    item: dict[str, Any] = {"issuer": "https://as.example.com/tenant1", "discovery": "oauth"}
+    item.update(overrides)
+    return item
+
+
+@pytest.mark.parametrize("value", ["oauth", "openid"])
+def test_discovery_is_a_third_source_of_keys(value: str) -> None:
+    loaded = load_config(minimal(issuers=[discovering(discovery=value)])).issuers[0]
+    assert loaded.discovery == value and loaded.jwks_uri is None and loaded.jwks_file is None
+
+
+def test_discovery_defaults_to_off() -> None:
+    assert load_config(minimal(issuers=[issuer()])).issuers[0].discovery is None
+
+
+@pytest.mark.parametrize("extra", [{"jwks_uri": "https://as.example.com/jwks"}, {"jwks_file": "keys.json"},
+                                   {"jwks_uri": "https://as.example.com/jwks", "jwks_file": "keys.json"}])
+def test_discovery_together_with_jwks_uri_or_jwks_file_is_refused(extra: dict[str, Any]) -> None:
+    refuses(minimal(issuers=[discovering(**extra)]), "issuers[0]: set exactly one of jwks_uri, jwks_file and discovery")
+
+
+def test_an_issuer_without_any_source_of_keys_is_refused() -> None:
+    refuses(minimal(issuers=[{"issuer": "https://as.example.com"}]), "issuers[0]: set exactly one of")
+
+
+@pytest.mark.parametrize("value", ["OAuth", "oidc", "openid-configuration", "", True, ["oauth"]])
+def test_unknown_discovery_value_is_refused(value: Any) -> None:
+    refuses(minimal(issuers=[discovering(discovery=value)]), "issuers[0].discovery: must be one of oauth, openid")
+
+
+@pytest.mark.parametrize("issuer_id", [
+    "http://as.example.com",
+    "http://10.0.0.1/tenant1",
+    "http://127.0.0.1.nip.io/tenant1",
+    "http://127.0.0.1@evil.example/tenant1",
+    "ftp://as.example.com",
+    "urn:example:as",
+    "as.example.com/tenant1",
+])
+def test_discovery_issuer_must_be_https_off_loopback(issuer_id: str) -> None:
+    refuses(minimal(issuers=[discovering(issuer=issuer_id)]), "issuers[0].issuer: must be")
+
+
+@pytest.mark.parametrize("issuer_id", [
+    "https://as.example.com/tenant1?x=1", "https://as.example.com/tenant1#x", "https://as.example.com/?",
+    "https://as.example.com/#",
+])
+def test_discovery_issuer_with_a_query_or_fragment_is_refused(issuer_id: str) -> None:
+    refuses(minimal(issuers=[discovering(issuer=issuer_id)]), "issuers[0].issuer: must have no query or fragment")
+
+
+@pytest.mark.parametrize("issuer_id", [
+    "https://as.example.com", "https://as.example.com/", "http://127.0.0.1:8080/tenant1", "http://localhost/t",
+    "http://[::1]:9000/",
+])
+def test_discovery_issuer_https_or_loopback_http_is_accepted(issuer_id: str) -> None:
+    assert load_config(minimal(issuers=[discovering(issuer=issuer_id)])).issuers[0].issuer == issuer_id
+
+
+def test_without_discovery_the_issuer_need_not_be_a_url() -> None:
+    assert load_config(minimal(issuers=[issuer(issuer="urn:example:as")])).issuers[0].issuer == "urn:example:as"
+
+
 def test_the_same_issuer_twice_is_refused() -> None:
     refuses(minimal(issuers=[issuer(), issuer()]), "issuers")
 
