@@ -243,16 +243,12 @@ def sized_answer(size: int, chunked: bool) -> Callable[[web.Request], Awaitable[
     body = json.dumps({"issuer": "x", "pad": ""}).encode()
     body = body[:-2] + b"x" * (size - len(body)) + b'"}'
 
-    async def answer(request: web.Request) -> web.StreamResponse:
-        if not chunked:
-            return web.Response(body=body, content_type="application/json")
-        response = web.StreamResponse()
-        response.enable_chunked_encoding()
-        await response.prepare(request)
+    async def pieces() -> AsyncIterator[bytes]:  # an async iterable body is sent chunked, without a length
         for start in range(0, len(body), 4096):
-            await response.write(body[start:start + 4096])
-        await response.write_eof()
-        return response
+            yield body[start:start + 4096]
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=pieces() if chunked else body, content_type="application/json")
 
     return answer
 
