@@ -206,7 +206,7 @@ async def fetch_json(http: aiohttp.ClientSession, uri: str, *, timeout: float, m
 
 
 def freshness_lifetime(cache_control: Iterable[str], age: str | None = None) -> float:
-    """Seconds a fetched JWKS stays fresh, from its `Cache-Control` field lines and `Age` (RFC 9111 §4.2).
+    """Seconds a fetched JWKS or issuer metadata document stays fresh, from `Cache-Control` and `Age` (RFC 9111 §4.2).
 
     `no-store` or `no-cache` -> `MIN_LIFETIME` (refresh as often as we ever do); no `max-age` ->
     `DEFAULT_LIFETIME`; a malformed or conflicting `max-age` counts as stale (RFC 9111 §4.2.1) ->
