@@ -143,6 +143,40 @@ class TestBound:
         assert cache.get(token_key(TOKEN)) is None
 
 
+class TestHolds:
+    """The decision memo's check: this very result, still live under its key (not an equal one, not a later one)."""
+
+    def test_holds_the_value_it_stored(self) -> None:
+        cache, value = make(), verified()
+        cache.set(token_key("a"), value)
+        assert cache.holds(token_key("a"), value)
+        assert (cache.hits, cache.misses) == (0, 0)  # a memo check is not a verification-cache lookup
+
+    def test_an_equal_but_other_value_is_not_held(self) -> None:
+        cache, value = make(), verified()
+        cache.set(token_key("a"), value)
+        assert not cache.holds(token_key("a"), verified())
+        cache.set(token_key("a"), verified())  # replaced: the old result is no longer what stands
+        assert not cache.holds(token_key("a"), value)
+        assert not cache.holds(token_key("b"), value)
+
+    def test_not_held_past_exp_and_forgotten_then(self) -> None:
+        clock = FakeClock()
+        cache, value = make(clock=clock), verified(exp=NOW + 60)
+        cache.set(token_key("a"), value)
+        clock.now = NOW + 60
+        assert not cache.holds(token_key("a"), value)
+        assert len(cache) == 0
+
+    def test_a_held_entry_becomes_the_most_recent(self) -> None:
+        cache, value = make(max_entries=2), verified()
+        cache.set(token_key("a"), value)
+        cache.set(token_key("b"), verified())
+        assert cache.holds(token_key("a"), value)
+        cache.set(token_key("c"), verified())  # evicts b, the least recently used
+        assert cache.holds(token_key("a"), value) and cache.get(token_key("b")) is None
+
+
 class TestMaintenance:
     def test_discard_forgets_one_entry(self) -> None:
         cache = make()

@@ -272,6 +272,23 @@ async def test_an_unrelated_query_does_not_change_the_answer(
 
 # -- pinned behaviours: routes, methods, paths --------------------------------------------------------------
 
+@pytest.mark.parametrize("target", ["http://x/items", "/items#frag", "/it%65ms"])
+async def test_a_target_spelled_otherwise_than_a_plain_path_takes_the_full_pipeline(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, full_runs: Any, target: str
+) -> None:
+    """The memo keys on the request target as sent: an absolute-form target, a fragment or percent-encoding
+    is another spelling of a path, decided in full every time (and never remembered under its spelling)."""
+    client, pipeline = await protected(aiohttp_client, base_config(issuer), clock)
+    token = issuer.mint(scope="items:read")
+    request = raw_get(target, f"Authorization: Bearer {token}\r\n".encode("ascii"))
+    cold = await raw(client, request)
+    await warm(client, pipeline, token)
+    runs = full_runs(pipeline)
+    assert [await raw(client, request) for _ in range(2)] == [cold] * 2
+    assert runs == [1, 1] and memo_size(pipeline) == 1
+
+
+
 async def test_head_is_its_own_route_and_decided_in_full(
     aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, full_runs: Any
 ) -> None:

@@ -8,7 +8,7 @@ on every request. The downgrade rules of RFC 9449 §7.2 live here too, so no plu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 from .cache import NegativeCache, SharedVerificationCache, token_key
 from .client_cert import describe_certificate
@@ -170,6 +170,11 @@ class Authenticator:
         """Asks the verifier, when it can tell, whether what it concluded still stands (key still published)."""
         check = self._still_trusted_by_name.get(verified.verifier)
         return True if check is None else bool(check(verified))
+
+    def trust_check(self, verified: VerifiedToken) -> Callable[[VerifiedToken], bool] | None:
+        """The verifier's own `still_trusted` for `verified` (None: it cannot tell), for a caller that asks
+        again and again about one result (the decision memo) and would otherwise look it up every time."""
+        return self._still_trusted_by_name.get(verified.verifier)
 
     def _check_still_valid(self, verified: VerifiedToken) -> None:
         now = self._clock()

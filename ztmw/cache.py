@@ -18,7 +18,7 @@ import hashlib
 import hmac
 import json
 from collections import OrderedDict
-from typing import Any, Generic, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 from .models import VerifiedToken, frozen_mapping
 from .typing import Clock
@@ -52,6 +52,17 @@ class _ExpiringLRU(Generic[V]):
         self._entries.move_to_end(key)
         return entry[1]
 
+    def holds(self, key: bytes, value: V) -> bool:
+        """Whether `value` itself is still the live entry under `key` (refreshing its recency, as `get`)."""
+        entry = self._entries.get(key)
+        if entry is None or entry[1] is not value:
+            return False
+        if entry[0] <= self._clock():
+            del self._entries[key]
+            return False
+        self._entries.move_to_end(key)
+        return True
+
     def put(self, key: bytes, value: V, expires: float) -> None:
         if self._max_entries <= 0 or expires <= self._clock():
             return
@@ -76,6 +87,9 @@ class MemoryVerificationCache:
         self._clock = clock
         self.hits = 0
         self.misses = 0
+        # the decision memo asks on every replay: bound here so that costs one call, not two
+        self.holds: Callable[[bytes, VerifiedToken], bool] = self._lru.holds
+        """Whether this very result is still cached under the key (the decision memo's check, not a hit)."""
 
     def __len__(self) -> int:
         return len(self._lru)

@@ -47,6 +47,8 @@ class MemoEntry:
     cache_key: bytes
     audit: AuditEvent | None
     """The audit event each replay is recorded from (status and duration filled in per request)."""
+    still_trusted: Callable[[VerifiedToken], bool] | None
+    """The verifier's own check that what it concluded still stands (None: it cannot tell)."""
 
 
 def memo_key(route: Hashable, method: str, path: str, authorization: str) -> MemoKey:
@@ -69,15 +71,15 @@ class DecisionMemo:
         *,
         rules: Iterable[Rule],
         max_entries: int,
-        cached: Callable[[bytes], VerifiedToken | None],
-        still_trusted: Callable[[VerifiedToken], bool],
+        holds: Callable[[bytes, VerifiedToken], bool],
+        trust_check: Callable[[VerifiedToken], Callable[[VerifiedToken], bool] | None],
     ) -> None:
         # a rule with conditions (network, time of day...) depends on more than the memo key
         self._rule_ids = frozenset(rule.id for rule in rules if not rule.conditions)
         self._entries: dict[MemoKey, MemoEntry] = {}
         self._max_entries = max_entries
-        self._cached = cached
-        self._still_trusted = still_trusted
+        self._holds = holds
+        self._trust_check = trust_check
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -87,7 +89,8 @@ class DecisionMemo:
         if entry is None:
             return None
         try:
-            if self._cached(entry.cache_key) is entry.token and self._still_trusted(entry.token):
+            token = entry.token
+            if self._holds(entry.cache_key, token) and (entry.still_trusted is None or entry.still_trusted(token)):
                 return entry
         except Exception:  # a verifier bug: the full pipeline decides (and denies, SEC-07), never a 500 here
             pass
@@ -116,6 +119,7 @@ class DecisionMemo:
         entries = self._entries
         # the view keeps what the audit event reads, not the Authorization value the request carried
         bare = RequestView(method=view.method, path=view.path, route=view.route, match_info=view.match_info)
-        entries[key] = MemoEntry(bare, outcome, outcome.principal.token, outcome.cache_key, audit)
+        token = outcome.principal.token
+        entries[key] = MemoEntry(bare, outcome, token, outcome.cache_key, audit, self._trust_check(token))
         if len(entries) > self._max_entries:
             del entries[next(iter(entries))]

@@ -13,13 +13,14 @@ import time
 from types import MappingProxyType
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from multidict import istr
 from yarl import URL
 
 from .client_cert import certificate_from_request
 from .config import Config, load_config
 from .errors import AccessDenied, AuthError, UpstreamUnavailable
-from .memo import MemoEntry, MemoKey, memo_key
+from .memo import MemoKey, memo_key
 from .models import ANONYMOUS_TRUST, Decision, Principal, RequestView, RouteRef, TrustAssessment
 from .pipeline import Outcome, Pipeline
 from .typing import AuditSink, Clock, RouteProvider
@@ -32,6 +33,7 @@ _VIEW: web.RequestKey[RequestView] = web.RequestKey("ztmw.view", RequestView)
 # what the stage middlewares hand the audit stage besides the public keys
 _ERROR: web.RequestKey[Any] = web.RequestKey("ztmw.error", object)
 _CACHE: web.RequestKey[str] = web.RequestKey("ztmw.cache", str)
+_DPOP = istr("DPoP")  # header names as istr: the case-insensitive lookup skips folding them every request
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -125,6 +127,7 @@ def request_view(request: web.Request, pipeline: Pipeline, *, shared: bool = Fal
 def zero_trust_middleware(pipeline: Pipeline) -> Any:
     """All stages in one middleware: decide, audit, then call the handler only when allowed."""
     memo = pipeline.memo
+    audit_again = pipeline.audit_again
 
     @web.middleware
     async def zero_trust(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -136,7 +139,15 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
         if key is not None:
             entry = memo.recall(key)  # type: ignore[union-attr]
             if entry is not None:  # the same bearer request was allowed before: replay its outcome
-                return await _replay(request, handler, pipeline, entry, started)
+                # nothing to decorate: the memo only exists when decorators add nothing to plain bearer
+                # requests and mTLS is off
+                outcome = entry.outcome
+                request[PRINCIPAL] = outcome.principal
+                request[TRUST] = outcome.trust
+                request[DECISION] = outcome.decision
+                template = entry.audit
+                return await _handle_and_record(
+                    request, handler, lambda status: audit_again(template, status, started))
         view, outcome = await _decide(request, pipeline)
         if outcome.error is not None:
             response = _error_response(pipeline, outcome.error)
@@ -151,18 +162,21 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
 
 def _memo_key(request: web.Request, match_info: web.UrlMappingMatchInfo) -> MemoKey | None:
     """Only a plain request can be replayed: one Authorization header in the canonical `Bearer <token>`
-    spelling, no DPoP header, no query token, no percent-encoding in the path (other spellings of the same
-    request are decided in full, so one token cannot fill the memo with spellings of itself)."""
+    spelling, no DPoP header, no query token, an origin-form path without percent-encoding or a fragment
+    (other spellings of the same request are decided in full, so one token cannot fill the memo with spellings
+    of itself). The path is read off the request target as sent (yarl keeps it as is), and the query is left
+    out of the key: the decision never depends on it, but for an `access_token` parameter, refused in full."""
     headers = request.headers
-    authorization = headers.getall("Authorization", ())
-    if len(authorization) != 1 or "DPoP" in headers:
+    authorization = headers.getall(hdrs.AUTHORIZATION, ())
+    if len(authorization) != 1 or _DPOP in headers:
         return None
     value = authorization[0]
     if value[:7] != "Bearer " or value[7:8] in (" ", ""):
         return None
-    url = request.rel_url
-    path = url.raw_path
-    if "%" in path or _has_query_token(url):
+    path, _, query = request.raw_path.partition("?")
+    if path[:1] != "/" or "%" in path or "#" in path:
+        return None
+    if ("access_token" in query or "%" in query) and _has_query_token(request.rel_url):
         return None
     return memo_key(match_info.route, request.method, path, value)
 
@@ -186,18 +200,6 @@ async def _decide(request: web.Request, pipeline: Pipeline) -> tuple[RequestView
     request[TRUST] = outcome.trust
     request[DECISION] = outcome.decision
     return view, outcome
-
-
-async def _replay(
-    request: web.Request, handler: Handler, pipeline: Pipeline, entry: MemoEntry, started: float
-) -> web.StreamResponse:
-    """A remembered decision: publish it, call the handler, record it. Nothing to decorate: the memo only
-    exists when decorators add nothing to plain bearer requests and mTLS is off."""
-    outcome = entry.outcome
-    request[PRINCIPAL] = outcome.principal
-    request[TRUST] = outcome.trust
-    request[DECISION] = outcome.decision
-    return await _handle_and_record(request, handler, lambda status: pipeline.audit_again(entry.audit, status, started))
 
 
 async def _handle_and_record(

@@ -139,7 +139,7 @@ class Pipeline:
             + ([p.instance for p in resolvers] if self.authenticator.resolves_identity else [])
         ):
             self.memo = DecisionMemo(rules=rules, max_entries=config.cache.memo_entries,
-                                     cached=self.cache.get, still_trusted=self.authenticator.still_trusted)
+                                     holds=self.cache.holds, trust_check=self.authenticator.trust_check)
 
     def _identity_chain(self, resolvers: list[LoadedPlugin]) -> IdentityChain | None:
         """None when nothing could ever link (only the config resolver, and no links): saves an await a request."""
