@@ -7,6 +7,11 @@ between scenarios is the security layer in front of it:
   noop           one `@web.middleware` that only awaits the handler
   pyjwt-rs256    the middleware people write by hand: `jwt.decode()` (PyJWT) on every request, RS256 key
   pyjwt-es256    the same with an ES256 key
+  hash-cache     the cache people write by hand in front of that: SHA-256 of the Authorization header -> dict
+                 of claims (PyJWT ES256 on a miss, no bound, no expiry, no binding): the least a cached
+                 token can cost, the reference the issue's targets were set against
+  busy-2us       a middleware that spins 2 microseconds: what 2 us of work per request costs in the ratio on
+                 this machine (it is more than 2 us: a slower server also pays more system time per request)
   (ztmw)         `ztmw serve apps:create_app --config ...`: the factory below behind the real CLI
 
 Run a baseline directly: `python apps.py --kind bare --port 8081 [--tls-cert C --tls-key K --tls-client-ca CA]`.
@@ -17,7 +22,9 @@ so the structlog setup (JSON lines on stdout) is the one `ztmw serve` installs.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import ssl
+import time
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
@@ -73,16 +80,56 @@ def pyjwt_middleware(public_key_pem: bytes, algorithm: str) -> Any:
     return jwt_auth
 
 
+def hash_cache_middleware(public_key_pem: bytes) -> Any:
+    """The hand-written cache: verify once with PyJWT, then a SHA-256 of the header and a dict lookup."""
+    import jwt
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    key = load_pem_public_key(public_key_pem)
+    cache: dict[bytes, dict[str, Any]] = {}
+
+    @web.middleware
+    async def cached_jwt_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        header = request.headers.get("Authorization", "")
+        digest = hashlib.sha256(header.encode()).digest()
+        claims = cache.get(digest)
+        if claims is None:
+            if not header.startswith("Bearer "):
+                return web.json_response({"error": "unauthorized"}, status=401)
+            try:
+                claims = jwt.decode(header[7:], key, algorithms=["ES256"], audience=AUDIENCE, issuer=ISSUER)
+            except jwt.PyJWTError:
+                return web.json_response({"error": "invalid_token"}, status=401)
+            cache[digest] = claims
+        request["claims"] = claims
+        return await handler(request)
+
+    return cached_jwt_auth
+
+
+@web.middleware
+async def busy_2us_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    end = time.perf_counter_ns() + 2000
+    while time.perf_counter_ns() < end:
+        pass
+    return await handler(request)
+
+
 def build(kind: str, public_key: str | None) -> web.Application:
     app = create_app()
     if kind == "noop":
         app.middlewares.append(noop_middleware)
-    elif kind in ("pyjwt-rs256", "pyjwt-es256"):
+    elif kind == "busy-2us":
+        app.middlewares.append(busy_2us_middleware)
+    elif kind in ("pyjwt-rs256", "pyjwt-es256", "hash-cache"):
         if public_key is None:
             raise SystemExit("--public-key is needed for the PyJWT middleware")
         with open(public_key, "rb") as fh:
             pem = fh.read()
-        app.middlewares.append(pyjwt_middleware(pem, "RS256" if kind == "pyjwt-rs256" else "ES256"))
+        if kind == "hash-cache":
+            app.middlewares.append(hash_cache_middleware(pem))
+        else:
+            app.middlewares.append(pyjwt_middleware(pem, "RS256" if kind == "pyjwt-rs256" else "ES256"))
     elif kind != "bare":
         raise SystemExit(f"unknown kind {kind!r}")
     return app
@@ -90,7 +137,7 @@ def build(kind: str, public_key: str | None) -> web.Application:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kind", required=True, choices=["bare", "noop", "pyjwt-rs256", "pyjwt-es256"])
+    parser.add_argument("--kind", required=True, choices=["bare", "noop", "busy-2us", "hash-cache", "pyjwt-rs256", "pyjwt-es256"])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--public-key", help="PEM public key for the PyJWT middleware")
