@@ -41,7 +41,7 @@ from urllib.parse import quote_plus, urlsplit
 import aiohttp
 
 from ztmw import claims as claims_
-from ztmw.config import check_plugin_settings, is_loopback_host
+from ztmw.config import check_plugin_settings, https_url
 from ztmw.errors import ConfigurationError, InvalidToken, UpstreamUnavailable
 from ztmw.jws import MalformedJWS, b64url_decode, strict_json_object
 from ztmw.models import VerifiedToken
@@ -128,11 +128,8 @@ def _endpoint(value: Any) -> str:
     key = "plugins.introspection.endpoint"
     if not isinstance(value, str) or not value:
         raise ConfigurationError(f"{key}: required, an https URL")
+    https_url(value, key)
     parts = urlsplit(value)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise ConfigurationError(f"{key}: must be an absolute https URL")
-    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
-        raise ConfigurationError(f"{key}: must be https (plain http only on loopback)")
     if parts.username is not None or parts.password is not None:
         raise ConfigurationError(f"{key}: must not carry credentials (use client_id / client_secret_env)")
     if parts.fragment or value.endswith("#"):
