@@ -10,6 +10,8 @@ between scenarios is the security layer in front of it:
   hash-cache     the cache people write by hand in front of that: SHA-256 of the Authorization header -> dict
                  of claims (PyJWT ES256 on a miss, no bound, no expiry, no binding): the least a cached
                  token can cost, the reference the issue's targets were set against
+  es256-only     a middleware that checks the token's ES256 signature and nothing else (no header, no
+                 claims, no expiry): what any verifier must at least pay, live, for a token it has not seen
   busy-2us       a middleware that spins 2 microseconds: what 2 us of work per request costs in the ratio on
                  this machine (it is more than 2 us: a slower server also pays more system time per request)
   (ztmw)         `ztmw serve apps:create_app --config ...`: the factory below behind the real CLI
@@ -107,6 +109,30 @@ def hash_cache_middleware(public_key_pem: bytes) -> Any:
     return cached_jwt_auth
 
 
+def es256_only_middleware(public_key_pem: bytes) -> Any:
+    """The signature check alone, as cheap as Python can ask OpenSSL for it: the floor under any verifier."""
+    import base64
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    key = load_pem_public_key(public_key_pem)
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    algorithm = ec.ECDSA(hashes.SHA256())
+
+    @web.middleware
+    async def signature_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+        signing_input, _, signature = request.headers.get("Authorization", "")[7:].rpartition(".")
+        raw = base64.urlsafe_b64decode(signature + "==")
+        der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+        key.verify(der, signing_input.encode(), algorithm)  # raises (a 500) on a bad signature: none are sent
+        return await handler(request)
+
+    return signature_only
+
+
 @web.middleware
 async def busy_2us_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     end = time.perf_counter_ns() + 2000
@@ -121,13 +147,15 @@ def build(kind: str, public_key: str | None) -> web.Application:
         app.middlewares.append(noop_middleware)
     elif kind == "busy-2us":
         app.middlewares.append(busy_2us_middleware)
-    elif kind in ("pyjwt-rs256", "pyjwt-es256", "hash-cache"):
+    elif kind in ("pyjwt-rs256", "pyjwt-es256", "hash-cache", "es256-only"):
         if public_key is None:
             raise SystemExit("--public-key is needed for the PyJWT middleware")
         with open(public_key, "rb") as fh:
             pem = fh.read()
         if kind == "hash-cache":
             app.middlewares.append(hash_cache_middleware(pem))
+        elif kind == "es256-only":
+            app.middlewares.append(es256_only_middleware(pem))
         else:
             app.middlewares.append(pyjwt_middleware(pem, "RS256" if kind == "pyjwt-rs256" else "ES256"))
     elif kind != "bare":
@@ -137,7 +165,8 @@ def build(kind: str, public_key: str | None) -> web.Application:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kind", required=True, choices=["bare", "noop", "busy-2us", "hash-cache", "pyjwt-rs256", "pyjwt-es256"])
+    parser.add_argument("--kind", required=True, choices=["bare", "noop", "busy-2us", "hash-cache", "es256-only", "pyjwt-rs256",
+                                                          "pyjwt-es256"])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--public-key", help="PEM public key for the PyJWT middleware")
