@@ -19,6 +19,7 @@ from ztmw.errors import (
     InvalidToken,
     MissingCredentials,
     TokenBindingMismatch,
+    UnknownSubject,
     UpstreamUnavailable,
     UseDPoPNonce,
     ZtmwError,
@@ -31,6 +32,7 @@ CATALOGUE: list[tuple[type[AuthError], int, str | None]] = [
     (InvalidRequest, 400, "invalid_request"),  # R-REQ
     (InvalidToken, 401, "invalid_token"),  # R-TOK-B / R-TOK-D
     (TokenBindingMismatch, 401, "invalid_token"),  # RESP-09/10/11
+    (UnknownSubject, 401, "invalid_token"),  # BCP-08: RFC 8725 §3.8
     (InvalidDPoPProof, 401, "invalid_dpop_proof"),  # R-PROOF
     (UseDPoPNonce, 401, "use_dpop_nonce"),  # R-NONCE
     (InsufficientUserAuthentication, 401, "insufficient_user_authentication"),  # R-STEP

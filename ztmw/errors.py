@@ -8,6 +8,7 @@
        +- InvalidRequest                 400  invalid_request                       RFC 6750 §3.1
        +- InvalidToken                   401  invalid_token                         RFC 6750 §3.1, RFC 9068 §4
        |  +- TokenBindingMismatch        401  invalid_token (downgrade, cnf mismatch) RFC 9449 §7.2, RFC 8705 §3
+       |  +- UnknownSubject              401  invalid_token ((iss, sub) not known here) RFC 8725 §3.8
        +- InvalidDPoPProof               401  invalid_dpop_proof                    RFC 9449 §7.1
        +- UseDPoPNonce                   401  use_dpop_nonce + DPoP-Nonce           RFC 9449 §9
        +- InsufficientUserAuthentication 401  insufficient_user_authentication      RFC 9470 §3
@@ -93,6 +94,17 @@ class TokenBindingMismatch(InvalidToken):
     default_reason = "binding_mismatch"
 
 
+class UnknownSubject(InvalidToken):
+    """The token verified, but its (iss, sub) pair is no valid subject here: RFC 8725 §3.8 says reject the JWT.
+
+    Raised by an identity resolver that knows its subjects exhaustively (an account store), or by the identity
+    chain under `identity.require_known_subject` when no resolver links the pair. It is a refusal, not an
+    outage: the chain lets it through instead of answering 503.
+    """
+
+    default_reason = "unknown_subject"
+
+
 class InvalidDPoPProof(AuthError):
     status = 401
     error = "invalid_dpop_proof"
@@ -148,6 +160,7 @@ DESCRIPTIONS: dict[str, str] = {
     "invalid_claim": "Token has an invalid claim",
     "unsupported_crit": "Unsupported critical header",
     "binding_mismatch": "Invalid token binding",
+    "unknown_subject": "Token subject is not known here",
     "dpop_bound_token_as_bearer": "DPoP-bound token presented as Bearer",
     "unbound_token_as_dpop": "Token is not DPoP-bound",
     "dpop_key_mismatch": "Invalid DPoP key binding",
