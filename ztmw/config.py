@@ -174,6 +174,8 @@ class Config:
     identity_links: tuple[IdentityLink, ...] = ()
     identity_resolvers: tuple[str, ...] = ("config",)
     owner_requires_link: bool = False
+    require_known_subject: bool = False
+    """RFC 8725 §3.8: refuse a token whose (iss, sub) no identity resolver links (401 `unknown_subject`)."""
     audit: AuditConfig = AuditConfig()
     metadata_enabled: bool = True
     limits: LimitsConfig = LimitsConfig()
@@ -249,6 +251,9 @@ class _Reader:
         for name, section in plugins.items():
             if not isinstance(section, Mapping):
                 raise ConfigurationError(f"plugins.{name}: must be a table")
+        identity = _table(data, "identity")
+        identity_links = self.identity(identity)
+        identity_resolvers = _strings(identity.get("resolvers", ["config"]), "identity.resolvers")
         return Config(
             resource=resource,
             issuers=issuers,
@@ -257,11 +262,10 @@ class _Reader:
             mtls=self.mtls(_table(data, "mtls")),
             cache=self.cache(_table(data, "cache")),
             trust=self.trust(_table(data, "trust")),
-            identity_links=self.identity(_table(data, "identity")),
-            identity_resolvers=_strings(_table(data, "identity").get("resolvers", ["config"]),
-                                        "identity.resolvers"),
-            owner_requires_link=_bool(_table(data, "identity").get("owner_requires_link", False),
-                                      "identity.owner_requires_link"),
+            identity_links=identity_links,
+            identity_resolvers=identity_resolvers,
+            owner_requires_link=_bool(identity.get("owner_requires_link", False), "identity.owner_requires_link"),
+            require_known_subject=_require_known_subject(identity, identity_links, identity_resolvers),
             audit=self.audit(_table(data, "audit")),
             metadata_enabled=_bool(metadata.get("enabled", True), "metadata.enabled"),
             limits=self.limits(_table(data, "limits")),
@@ -397,7 +401,7 @@ class _Reader:
         )
 
     def identity(self, t: Mapping[str, Any]) -> tuple[IdentityLink, ...]:
-        _only(t, "identity", {"links", "resolvers", "owner_requires_link"})
+        _only(t, "identity", {"links", "resolvers", "owner_requires_link", "require_known_subject"})
         links = []
         for i, item in enumerate(_array(t, "links", prefix="identity")):
             key = f"identity.links[{i}]"
@@ -466,6 +470,28 @@ class _Reader:
             if any(not re.fullmatch(r"[\x21\x23-\x5b\x5d-\x7e]+", v) for v in value):
                 raise ConfigurationError(f"{key}.{name}: values must be printable ASCII without spaces or quotes")
         return rule
+
+
+def _require_known_subject(
+    identity: Mapping[str, Any], links: tuple[IdentityLink, ...], resolvers: tuple[str, ...]
+) -> bool:
+    """`identity.require_known_subject`, refused where it could not be enforced or could admit nobody.
+
+    The identity chain learns the switch from the core `config` resolver (the one that reads `[identity]`), so
+    that resolver must be listed; with no links and no other resolver no chain runs at all, and every token
+    would be refused anyway, so that is a configuration mistake too. Both checks keep the switch from ever
+    being silently off.
+    """
+    required = _bool(identity.get("require_known_subject", False), "identity.require_known_subject")
+    if not required:
+        return False
+    if "config" not in resolvers:
+        raise ConfigurationError("identity.require_known_subject: list 'config' in identity.resolvers "
+                                 "(it applies this switch; without [[identity.links]] it links nothing)")
+    if not links and set(resolvers) == {"config"}:
+        raise ConfigurationError("identity.require_known_subject: nothing can link a subject (no "
+                                 "[[identity.links]] and no other resolver), so every token would be refused")
+    return True
 
 
 # -- small typed readers; each names the key it failed on -------------------------------------------------

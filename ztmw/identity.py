@@ -2,6 +2,10 @@
 
 A user who logs in with a bank ID and with a social account has two (iss, sub) pairs; ownership rules must hold
 whichever one they used. Links are explicit data, never inferred from matching emails (an account-takeover path).
+
+RFC 8725 §3.8 asks the application to check that `sub` is a valid subject, or issuer-subject pair, *here*, and to
+reject the JWT otherwise. A resolver that knows its subjects exhaustively says so by raising `UnknownSubject`;
+`identity.require_known_subject` makes the chain itself refuse every pair that no resolver links.
 """
 
 from __future__ import annotations
@@ -9,18 +13,23 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping, Sequence
 
 from .config import IdentityLink, check_plugin_settings
-from .errors import UpstreamUnavailable
+from .errors import UnknownSubject, UpstreamUnavailable
 from .typing import IdentityResolver, PluginDeps
 
 
 class ConfigIdentityResolver:
-    """Links listed under `[[identity.links]]` in the configuration."""
+    """Links listed under `[[identity.links]]` in the configuration.
+
+    It also carries `identity.require_known_subject` to the chain: it is the core's own resolver, the one that
+    reads `[identity]`, and configuration validation keeps it listed whenever the switch is on.
+    """
 
     name = "config"
-    memo_safe = True  # the links are fixed for the process lifetime
+    memo_safe = True  # the links are fixed for the process lifetime, so a linked pair stays linked
 
-    def __init__(self, links: Iterable[IdentityLink]) -> None:
+    def __init__(self, links: Iterable[IdentityLink], *, require_known_subject: bool = False) -> None:
         self._accounts = {(link.issuer, link.subject): link.account for link in links}
+        self.require_known_subject = require_known_subject
 
     async def resolve(self, issuer: str, subject: str) -> str | None:
         return self._accounts.get((issuer, subject))
@@ -29,27 +38,45 @@ class ConfigIdentityResolver:
 def create_config_resolver(settings: Mapping[str, Any], deps: PluginDeps) -> ConfigIdentityResolver:
     """Entry point `config` in `ztmw.identity_resolvers`: the `[[identity.links]]` of the configuration."""
     check_plugin_settings(settings, "config", hint="use [[identity.links]]")
-    return ConfigIdentityResolver(deps.config.identity_links)
+    return ConfigIdentityResolver(deps.config.identity_links,
+                                  require_known_subject=deps.config.require_known_subject)
+
+
+def _requires_known_subject(resolvers: Sequence[tuple[str, IdentityResolver]]) -> bool:
+    """Whether the `[identity]` switch is on, as the core resolver received it from the configuration."""
+    return any(isinstance(r, ConfigIdentityResolver) and r.require_known_subject for _, r in resolvers)
 
 
 class IdentityChain:
     """Asks the configured resolvers in order; the first link found wins, none keeps `sub` unchanged.
 
     A resolver that cannot answer (its store is down) denies with 503: guessing "no link" could hand one
-    person's data to another account, or lock the owner out, depending on which login they used.
+    person's data to another account, or lock the owner out, depending on which login they used. A resolver
+    that answers "no such subject here" (`UnknownSubject`) refuses the token with 401 `invalid_token`, and so
+    does the chain itself when no resolver links the pair and `identity.require_known_subject` is on.
     """
 
     def __init__(self, resolvers: Sequence[tuple[str, IdentityResolver]], logger: Any) -> None:
         self._resolvers = tuple(resolvers)
         self._log = logger
+        self._require_known_subject = _requires_known_subject(self._resolvers)
 
     async def resolve(self, issuer: str, subject: str) -> str | None:
         for name, resolver in self._resolvers:
-            try:
-                account = await resolver.resolve(issuer, subject)
-            except Exception:
-                self._log.exception("ztmw.plugin_error", plugin=name, group="ztmw.identity_resolvers")
-                raise UpstreamUnavailable("identity_unavailable") from None
+            account = await self._ask(name, resolver, issuer, subject)
             if account is not None:
                 return account
+        if self._require_known_subject:
+            raise UnknownSubject()
         return None
+
+    async def _ask(self, name: str, resolver: IdentityResolver, issuer: str, subject: str) -> str | None:
+        try:
+            return await resolver.resolve(issuer, subject)
+        except UnknownSubject:
+            # a fresh refusal: the reason id and the client-facing text stay the fixed ones, whatever the
+            # resolver put in its exception (no resolver-supplied challenge parameters reach the client)
+            raise UnknownSubject() from None
+        except Exception:
+            self._log.exception("ztmw.plugin_error", plugin=name, group="ztmw.identity_resolvers")
+            raise UpstreamUnavailable("identity_unavailable") from None
