@@ -595,3 +595,41 @@ def test_explicit_public_origin_is_kept_without_a_trailing_slash() -> None:
                                     "https://edge.example.com#f", "edge.example.com"])
 def test_public_origin_must_be_scheme_host_port(origin: str) -> None:
     refuses({"resource": {"identifier": IDENTIFIER, "public_origin": origin}}, "resource.public_origin")
+
+
+# -- identity.require_known_subject (BCP-08, RFC 8725 §3.8) -----------------------------------------------
+
+LINK = {"issuer": "https://as.example.com", "subject": "s", "account": "a"}
+
+
+@pytest.mark.parametrize(("identity", "required"), [
+    pytest.param({}, False, id="default-off"),
+    pytest.param({"links": [LINK], "require_known_subject": True}, True, id="config-links"),
+    pytest.param({"resolvers": ["config", "redis"], "require_known_subject": True}, True, id="config-and-redis"),
+    pytest.param({"resolvers": ["redis", "config"], "require_known_subject": True}, True, id="config-last"),
+    pytest.param({"require_known_subject": False}, False, id="explicitly-off"),
+])
+def test_require_known_subject_is_read(identity: dict[str, Any], required: bool) -> None:
+    assert load_config(minimal(identity=identity)).require_known_subject is required
+
+
+@pytest.mark.parametrize("value", ["true", 1, 0, None, [True], {"on": True}])
+def test_require_known_subject_must_be_a_boolean(value: Any) -> None:
+    error = refuses(minimal(identity={"links": [LINK], "require_known_subject": value}),
+                    "identity.require_known_subject", "must be true or false")
+    assert "\n" not in str(error)
+
+
+@pytest.mark.parametrize("resolvers", [["redis"], [], ["acme"]])
+def test_require_known_subject_needs_the_config_resolver_which_applies_it(resolvers: list[str]) -> None:
+    error = refuses(minimal(identity={"resolvers": resolvers, "links": [LINK], "require_known_subject": True}),
+                    "identity.require_known_subject", "'config' in identity.resolvers")
+    assert "\n" not in str(error)
+
+
+@pytest.mark.parametrize("identity", [{}, {"resolvers": ["config"]}, {"resolvers": ["config", "config"]}])
+def test_require_known_subject_with_nothing_that_could_link_is_refused(identity: dict[str, Any]) -> None:
+    """No links and no other resolver: every token would be refused, and no identity chain would even run."""
+    error = refuses(minimal(identity={**identity, "require_known_subject": True}),
+                    "identity.require_known_subject", "nothing can link a subject")
+    assert "\n" not in str(error)
