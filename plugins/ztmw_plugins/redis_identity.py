@@ -12,6 +12,18 @@ Configuration (`[identity] resolvers = ["redis"]`, or `["config", "redis"]` to a
     prefix = "ztmw:identity:"          # default
     timeout = 0.5                      # seconds for connect and each command, default 0.5, at most 30
 
+Only linked subjects (RFC 8725 §3.8, BCP-08): a missing key means "no link", and the raw `sub` then stands
+as the subject. To let only logins with a link in Redis use the API, turn on the core switch; it needs no
+setting here, and the `config` resolver, which applies it, links nothing without `[[identity.links]]`::
+
+    [identity]
+    resolvers = ["config", "redis"]
+    require_known_subject = true       # a pair no resolver links: 401 invalid_token, reason unknown_subject
+
+`unlink()` then takes a login's access away on its next request (this resolver is not `memo_safe`, so the
+decision memo stays off and no allowed answer is replayed). An unreachable Redis is still a 503, never a 401:
+"cannot tell" is not "not known".
+
 Storage: one string key per link, ``prefix + sha256(issuer + "\\0" + subject)`` in hex, whose value is the
 account id (UTF-8). Hashing keeps user identifiers (national ids, emails) out of Redis key names, `KEYS`
 listings and slow logs, and keeps a `:` or `*` in a subject from meaning anything. The separator cannot be
