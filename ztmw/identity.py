@@ -63,20 +63,17 @@ class IdentityChain:
 
     async def resolve(self, issuer: str, subject: str) -> str | None:
         for name, resolver in self._resolvers:
-            account = await self._ask(name, resolver, issuer, subject)
+            try:
+                account = await resolver.resolve(issuer, subject)
+            except UnknownSubject:
+                # a fresh refusal: the reason id and the client-facing text stay the fixed ones, whatever the
+                # resolver put in its exception (no resolver-supplied challenge parameters reach the client)
+                raise UnknownSubject() from None
+            except Exception:
+                self._log.exception("ztmw.plugin_error", plugin=name, group="ztmw.identity_resolvers")
+                raise UpstreamUnavailable("identity_unavailable") from None
             if account is not None:
                 return account
         if self._require_known_subject:
             raise UnknownSubject()
         return None
-
-    async def _ask(self, name: str, resolver: IdentityResolver, issuer: str, subject: str) -> str | None:
-        try:
-            return await resolver.resolve(issuer, subject)
-        except UnknownSubject:
-            # a fresh refusal: the reason id and the client-facing text stay the fixed ones, whatever the
-            # resolver put in its exception (no resolver-supplied challenge parameters reach the client)
-            raise UnknownSubject() from None
-        except Exception:
-            self._log.exception("ztmw.plugin_error", plugin=name, group="ztmw.identity_resolvers")
-            raise UpstreamUnavailable("identity_unavailable") from None
