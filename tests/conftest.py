@@ -11,6 +11,7 @@ import pytest
 from aiohttp import web
 
 from ztmw.testing import DevIssuer, FakeClock
+from ztmw.testing.certs import TestCA
 
 AUDIENCE = "https://api.example.com"
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
@@ -82,3 +83,9 @@ def items_app() -> web.Application:
 
 
 AppFactory = Callable[..., web.Application]
+
+
+@pytest.fixture(scope="module")
+def ca() -> TestCA:
+    """A throw-away certificate authority (trustme underneath) for the client-certificate tests."""
+    return TestCA()

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 
+from tests.vectors import VEC_9440_1, VEC_9440_1_THUMBPRINT
 from ztmw.client_cert import (
     MAX_HEADER_BYTES,
     CertificateInfo,
@@ -30,22 +31,7 @@ from ztmw.config import MTLSConfig, load_config
 from ztmw.errors import InvalidRequest
 from ztmw.testing.certs import ClientCert, TestCA
 
-# VEC-9440-1 (spec-checklist §14), verbatim.
-VEC_9440_1 = (
-    ":MIIBqDCCAU6gAwIBAgIBBzAKBggqhkjOPQQDAjA6MRswGQYDVQQKDBJMZXQncyBBdXRoZW50aWNhdGUxGzAZBgNVBAMMEkxBIEludGVybWVk"
-    "aWF0ZSBDQTAeFw0yMDAxMTQyMjU1MzNaFw0yMTAxMjMyMjU1MzNaMA0xCzAJBgNVBAMMAkJDMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE8YnX"
-    "XfaUgmnMtOXU/IncWalRhebrXmckC8vdgJ1p5Be5F/3YC8OthxM4+k1M6aEAEFcGzkJiNy6J84y7uzo9M6NyMHAwCQYDVR0TBAIwADAfBgNVHSME"
-    "GDAWgBRm3WjLa38lbEYCuiCPct0ZaSED2DAOBgNVHQ8BAf8EBAMCBsAwEwYDVR0lBAwwCgYIKwYBBQUHAwIwHQYDVR0RAQH/BBMwEYEPYmRjQGV4"
-    "YW1wbGUuY29tMAoGCCqGSM49BAMCA0gAMEUCIBHda/r1vaL6G3VliL4/Di6YK0Q6bMjeSkC3dFCOOB8TAiEAx/kHSB4urmiZ0NX5r5XarmPk0wmu"
-    "ydBVoU4hBVZ1yhk=:"
-)
-VEC_9440_1_THUMBPRINT = "v68ffgcPn6jdYpBfFY2nP4ShE2Yk-6_Mk5PI9yh6aes"
 PROXY = "10.0.0.7"
-
-
-@pytest.fixture(scope="module")
-def ca() -> TestCA:
-    return TestCA()
 
 
 @pytest.fixture(scope="module")

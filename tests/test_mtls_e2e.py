@@ -140,11 +140,6 @@ def subject_of(cert: ClientCert) -> str:
 
 
 @pytest.fixture(scope="module")
-def ca() -> TestCA:
-    return TestCA()
-
-
-@pytest.fixture(scope="module")
 def alice_cert(ca: TestCA) -> ClientCert:
     return ca.client_cert("alice.client.test")
 

@@ -18,11 +18,6 @@ from ztmw.testing.certs import ClientCert, TestCA  # importing TestCA must not m
 
 
 @pytest.fixture(scope="module")
-def ca() -> TestCA:
-    return TestCA()
-
-
-@pytest.fixture(scope="module")
 def carol(ca: TestCA) -> ClientCert:
     return ca.client_cert("carol@example.com")
 

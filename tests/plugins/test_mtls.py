@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from ztmw_plugins import mtls
 from ztmw_plugins.mtls import MTLSVerifier
 
+from tests.vectors import VEC_9440_1, VEC_9440_1_THUMBPRINT
 from ztmw.client_cert import certificate_from_request
 from ztmw.config import Config, MTLSConfig, ResourceConfig
 from ztmw.errors import AuthError, ConfigurationError, InvalidToken, TokenBindingMismatch
@@ -28,25 +29,11 @@ from ztmw.testing.certs import ClientCert, TestCA
 from ztmw.typing import BindingVerifier, PluginDeps
 
 VEC_8705_1 = "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"  # non-canonical (checklist §14)
-VEC_9440_1 = (
-    ":MIIBqDCCAU6gAwIBAgIBBzAKBggqhkjOPQQDAjA6MRswGQYDVQQKDBJMZXQncyBBdXRoZW50aWNhdGUxGzAZBgNVBAMMEkxBIEludGVybWVk"
-    "aWF0ZSBDQTAeFw0yMDAxMTQyMjU1MzNaFw0yMTAxMjMyMjU1MzNaMA0xCzAJBgNVBAMMAkJDMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE8YnX"
-    "XfaUgmnMtOXU/IncWalRhebrXmckC8vdgJ1p5Be5F/3YC8OthxM4+k1M6aEAEFcGzkJiNy6J84y7uzo9M6NyMHAwCQYDVR0TBAIwADAfBgNVHSME"
-    "GDAWgBRm3WjLa38lbEYCuiCPct0ZaSED2DAOBgNVHQ8BAf8EBAMCBsAwEwYDVR0lBAwwCgYIKwYBBQUHAwIwHQYDVR0RAQH/BBMwEYEPYmRjQGV4"
-    "YW1wbGUuY29tMAoGCCqGSM49BAMCA0gAMEUCIBHda/r1vaL6G3VliL4/Di6YK0Q6bMjeSkC3dFCOOB8TAiEAx/kHSB4urmiZ0NX5r5XarmPk0wmu"
-    "ydBVoU4hBVZ1yhk=:"
-)
-VEC_9440_1_THUMBPRINT = "v68ffgcPn6jdYpBfFY2nP4ShE2Yk-6_Mk5PI9yh6aes"
 BEARER = Credential(scheme="bearer", token="not-a-real-token")
 MTLS_CONFIG = web.AppKey("mtls_config", MTLSConfig)
 
 
 # --- fixtures and builders ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ca() -> TestCA:
-    return TestCA()
 
 
 @pytest.fixture(scope="module")
