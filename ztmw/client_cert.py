@@ -18,7 +18,6 @@ import hmac
 import ipaddress
 import re
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from .config import MTLSConfig
 from .errors import InvalidRequest
 from .jws import b64url_encode
+from .lru import LRU
 from .models import ClientCertificate
 from .netaddr import IPNetwork, peer_in
 
@@ -101,8 +101,7 @@ def certificate_thumbprint(der: bytes) -> str:
     return b64url_encode(hashlib.sha256(der).digest())
 
 
-_DESCRIBED: OrderedDict[bytes, CertificateInfo] = OrderedDict()
-_DESCRIBED_MAX = 1024
+_DESCRIBED: LRU[bytes, CertificateInfo] = LRU(1024)
 
 
 def describe_certificate(der: bytes) -> CertificateInfo:
@@ -115,12 +114,9 @@ def describe_certificate(der: bytes) -> CertificateInfo:
     digest = hashlib.sha256(der).digest()
     known = _DESCRIBED.get(digest)
     if known is not None:
-        _DESCRIBED.move_to_end(digest)
         return known
     info = _describe(der)
-    _DESCRIBED[digest] = info
-    if len(_DESCRIBED) > _DESCRIBED_MAX:
-        _DESCRIBED.popitem(last=False)
+    _DESCRIBED.put(digest, info)
     return info
 
 

@@ -15,7 +15,6 @@ import json
 import math
 import re
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -27,6 +26,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
 from .errors import ZtmwError
+from .lru import LRU
 
 _PADDING = ("", "", "==", "=")  # by length % 4 (1 is never valid)
 _ALPHABET = {c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")}
@@ -180,8 +180,7 @@ def media_type_is(value: Any, expected: str) -> bool:
     return text == "application/" + expected.lower()
 
 
-_IMPORTED: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
-_IMPORTED_MAX = 4096
+_IMPORTED: LRU[tuple[Any, ...], Any] = LRU(4096)
 _MEMBERS = {"EC": ("kty", "crv", "x", "y"), "RSA": ("kty", "n", "e"), "OKP": ("kty", "crv", "x")}
 
 
@@ -202,12 +201,9 @@ def import_public_jwk(jwk: Mapping[str, Any], *, allow_private: bool = False) ->
     if cache_key is not None and all(isinstance(v, str) for v in cache_key):
         cached: ECKey | RSAKey | OKPKey | None = _IMPORTED.get(cache_key)
         if cached is not None:
-            _IMPORTED.move_to_end(cache_key)
             return cached
         key = _import_public_jwk(jwk, kty)
-        _IMPORTED[cache_key] = key
-        if len(_IMPORTED) > _IMPORTED_MAX:
-            _IMPORTED.popitem(last=False)
+        _IMPORTED.put(cache_key, key)
         return key
     return _import_public_jwk(jwk, kty)
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -42,6 +42,7 @@ import aiohttp
 from ztmw.config import IssuerConfig, https_url
 from ztmw.errors import ConfigurationError, InvalidToken, UpstreamUnavailable, ZtmwError
 from ztmw.jws import ALGORITHM_KEY_TYPES, MalformedJWS, import_public_jwk, strict_json_object, thumbprint
+from ztmw.lru import LRU
 from ztmw.typing import PluginDeps
 
 MAX_JWKS_BYTES = 512 * 1024
@@ -304,7 +305,7 @@ class KeySet:
         self._refresh_at = math.inf  # clock time of the next background refresh
         self._expires_at = math.inf  # clock time the keys' freshness lifetime ends (stale after it)
         self._usable_until = math.inf  # clock time after which the keys are too stale to use (fail closed)
-        self._unknown: OrderedDict[str, float] = OrderedDict()  # kid -> when a fetch proved it absent
+        self._unknown: LRU[str, float] = LRU(UNKNOWN_KIDS_MAX)  # kid -> when a fetch proved it absent
         self._listeners: list[ChangeCallback] = []
         self._last_fetch: float | None = None
         self._inflight: asyncio.Future[bool] | None = None
@@ -426,16 +427,12 @@ class KeySet:
         if when is None:
             return False
         if self._deps.clock() - when >= NEGATIVE_TTL:
-            del self._unknown[kid]
+            self._unknown.pop(kid)
             return False
-        self._unknown.move_to_end(kid)
         return True
 
     def _remember_absent(self, kid: str) -> None:
-        self._unknown[kid] = self._deps.clock()
-        self._unknown.move_to_end(kid)
-        while len(self._unknown) > UNKNOWN_KIDS_MAX:
-            self._unknown.popitem(last=False)
+        self._unknown.put(kid, self._deps.clock())
 
     def _cooldown_over(self) -> bool:
         return self._last_fetch is None or self._deps.clock() - self._last_fetch >= self._cooldown

@@ -875,7 +875,7 @@ async def test_negative_memory_is_bounded(jwks_server: Any, make_keyset: Any, cl
     remembered = set(keyset._unknown)
     assert len(remembered) == UNKNOWN_KIDS_MAX  # every waiter was proven absent; the oldest were dropped
     forgotten = next(kid for kid in kids if kid not in remembered)
-    kept = next(reversed(keyset._unknown))
+    kept = list(keyset._unknown)[-1]  # the most recent
     clock.now += 30
     assert await outcome(keyset, kept) == "unknown_key"
     assert state.count == 2

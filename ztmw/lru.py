@@ -1,0 +1,55 @@
+"""A bounded least-recently-used map: the one shape every in-process memory of ztmw takes.
+
+Whatever a client can make ztmw remember (a key it imported, a certificate it parsed, a kid it asked for in
+vain) must be bounded, or a flood of distinct values grows the process without end. `OrderedDict` already
+keeps the order; this adds the bound and the recency bump in one place. Single event loop: no locks.
+(The verification cache keeps its own specialised copy in `cache.py`: it is on the hot path of every request.)
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Generic, Hashable, Iterator, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class LRU(Generic[K, V]):
+    """At most `max_entries` entries; a read makes an entry the most recent, a write beyond the bound drops
+    the least recent."""
+
+    __slots__ = ("_entries", "_max_entries")
+
+    def __init__(self, max_entries: int) -> None:
+        self._entries: OrderedDict[K, V] = OrderedDict()
+        self._max_entries = max_entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[K]:
+        """The keys, least recent first (without refreshing any)."""
+        return iter(self._entries)
+
+    def __contains__(self, key: K) -> bool:
+        """Whether `key` is held, without making it more recent."""
+        return key in self._entries
+
+    def get(self, key: K) -> V | None:
+        value = self._entries.get(key)
+        if value is not None:
+            self._entries.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+
+    def pop(self, key: K) -> None:
+        self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
