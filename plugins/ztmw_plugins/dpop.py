@@ -12,13 +12,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ztmw import jws
 from ztmw.config import ASYMMETRIC_ALGORITHMS, DPoPConfig, check_plugin_settings
 from ztmw.errors import ConfigurationError, InvalidDPoPProof, InvalidToken, TokenBindingMismatch, UseDPoPNonce
+from ztmw.lru import LRU
 from ztmw.models import Credential, RequestView, VerifiedToken
 from ztmw.typing import Clock, PluginDeps, ReplayStore
 
@@ -33,6 +33,11 @@ LONG_TOKEN_SECONDS = 3600  # DPOP-29: warn when long-lived DPoP tokens meet a se
 _COMPACT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 _JKT = re.compile(r"[A-Za-z0-9_-]{43}")
 _SETTINGS = frozenset({"replay_max_entries", "redis_timeout"})
+
+
+def _proof_digest(proof: str) -> bytes:
+    """What stands for a proof in memory: its SHA-256 (SEC-03: no proof kept as a key)."""
+    return hashlib.sha256(proof.encode("utf-8", "surrogatepass")).digest()
 
 
 def _proof_error(reason: str, **kwargs: Any) -> InvalidDPoPProof:
@@ -70,9 +75,9 @@ class DPoPVerifier:
         self._nonces = nonces
         self._logger = logger
         self._warned_long_tokens = False
-        # proofs whose nonce `confirm` found in the previous window, for `response_headers` of the same request
-        # (bounded: a request refused after `confirm` never comes to collect its entry)
-        self._stale_nonce_proofs: OrderedDict[str, None] = OrderedDict()
+        # proofs whose nonce `confirm` found in the previous window, for `response_headers` of the same request,
+        # by digest (no proof is kept); bounded: a request refused after `confirm` never collects its entry
+        self._stale_nonce_proofs: LRU[bytes, bool] = LRU(1024)
 
     async def confirm(self, verified: VerifiedToken, credential: Credential, request: RequestView) -> str:
         """Every check of RFC 9449 §4.3 plus the key binding; returns the matched `jkt` or raises."""
@@ -87,9 +92,7 @@ class DPoPVerifier:
         if not jws.constant_time_equals(jws.thumbprint(key), jkt):
             raise TokenBindingMismatch("dpop_key_mismatch", scheme="dpop")
         if self._check_nonce(claims.nonce) is NonceAge.PREVIOUS:
-            self._stale_nonce_proofs[request.dpop[0]] = None
-            if len(self._stale_nonce_proofs) > 1024:
-                self._stale_nonce_proofs.popitem(last=False)
+            self._stale_nonce_proofs.put(_proof_digest(request.dpop[0]), True)
         self._warn_long_lived(verified)
         # TTL covers the whole time this proof could still pass the iat window (iat up to `skew` ahead)
         if not await self._replay.first_seen(f"{jkt}|{claims.jti}", self._max_age + self._skew + 1):
@@ -102,9 +105,11 @@ class DPoPVerifier:
         A missing or invalid nonce gets its fresh nonce through `UseDPoPNonce` instead; returning one here too
         would send two `DPoP-Nonce` fields (RESP-08).
         """
-        if self._nonces is None or len(request.dpop) != 1:
+        if self._nonces is None or len(request.dpop) != 1 or not self._stale_nonce_proofs:
             return {}
-        if self._stale_nonce_proofs.pop(request.dpop[0], False) is None:  # confirm saw an old-window nonce
+        digest = _proof_digest(request.dpop[0])
+        if digest in self._stale_nonce_proofs:  # confirm saw an old-window nonce
+            self._stale_nonce_proofs.pop(digest)
             return {"DPoP-Nonce": self._nonces.issue()}
         return {}
 
