@@ -146,6 +146,8 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
                 request[TRUST] = outcome.trust
                 request[DECISION] = outcome.decision
                 template = entry.audit
+                if template is None:  # audit is off: nothing to record
+                    return await handler(request)
                 return await _handle_and_record(
                     request, handler, lambda status: audit_again(template, status, started))
         view, outcome = await _decide(request, pipeline)
