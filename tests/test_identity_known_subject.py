@@ -196,9 +196,9 @@ async def test_a_refusal_ends_the_chain_like_a_link_does() -> None:
     assert info.value.reason == "unknown_subject"
 
 
-async def test_the_chain_learns_the_switch_from_the_config_resolver() -> None:
+async def test_the_chain_refuses_an_unlinked_pair_only_when_required() -> None:
     links = [IdentityLink("https://as.example", ALICE_LOGIN, ALICE)]
-    required = IdentityChain([("config", ConfigIdentityResolver(links, require_known_subject=True))], None)
+    required = IdentityChain([("config", ConfigIdentityResolver(links))], None, require_known_subject=True)
     assert await required.resolve("https://as.example", ALICE_LOGIN) == ALICE
     with pytest.raises(UnknownSubject):
         await required.resolve("https://as.example", "mallory")
@@ -225,12 +225,13 @@ async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
 
 
 @pytest.mark.redis
+@pytest.mark.parametrize("resolvers", [["config", "redis"], ["redis"]], ids=["config-and-redis", "redis-only"])
 async def test_only_subjects_linked_in_redis_may_use_the_api(
-    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, redis_url: str, redis_prefix: str
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, redis_url: str, redis_prefix: str, resolvers: list[str]
 ) -> None:
     from ztmw_plugins.redis_identity import link, unlink
 
-    config = base_config(issuer, identity={"resolvers": ["config", "redis"], "require_known_subject": True},
+    config = base_config(issuer, identity={"resolvers": resolvers, "require_known_subject": True},
                          plugins={"redis": {"url": redis_url, "prefix": redis_prefix}})
     client, pipeline = await protected(aiohttp_client, config, clock)
     assert pipeline.memo is None  # Redis links can change at any time: nothing is replayed

@@ -475,20 +475,13 @@ class _Reader:
 def _require_known_subject(
     identity: Mapping[str, Any], links: tuple[IdentityLink, ...], resolvers: tuple[str, ...]
 ) -> bool:
-    """`identity.require_known_subject`, refused where it could not be enforced or could admit nobody.
-
-    The identity chain learns the switch from the core `config` resolver (the one that reads `[identity]`), so
-    that resolver must be listed; with no links and no other resolver no chain runs at all, and every token
-    would be refused anyway, so that is a configuration mistake too. Both checks keep the switch from ever
-    being silently off.
-    """
+    """`identity.require_known_subject`, refused where it could admit nobody: when no resolver can link a
+    subject (no links for `config`, no other resolver), every token would be refused."""
     required = _bool(identity.get("require_known_subject", False), "identity.require_known_subject")
     if not required:
         return False
-    if "config" not in resolvers:
-        raise ConfigurationError("identity.require_known_subject: list 'config' in identity.resolvers "
-                                 "(it applies this switch; without [[identity.links]] it links nothing)")
-    if not links and set(resolvers) == {"config"}:
+    can_link = any(name != "config" for name in resolvers) or (bool(links) and "config" in resolvers)
+    if not can_link:
         raise ConfigurationError("identity.require_known_subject: nothing can link a subject (no "
                                  "[[identity.links]] and no other resolver), so every token would be refused")
     return True

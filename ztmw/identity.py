@@ -18,18 +18,13 @@ from .typing import IdentityResolver, PluginDeps
 
 
 class ConfigIdentityResolver:
-    """Links listed under `[[identity.links]]` in the configuration.
-
-    It also carries `identity.require_known_subject` to the chain: it is the core's own resolver, the one that
-    reads `[identity]`, and configuration validation keeps it listed whenever the switch is on.
-    """
+    """Links listed under `[[identity.links]]` in the configuration."""
 
     name = "config"
     memo_safe = True  # the links are fixed for the process lifetime, so a linked pair stays linked
 
-    def __init__(self, links: Iterable[IdentityLink], *, require_known_subject: bool = False) -> None:
+    def __init__(self, links: Iterable[IdentityLink]) -> None:
         self._accounts = {(link.issuer, link.subject): link.account for link in links}
-        self.require_known_subject = require_known_subject
 
     async def resolve(self, issuer: str, subject: str) -> str | None:
         return self._accounts.get((issuer, subject))
@@ -38,13 +33,7 @@ class ConfigIdentityResolver:
 def create_config_resolver(settings: Mapping[str, Any], deps: PluginDeps) -> ConfigIdentityResolver:
     """Entry point `config` in `ztmw.identity_resolvers`: the `[[identity.links]]` of the configuration."""
     check_plugin_settings(settings, "config", hint="use [[identity.links]]")
-    return ConfigIdentityResolver(deps.config.identity_links,
-                                  require_known_subject=deps.config.require_known_subject)
-
-
-def _requires_known_subject(resolvers: Sequence[tuple[str, IdentityResolver]]) -> bool:
-    """Whether the `[identity]` switch is on, as the core resolver received it from the configuration."""
-    return any(isinstance(r, ConfigIdentityResolver) and r.require_known_subject for _, r in resolvers)
+    return ConfigIdentityResolver(deps.config.identity_links)
 
 
 class IdentityChain:
@@ -56,10 +45,12 @@ class IdentityChain:
     does the chain itself when no resolver links the pair and `identity.require_known_subject` is on.
     """
 
-    def __init__(self, resolvers: Sequence[tuple[str, IdentityResolver]], logger: Any) -> None:
+    def __init__(
+        self, resolvers: Sequence[tuple[str, IdentityResolver]], logger: Any, *, require_known_subject: bool = False
+    ) -> None:
         self._resolvers = tuple(resolvers)
         self._log = logger
-        self._require_known_subject = _requires_known_subject(self._resolvers)
+        self._require_known_subject = require_known_subject
 
     async def resolve(self, issuer: str, subject: str) -> str | None:
         for name, resolver in self._resolvers:

@@ -142,10 +142,12 @@ class Pipeline:
                                      holds=self.cache.holds, trust_check=self.authenticator.trust_check)
 
     def _identity_chain(self, resolvers: list[LoadedPlugin]) -> IdentityChain | None:
-        """None when nothing could ever link (only the config resolver, and no links): saves an await a request."""
+        """None when nothing could ever link (only the config resolver, and no links): saves an await a request.
+        (Configuration refuses `require_known_subject` there: it would refuse every token.)"""
         if all(p.name == "config" for p in resolvers) and not self.config.identity_links:
             return None
-        return IdentityChain([(p.name, p.instance) for p in resolvers], self.log)
+        return IdentityChain([(p.name, p.instance) for p in resolvers], self.log,
+                             require_known_subject=self.config.require_known_subject)
 
     def _shared_cache(self, config: Config, clock: Clock) -> SharedVerificationCache | None:
         if config.cache.backend == "memory":

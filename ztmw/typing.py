@@ -98,7 +98,11 @@ class VerificationCache(Protocol):
 
 
 class IdentityResolver(Protocol):
-    """Maps an (issuer, subject) pair to one canonical account id, or None when no link applies."""
+    """Maps an (issuer, subject) pair to one canonical account id, or None when no link applies.
+
+    Raise `ztmw.UnknownSubject` for a pair that does not exist here (RFC 8725 §3.8: 401 `invalid_token`);
+    any other exception means "cannot tell" and answers 503, never allow.
+    """
 
     async def resolve(self, issuer: str, subject: str) -> str | None: ...
 

@@ -13,11 +13,11 @@ Configuration (`[identity] resolvers = ["redis"]`, or `["config", "redis"]` to a
     timeout = 0.5                      # seconds for connect and each command, default 0.5, at most 30
 
 Only linked subjects (RFC 8725 §3.8, BCP-08): a missing key means "no link", and the raw `sub` then stands
-as the subject. To let only logins with a link in Redis use the API, turn on the core switch; it needs no
-setting here, and the `config` resolver, which applies it, links nothing without `[[identity.links]]`::
+as the subject. To let only logins with a link in Redis use the API, turn on the core switch (it needs no
+setting here)::
 
     [identity]
-    resolvers = ["config", "redis"]
+    resolvers = ["redis"]              # or ["config", "redis"] with static [[identity.links]] first
     require_known_subject = true       # a pair no resolver links: 401 invalid_token, reason unknown_subject
 
 `unlink()` then takes a login's access away on its next request (this resolver is not `memo_safe`, so the
