@@ -92,6 +92,26 @@ async def test_a_full_buffer_is_written_without_waiting(tmp_path: Path) -> None:
     assert len(read_lines(tmp_path / "a.jsonl")) == 5
 
 
+def test_a_line_carries_the_time_of_its_request_not_of_its_batch(tmp_path: Path) -> None:
+    clock = FakeClock(1_700_000_000.25)
+    sink = JsonLinesAuditSink(tmp_path / "a.jsonl", buffer_bytes=1 << 20, clock=clock)
+    sink.emit(EVENT)
+    clock.now += 61.5
+    sink.emit(EVENT)
+    sink.close()
+    first, second = read_lines(tmp_path / "a.jsonl")
+    assert (first["timestamp"], second["timestamp"]) == ("2023-11-14T22:13:20.250000Z", "2023-11-14T22:14:21.750000Z")
+
+
+def test_a_line_that_cannot_be_rendered_is_counted_and_the_batch_kept(tmp_path: Path) -> None:
+    sink = JsonLinesAuditSink(tmp_path / "a.jsonl", buffer_bytes=1 << 20, clock=FakeClock())
+    sink.emit(EVENT)
+    sink.emit_again(EVENT, "not a status", 1.0)  # type: ignore[arg-type]
+    sink.emit(EVENT)
+    sink.close()
+    assert sink.dropped == 1 and len(read_lines(tmp_path / "a.jsonl")) == 2
+
+
 def test_values_cannot_break_the_line_format(tmp_path: Path) -> None:
     sink = JsonLinesAuditSink(tmp_path / "a.jsonl", buffer_bytes=0, clock=FakeClock())
     hostile = 'x"\n{"decision":"allow"}\u2028\x00é'

@@ -4,7 +4,9 @@ structlog's processor chain costs about 17 us per event in a loop and several ti
 much as serving the request itself; a sink that renders a known, flat event needs none of it. Written by hand
 rather than as structlog processors because the saving comes from skipping the chain: an event replayed by
 the decision memo reuses the JSON fragment rendered for its template, and lines leave in one `write` per
-batch (at most `flush_interval` seconds or `buffer_bytes` late; security events are written at once).
+batch (at most `flush_interval` seconds or `buffer_bytes` late; security events are written at once). A
+request only notes its fragment, status, duration and time: the lines are put together when the batch is
+written, in one tight loop, which costs a busy server less than doing it between two requests.
 
 Configure with `[audit] sinks = ["jsonl"]` and `[plugins.jsonl] path = "audit.jsonl"` ("-" is stdout).
 The line format is what `ztmw serve`'s structlog setup prints: `timestamp` (ISO 8601, UTC), `level`, `event`,
@@ -35,6 +37,10 @@ _STATIC_FIELDS = tuple(name for name in AuditEvent.__dataclass_fields__
 
 
 _KEYS = {name: encode_basestring_ascii(name) + ":" for name in _STATIC_FIELDS}
+# a line's length but for its fragment: the timestamp, level and event up front, status and duration behind
+_LINE_OVERHEAD = len('{"timestamp":"2026-01-01T00:00:00.000000Z","level":"warning","event":"ztmw.security",'
+                     '"status":200,"duration_ms":1000.123}\n')
+_HEADS = {False: '","level":"info","event":"ztmw.decision",', True: '","level":"warning","event":"ztmw.security",'}
 
 
 def _fragment(event: AuditEvent) -> str:
@@ -80,7 +86,7 @@ class JsonLinesAuditSink:
         self._buffer_bytes = buffer_bytes
         self._clock = clock
         self._log = logger if logger is not None else structlog.get_logger("ztmw")
-        self._lines: list[str] = []
+        self._pending: list[tuple[str, int, float, float, bool]] = []  # (fragment, status, ms, time, security)
         self._size = 0
         self._timer: asyncio.TimerHandle | None = None
         self._fragments = RenderedTemplates(_fragment)
@@ -123,21 +129,29 @@ class JsonLinesAuditSink:
 
     def _append(self, event: AuditEvent, fragment: str, status: int, duration_ms: float) -> None:
         try:
-            level, name = ("warning", "ztmw.security") if event.security else ("info", "ztmw.decision")
-            line = (f'{{"timestamp":"{self._timestamp()}","level":"{level}","event":"{name}",{fragment}'
-                    f'"status":{int(status)},"duration_ms":{float(duration_ms)!r}}}\n')
-            self._lines.append(line)
-            self._size += len(line)
-            if event.security or self._size >= self._buffer_bytes:
+            security = bool(event.security)
+            self._pending.append((fragment, status, duration_ms, self._clock(), security))
+            self._size += len(fragment) + _LINE_OVERHEAD
+            if security or self._size >= self._buffer_bytes:
                 self.flush()
             elif self._timer is None:
                 self._arm_timer()
         except Exception as exc:  # an audit sink must never turn a decision into a 500
             self._failed(1, type(exc).__name__)
 
-    def _timestamp(self) -> str:
+    def _lines(self, pending: list[tuple[str, int, float, float, bool]]) -> list[str]:
+        """The JSON lines of a batch; one that cannot be rendered is counted lost, the others are kept."""
+        lines = []
+        for fragment, status, duration_ms, now, security in pending:
+            try:
+                lines.append(f'{{"timestamp":"{self._timestamp(now)}{_HEADS[security]}{fragment}'
+                             f'"status":{int(status)},"duration_ms":{float(duration_ms)!r}}}\n')
+            except Exception as exc:
+                self._failed(1, type(exc).__name__)
+        return lines
+
+    def _timestamp(self, now: float) -> str:
         """ISO 8601 in UTC with microseconds; the date and time part is formatted once a second."""
-        now = self._clock()
         second = int(now)
         if second != self._second:
             self._second, self._second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
@@ -156,9 +170,10 @@ class JsonLinesAuditSink:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if not self._lines:
+        if not self._pending:
             return
-        lines, self._lines, self._size = self._lines, [], 0
+        pending, self._pending, self._size = self._pending, [], 0
+        lines = self._lines(pending)
         # a batch cut short by an earlier failure left a line half written: end it before anything else
         text = ("\n" if self._mid_line else "") + "".join(lines)
         data = memoryview(text.encode("utf-8"))
