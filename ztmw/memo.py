@@ -16,8 +16,10 @@ What keeps it correct:
 - an entry lives only while the verification cache still holds the very result it was built on (so never
   past `exp` or `cache.max_ttl`, and not past an eviction), and while the verifier still trusts that result
   (its key is still in the issuer's JWKS);
-- only the canonical spelling (`Bearer <token>`, a path without percent-encoding, no query token) is keyed
-  (the adapter decides that), so one token cannot fill the memo with spellings of itself;
+- only the canonical spelling (`Bearer <token>`, a path of at most 1 KiB without percent-encoding, no query
+  token) is keyed (the adapter decides that), so one token cannot fill the memo with spellings of itself;
+- a replay also needs the match info its decision was made on (the adapter checks it): an app middleware
+  before ztmw's may clone a request to another path without resolving it again, and owner rules read it;
 - keys are SHA-256 of the Authorization header value: no token is held here.
 """
 

@@ -33,7 +33,9 @@ _VIEW: web.RequestKey[RequestView] = web.RequestKey("ztmw.view", RequestView)
 # what the stage middlewares hand the audit stage besides the public keys
 _ERROR: web.RequestKey[Any] = web.RequestKey("ztmw.error", object)
 _CACHE: web.RequestKey[str] = web.RequestKey("ztmw.cache", str)
-_DPOP = istr("DPoP")  # header names as istr: the case-insensitive lookup skips folding them every request
+_DPOP = istr("DPoP")
+# longer paths are decided in full: a memo entry holds its path twice (key, match info), keep entries small
+_MEMO_PATH_MAX = 1024  # header names as istr: the case-insensitive lookup skips folding them every request
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -138,7 +140,10 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
         key = _memo_key(request, match_info) if memo is not None else None
         if key is not None:
             entry = memo.recall(key)  # type: ignore[union-attr]
-            if entry is not None:  # the same bearer request was allowed before: replay its outcome
+            # the same bearer request was allowed before: replay its outcome, when it resolved to the same match
+            # info (an app middleware before this one may have cloned the request to another path without
+            # resolving it again, or set its match info: an owner rule reads the match info, not the path)
+            if entry is not None and entry.view.match_info == match_info:
                 # nothing to decorate: the memo only exists when decorators add nothing to plain bearer
                 # requests and mTLS is off
                 outcome = entry.outcome
@@ -164,8 +169,8 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
 
 def _memo_key(request: web.Request, match_info: web.UrlMappingMatchInfo) -> MemoKey | None:
     """Only a plain request can be replayed: one Authorization header in the canonical `Bearer <token>`
-    spelling, no DPoP header, no query token, an origin-form path without percent-encoding or a fragment
-    (other spellings of the same request are decided in full, so one token cannot fill the memo with spellings
+    spelling, no DPoP header, no query token, an origin-form path of at most 1 KiB without percent-encoding or a
+    fragment (other spellings of the same request are decided in full, so one token cannot fill the memo with spellings
     of itself). The path is read off the request target as sent (yarl keeps it as is), and the query is left
     out of the key: the decision never depends on it, but for an `access_token` parameter, refused in full."""
     headers = request.headers
@@ -176,7 +181,7 @@ def _memo_key(request: web.Request, match_info: web.UrlMappingMatchInfo) -> Memo
     if value[:7] != "Bearer " or value[7:8] in (" ", ""):
         return None
     path, _, query = request.raw_path.partition("?")
-    if path[:1] != "/" or "%" in path or "#" in path:
+    if path[:1] != "/" or "%" in path or "#" in path or len(path) > _MEMO_PATH_MAX:
         return None
     if ("access_token" in query or "%" in query) and _has_query_token(request.rel_url):
         return None
