@@ -336,9 +336,7 @@ class _Reader:
         algorithms = _strings(t.get("algorithms", list(_default(DPoPConfig, "algorithms"))), "dpop.algorithms")
         if not algorithms or any(a not in ASYMMETRIC_ALGORITHMS for a in algorithms):
             raise ConfigurationError(f"dpop.algorithms: only asymmetric algorithms {sorted(ASYMMETRIC_ALGORITHMS)}")
-        store = _str(t.get("replay_store", "memory"), "dpop.replay_store")
-        if store != "memory" and not store.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigurationError("dpop.replay_store: 'memory' or a redis:// URL")
+        store = _memory_or_redis(t.get("replay_store", "memory"), "dpop.replay_store")
         return DPoPConfig(
             algorithms=algorithms,
             max_age=_number(t.get("max_age", 60), "dpop.max_age", 1, 3600),
@@ -368,9 +366,7 @@ class _Reader:
 
     def cache(self, t: Mapping[str, Any]) -> CacheConfig:
         _only(t, "cache", set(CacheConfig.__dataclass_fields__))
-        backend = _str(t.get("backend", "memory"), "cache.backend")
-        if backend != "memory" and not backend.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigurationError("cache.backend: 'memory' or a redis:// URL")
+        backend = _memory_or_redis(t.get("backend", "memory"), "cache.backend")
         return CacheConfig(
             backend=backend,
             max_entries=_integer(t.get("max_entries", 100_000), "cache.max_entries", 0, 100_000_000),
@@ -563,6 +559,14 @@ def _url(value: Any, key: str) -> str:
     parts = urlsplit(text)
     if parts.scheme not in ("https", "http") or not parts.netloc:
         raise ConfigurationError(f"{key}: must be an absolute http(s) URL")
+    return text
+
+
+def _memory_or_redis(value: Any, key: str) -> str:
+    """Where shared state lives: "memory" (this process) or a Redis URL (every replica)."""
+    text = _str(value, key)
+    if text != "memory" and not text.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigurationError(f"{key}: 'memory' or a redis:// URL")
     return text
 
 
