@@ -144,10 +144,11 @@ async def api(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock) -> Api:
 
 # -- RESP-19: CORS exposure of the challenge headers -----------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "RESP-19 not implemented: ztmw has no setting that adds `Access-Control-Expose-Headers: WWW-Authenticate, "
-    "DPoP-Nonce` (the config loader refuses any such table), so a browser client cannot read the challenge "
-    "or the nonce of a cross-origin response"))
+def exposed(response: Any) -> set[str]:
+    return {v.strip().lower() for line in response.headers.getall("Access-Control-Expose-Headers", [])
+            for v in line.split(",")}
+
+
 async def test_resp_19_cors_expose_headers_is_configurable(
     aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
 ) -> None:
@@ -156,9 +157,30 @@ async def test_resp_19_cors_expose_headers_is_configurable(
     client = await aiohttp_client(app)
     response = await client.get("/items", headers={"Origin": "https://spa.example.com"})
     assert response.status == 401
-    exposed = {v.strip().lower() for line in response.headers.getall("Access-Control-Expose-Headers", [])
-               for v in line.split(",")}
-    assert {"www-authenticate", "dpop-nonce"} <= exposed
+    assert {"www-authenticate", "dpop-nonce"} <= exposed(response)
+    token = issuer.mint(scope="items:read")
+    for _ in range(3):  # allowed answers too, also when the decision memo replays them
+        allowed = await client.get("/items", headers={"Authorization": f"Bearer {token}"})
+        assert allowed.status == 200 and exposed(allowed) == {"www-authenticate", "dpop-nonce"}
+
+
+async def test_resp_19_off_by_default_and_merged_with_the_app_s_own_exposed_headers(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    async def listed(request: web.Request) -> web.Response:
+        return web.json_response([], headers={"Access-Control-Expose-Headers": "X-Total-Count, dpop-nonce"})
+
+    plain = items_app()
+    ztmw.setup(plain, base_config(issuer), clock=clock)
+    assert exposed(await (await aiohttp_client(plain)).get("/items")) == set()
+    app = items_app()
+    app.router.add_get("/listed", listed)
+    config = base_config(issuer, cors={"expose_headers": True})
+    config["rules"] = config["rules"] + [{"id": "listed", "path": "/listed", "methods": ["GET"], "public": True}]
+    ztmw.setup(app, config, clock=clock)
+    response = await (await aiohttp_client(app)).get("/listed")
+    assert exposed(response) == {"x-total-count", "dpop-nonce", "www-authenticate"}
+    assert response.headers.getall("Access-Control-Expose-Headers") == ["X-Total-Count, dpop-nonce", "WWW-Authenticate"]
 
 
 # -- RESP-20: upstream failures are 503 without a challenge, and the token is never echoed or logged --------
@@ -217,10 +239,6 @@ async def test_http_09_form_body_token_is_not_a_transport(
     assert response.status == 401 and challenges(response) == BEARER_ONLY
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "HTTP-06: a request that carries the token in the Authorization header and an `access_token` form-body "
-    "parameter uses two transports and must be 400 invalid_request (as header + query is); ztmw never looks "
-    "at the body, so the header alone decides and the handler runs (200)"))
 async def test_http_06_header_and_form_body_token_is_invalid_request(
     aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
 ) -> None:
@@ -230,6 +248,45 @@ async def test_http_06_header_and_form_body_token_is_invalid_request(
     assert response.status == 400
     assert challenges(response)["Bearer"]["error"] == "invalid_request"
     assert calls == []
+
+
+async def test_http_06_a_remembered_decision_never_skips_the_body_check(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    """The decision memo keeps no form request: the same token allowed twice before still meets the check."""
+    calls: list[str] = []
+    client = await bearer_client(aiohttp_client, issuer, clock, calls)
+    token = issuer.mint(scope="items:read")
+    auth = {"Authorization": f"Bearer {token}"}
+    for _ in range(3):
+        assert (await client.post("/items", data={"note": "x"}, headers=auth)).status == 200
+    response = await client.post("/items", data={"access_token": token}, headers=auth)
+    assert response.status == 400 and challenges(response)["Bearer"]["error"] == "invalid_request"
+    encoded = await client.post("/items", data=b"access%5Ftoken=x", headers={
+        **auth, "Content-Type": "application/x-www-form-urlencoded"})  # the name as a form decoder reads it
+    assert encoded.status == 400
+    assert calls == ["POST"] * 3
+
+
+async def test_http_06_only_a_form_body_is_a_transport_and_the_handler_still_reads_it(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    async def echo(request: web.Request) -> web.Response:
+        form = await request.post()  # ztmw read it first: aiohttp hands the same form again
+        return web.json_response({"note": form.get("note")})
+
+    app = items_app()
+    app.router.add_post("/echo", echo)
+    config = base_config(issuer)
+    config["rules"] = config["rules"] + [{"id": "echo", "path": "/echo", "methods": ["POST"],
+                                          "scopes": ["items:read"]}]
+    ztmw.setup(app, config, clock=clock)
+    client = await aiohttp_client(app)
+    auth = {"Authorization": f"Bearer {issuer.mint(scope='items:read')}"}
+    response = await client.post("/echo", data={"note": "kept"}, headers=auth)
+    assert response.status == 200 and await response.json() == {"note": "kept"}
+    as_json = await client.post("/echo", json={"access_token": "x"}, headers=auth)  # JSON is no transport
+    assert as_json.status == 200
 
 
 # -- MTLS-15: a cnf with jkt and x5t#S256 must satisfy both; unknown members fail closed ---------------------

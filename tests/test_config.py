@@ -633,3 +633,18 @@ def test_require_known_subject_with_nothing_that_could_link_is_refused(identity:
     error = refuses(minimal(identity={**identity, "require_known_subject": True}),
                     "identity.require_known_subject", "nothing can link a subject")
     assert "\n" not in str(error)
+
+
+# -- cors (RESP-19) ---------------------------------------------------------------------------------------------
+
+def test_cors_expose_headers_is_off_unless_asked_for() -> None:
+    assert load_config(minimal()).cors_expose_headers is False
+    assert load_config(minimal(cors={"expose_headers": True})).cors_expose_headers is True
+
+
+@pytest.mark.parametrize(("cors", "words"), [
+    ({"expose_headers": "yes"}, ("cors.expose_headers", "true or false")),
+    ({"allow_origins": ["*"]}, ("cors", "allow_origins")),
+])
+def test_cors_settings_are_checked(cors: dict[str, Any], words: tuple[str, ...]) -> None:
+    refuses(minimal(cors=cors), *words)

@@ -49,6 +49,7 @@ _KEYS = {name: encode_basestring_ascii(name) + ":" for name in _STATIC_FIELDS}
 # a line's length but for its fragment: the timestamp, level and event up front, status and duration behind
 _LINE_OVERHEAD = len('{"timestamp":"2026-01-01T00:00:00.000000Z","level":"warning","event":"ztmw.security",'
                      '"status":200,"duration_ms":1000.123}\n')
+_UNRENDERED_SIZE = 320  # what an event not rendered yet is taken to weigh in the buffer (a typical fragment)
 _HEADS = {False: '","level":"info","event":"ztmw.decision",', True: '","level":"warning","event":"ztmw.security",'}
 
 
@@ -96,7 +97,8 @@ class JsonLinesAuditSink:
         self._buffer_bytes = buffer_bytes
         self._clock = clock
         self._log = logger if logger is not None else structlog.get_logger("ztmw")
-        self._pending: list[tuple[str, int, float, float, bool]] = []  # (fragment, status, ms, time, security)
+        # (fragment, or the event to render it from, status, ms, time, security)
+        self._pending: list[tuple[str | AuditEvent, int, float, float, bool]] = []
         self._size = 0
         self._timer: asyncio.TimerHandle | None = None
         self._fragments = RenderedTemplates(_fragment)
@@ -150,17 +152,20 @@ class JsonLinesAuditSink:
     # -- AuditSink -----------------------------------------------------------------------------------------
 
     def emit(self, event: AuditEvent) -> None:
-        self._append(event, _fragment(event), event.status, event.duration_ms)
+        """Noted now, rendered with its batch (events are immutable)."""
+        self._append(event, event, _UNRENDERED_SIZE, event.status, event.duration_ms)
 
     def emit_again(self, template: AuditEvent, status: int, duration_ms: float) -> None:
         """The decision `template` records, for another request: its fragment is rendered once."""
-        self._append(template, self._fragments.get(template), status, duration_ms)
+        fragment = self._fragments.get(template)
+        self._append(template, fragment, len(fragment), status, duration_ms)
 
-    def _append(self, event: AuditEvent, fragment: str, status: int, duration_ms: float) -> None:
+    def _append(self, event: AuditEvent, fragment: str | AuditEvent, size: int, status: int,
+                duration_ms: float) -> None:
         try:
             security = bool(event.security)
             self._pending.append((fragment, status, duration_ms, self._clock(), security))
-            self._size += len(fragment) + _LINE_OVERHEAD
+            self._size += size + _LINE_OVERHEAD
             if security or self._size >= self._buffer_bytes:
                 self.flush()
             elif self._timer is None:
@@ -168,11 +173,13 @@ class JsonLinesAuditSink:
         except Exception as exc:  # an audit sink must never turn a decision into a 500
             self._failed(1, type(exc).__name__)
 
-    def _lines(self, pending: list[tuple[str, int, float, float, bool]]) -> list[str]:
+    def _lines(self, pending: list[tuple[str | AuditEvent, int, float, float, bool]]) -> list[str]:
         """The JSON lines of a batch; one that cannot be rendered is counted lost, the others are kept."""
         lines = []
         for fragment, status, duration_ms, now, security in pending:
             try:
+                if fragment.__class__ is not str:
+                    fragment = _fragment(fragment)  # type: ignore[arg-type]
                 lines.append(f'{{"timestamp":"{self._timestamp(now)}{_HEADS[security]}{fragment}'
                              f'"status":{int(status)},"duration_ms":{float(duration_ms)!r}}}\n')
             except Exception as exc:

@@ -178,6 +178,8 @@ class Config:
     """RFC 8725 §3.8: refuse a token whose (iss, sub) no identity resolver links (401 `unknown_subject`)."""
     audit: AuditConfig = AuditConfig()
     metadata_enabled: bool = True
+    cors_expose_headers: bool = False
+    """RESP-19: add `Access-Control-Expose-Headers: WWW-Authenticate, DPoP-Nonce` to every response."""
     limits: LimitsConfig = LimitsConfig()
     rules: tuple[Rule, ...] = ()
     plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -232,7 +234,7 @@ class _Reader:
 
     def config(self, data: Mapping[str, Any]) -> Config:
         _only(data, "", {"resource", "issuers", "verifiers", "dpop", "mtls", "cache", "trust", "identity",
-                         "audit", "metadata", "limits", "rules", "plugins"})
+                         "audit", "metadata", "limits", "rules", "plugins", "cors"})
         resource = self.resource(_table(data, "resource", required=True))
         issuers = tuple(
             self.issuer(item, f"issuers[{i}]", resource) for i, item in enumerate(_array(data, "issuers"))
@@ -247,6 +249,8 @@ class _Reader:
             raise ConfigurationError("rules: two rules share an id")
         metadata = _table(data, "metadata")
         _only(metadata, "metadata", {"enabled"})
+        cors = _table(data, "cors")
+        _only(cors, "cors", {"expose_headers"})
         plugins = _table(data, "plugins")
         for name, section in plugins.items():
             if not isinstance(section, Mapping):
@@ -268,6 +272,7 @@ class _Reader:
             require_known_subject=_require_known_subject(identity, identity_links, identity_resolvers),
             audit=self.audit(_table(data, "audit")),
             metadata_enabled=_bool(metadata.get("enabled", True), "metadata.enabled"),
+            cors_expose_headers=_bool(cors.get("expose_headers", False), "cors.expose_headers"),
             limits=self.limits(_table(data, "limits")),
             rules=rules,
             plugins={k: dict(v) for k, v in plugins.items()},

@@ -39,7 +39,7 @@ def extract_credential(
         raise InvalidRequest("malformed_authorization")
     if scheme not in schemes:
         return None
-    if request.has_query_token:  # two transports in one request (RFC 6750 §2)
+    if request.has_query_token or request.has_body_token:  # two transports in one request (RFC 6750 §2)
         raise InvalidRequest("multiple_authorization", scheme=scheme)
     token = rest.lstrip(" ")  # 1*SP: several spaces are valid, HTAB is not
     if not _TOKEN68.fullmatch(token):

@@ -35,7 +35,8 @@ _ERROR: web.RequestKey[Any] = web.RequestKey("ztmw.error", object)
 _CACHE: web.RequestKey[str] = web.RequestKey("ztmw.cache", str)
 _DPOP = istr("DPoP")
 # longer paths are decided in full: a memo entry holds its path twice (key, match info), keep entries small
-_MEMO_PATH_MAX = 1024  # header names as istr: the case-insensitive lookup skips folding them every request
+_MEMO_PATH_MAX = 1024
+_FORM = "application/x-www-form-urlencoded"  # header names as istr: the case-insensitive lookup skips folding them every request
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -61,7 +62,23 @@ def setup(
         for method, path, handler in plugin.instance.web_routes():
             app.router.add_route(method, path, handler, name=f"ztmw-plugin-{plugin.name}-{method.lower()}")
     app.middlewares.append(zero_trust_middleware(pipeline))
+    if config.cors_expose_headers:
+        app.on_response_prepare.append(expose_challenge_headers)
     return pipeline
+
+
+_EXPOSE = "Access-Control-Expose-Headers"
+_EXPOSED = ("WWW-Authenticate", "DPoP-Nonce")
+
+
+async def expose_challenge_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """RESP-19 (RFC 9449 §7.1, §8): a browser client on another origin reads a challenge or a DPoP nonce only
+    from a response that exposes them. Added to every response (a replayed one, the app's own, an error),
+    beside whatever the app's CORS setup exposes; harmless where no browser asks."""
+    present = {name.strip().lower() for line in response.headers.getall(_EXPOSE, ()) for name in line.split(",")}
+    missing = [name for name in _EXPOSED if name.lower() not in present]
+    if missing:
+        response.headers.add(_EXPOSE, ", ".join(missing))
 
 
 def _lifetime(pipeline: Pipeline) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -82,7 +99,9 @@ def _metadata_handler(pipeline: Pipeline) -> Handler:
     return metadata
 
 
-def request_view(request: web.Request, pipeline: Pipeline, *, shared: bool = False) -> RequestView:
+def request_view(
+    request: web.Request, pipeline: Pipeline, *, shared: bool = False, has_body_token: bool = False
+) -> RequestView:
     """Everything the pipeline may know about the request; raises InvalidRequest for a malformed cert header.
 
     With `shared`, built once per request for the stage middlewares used alone, so a security event about it
@@ -120,6 +139,7 @@ def request_view(request: web.Request, pipeline: Pipeline, *, shared: bool = Fal
         peer=peer,
         client_certificate=certificate,
         has_query_token=_has_query_token(request.rel_url),
+        has_body_token=has_body_token,
     )
     if shared:
         request[_VIEW] = view
@@ -185,7 +205,24 @@ def _memo_key(request: web.Request, match_info: web.UrlMappingMatchInfo) -> Memo
         return None
     if ("access_token" in query or "%" in query) and _has_query_token(request.rel_url):
         return None
+    if hdrs.CONTENT_TYPE in headers and request.content_type == _FORM:  # a body token is looked for in full
+        return None
     return memo_key(match_info.route, request.method, path, value)
+
+
+async def _has_body_token(request: web.Request) -> bool:
+    """RFC 6750 §2.2's form-body `access_token` beside an Authorization header: two transports (HTTP-06).
+
+    The body is read only for a form with an Authorization header; aiohttp keeps what it read, so the handler
+    still gets it. A body that cannot be read (too large, malformed) is left to the handler, which meets the
+    same error: no token is ever taken from a body, so not finding one cannot let a request in."""
+    if request.content_type != _FORM or hdrs.AUTHORIZATION not in request.headers or not request.body_exists:
+        return False
+    try:
+        form = await request.post()
+    except Exception:
+        return False
+    return "access_token" in form
 
 
 def _has_query_token(url: URL) -> bool:
@@ -196,7 +233,7 @@ def _has_query_token(url: URL) -> bool:
 
 async def _decide(request: web.Request, pipeline: Pipeline) -> tuple[RequestView, Outcome]:
     try:
-        view = request_view(request, pipeline)
+        view = request_view(request, pipeline, has_body_token=await _has_body_token(request))
     except AuthError as error:  # a malformed forwarded-certificate header
         view = _bare_view(request)
         # a route no rule covers is 403 whatever else is wrong with the request
@@ -281,7 +318,7 @@ def authentication_middleware(pipeline: Pipeline) -> Any:
         if request.match_info.http_exception is not None:
             return await handler(request)
         try:
-            view = request_view(request, pipeline, shared=True)
+            view = request_view(request, pipeline, shared=True, has_body_token=await _has_body_token(request))
             authentication = await pipeline.authenticate(view)
             principal = authentication.principal if authentication else None
             if authentication is not None:

@@ -58,6 +58,8 @@ class RequestView:
     peer: str | None = None
     client_certificate: ClientCertificate | None = None
     has_query_token: bool = False
+    has_body_token: bool = False
+    """An `access_token` field in a form body beside the Authorization header (read only then)."""
 
 
 @dataclass(frozen=True, slots=True)
