@@ -268,6 +268,31 @@ async def test_http_06_a_remembered_decision_never_skips_the_body_check(
     assert calls == ["POST"] * 3
 
 
+async def test_http_06_a_form_too_large_for_the_app_gets_aiohttp_s_own_413(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    """Reading the body to look for a token must not hand the handler half a body: too large is a 413."""
+    calls: list[str] = []
+
+    async def ok(request: web.Request) -> web.Response:
+        calls.append(str(len(await request.post())))
+        return web.json_response({})
+
+    app = web.Application(client_max_size=1024)
+    app.router.add_post("/items", ok)
+    config = base_config(issuer)
+    config["rules"] = [{"id": "write", "path": "/items", "methods": ["POST"], "scopes": ["items:read"]}]
+    ztmw.setup(app, config, clock=clock)
+    client = await aiohttp_client(app)
+    auth = {"Authorization": f"Bearer {issuer.mint(scope='items:read')}"}
+    with capture_logs() as events:
+        assert (await client.post("/items", data={"note": "x" * 4000}, headers=auth)).status == 413
+    assert [(e["decision"], e["reason"], e["status"]) for e in events if e.get("event") == "ztmw.decision"] \
+        == [("deny", "unreadable_body", 413)]
+    assert (await client.post("/items", data={"note": "x"}, headers=auth)).status == 200
+    assert calls == ["1"]
+
+
 async def test_http_06_only_a_form_body_is_a_transport_and_the_handler_still_reads_it(
     aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
 ) -> None:

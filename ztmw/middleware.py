@@ -33,10 +33,10 @@ _VIEW: web.RequestKey[RequestView] = web.RequestKey("ztmw.view", RequestView)
 # what the stage middlewares hand the audit stage besides the public keys
 _ERROR: web.RequestKey[Any] = web.RequestKey("ztmw.error", object)
 _CACHE: web.RequestKey[str] = web.RequestKey("ztmw.cache", str)
-_DPOP = istr("DPoP")
+_DPOP = istr("DPoP")  # header names as istr: the case-insensitive lookup skips folding them every request
 # longer paths are decided in full: a memo entry holds its path twice (key, match info), keep entries small
 _MEMO_PATH_MAX = 1024
-_FORM = "application/x-www-form-urlencoded"  # header names as istr: the case-insensitive lookup skips folding them every request
+_FORM = "application/x-www-form-urlencoded"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -175,7 +175,12 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
                     return await handler(request)
                 return await _handle_and_record(
                     request, handler, lambda status: audit_again(template, status, started))
-        view, outcome = await _decide(request, pipeline)
+        try:
+            view, outcome = await _decide(request, pipeline)
+        except web.HTTPException as exc:  # aiohttp's own answer while reading the body (413): still recorded
+            pipeline.audit(_bare_view(request), Outcome(Decision(False, "unreadable_body", None, exc.status)),
+                           exc.status, started)
+            raise
         if outcome.error is not None:
             response = _error_response(pipeline, outcome.error)
             pipeline.audit(view, outcome, response.status, started)
@@ -189,10 +194,11 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
 
 def _memo_key(request: web.Request, match_info: web.UrlMappingMatchInfo) -> MemoKey | None:
     """Only a plain request can be replayed: one Authorization header in the canonical `Bearer <token>`
-    spelling, no DPoP header, no query token, an origin-form path of at most 1 KiB without percent-encoding or a
-    fragment (other spellings of the same request are decided in full, so one token cannot fill the memo with spellings
-    of itself). The path is read off the request target as sent (yarl keeps it as is), and the query is left
-    out of the key: the decision never depends on it, but for an `access_token` parameter, refused in full."""
+    spelling, no DPoP header, no query token, no form body, an origin-form path of at most 1 KiB without
+    percent-encoding or a fragment (other spellings of the same request are decided in full, so one token
+    cannot fill the memo with spellings of itself). The path is read off the request target as sent (yarl
+    keeps it as is), and the query is left out of the key: the decision never depends on it, but for an
+    `access_token` parameter, refused in full."""
     headers = request.headers
     authorization = headers.getall(hdrs.AUTHORIZATION, ())
     if len(authorization) != 1 or _DPOP in headers:
@@ -214,12 +220,15 @@ async def _has_body_token(request: web.Request) -> bool:
     """RFC 6750 §2.2's form-body `access_token` beside an Authorization header: two transports (HTTP-06).
 
     The body is read only for a form with an Authorization header; aiohttp keeps what it read, so the handler
-    still gets it. A body that cannot be read (too large, malformed) is left to the handler, which meets the
-    same error: no token is ever taken from a body, so not finding one cannot let a request in."""
+    still gets it. A body over the app's `client_max_size` gets aiohttp's own 413, as the handler reading it
+    would have (a half-read body must not reach it); one that does not parse is left to the handler, which
+    meets the same error: no token is ever taken from a body, so not finding one cannot let a request in."""
     if request.content_type != _FORM or hdrs.AUTHORIZATION not in request.headers or not request.body_exists:
         return False
     try:
         form = await request.post()
+    except web.HTTPException:
+        raise
     except Exception:
         return False
     return "access_token" in form
