@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -197,93 +195,3 @@ def test_a_rendered_line_reads_back_as_the_events_fields(reason: str, route: str
         expected["trust_inputs"] = list(inputs)
     assert json.loads("{" + fragment[:-1] + "}") == expected
 
-
-# -- a pipe or terminal: written from the sink's own thread -------------------------------------------------
-
-class StalledReader:
-    """The read end of a FIFO whose reader reads nothing until told to, then everything until the writer
-    closes its end, in a thread."""
-
-    def __init__(self, path: Path) -> None:
-        os.mkfifo(path)
-        self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opened first, so the writer's open returns
-        self.data = bytearray()
-        self.reading = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-        # a sink that blocked on the full pipe would hang the test: read anyway after a while, so it fails
-        self._watchdog = threading.Timer(10, self.reading.set)
-        self._watchdog.start()
-
-    def _read(self) -> None:
-        self.reading.wait()
-        while not self._stop.is_set():
-            try:
-                chunk = os.read(self._fd, 1 << 16)
-            except BlockingIOError:
-                self._stop.wait(0.005)
-                continue
-            if not chunk:  # end of file: the sink closed its end, everything is read
-                return
-            self.data.extend(chunk)
-
-    def lines(self) -> list[dict[str, Any]]:
-        """What was read, once the writer has closed its end."""
-        self._thread.join(timeout=30)
-        return [json.loads(line) for line in self.data.decode().splitlines()]
-
-    def close(self) -> None:
-        self._watchdog.cancel()
-        self._stop.set()
-        self._thread.join()
-        os.close(self._fd)
-
-
-async def test_a_reader_that_does_not_read_never_stalls_the_event_loop(tmp_path: Path) -> None:
-    """A log shipper applying backpressure on stdout: the pipe fills (64 KiB), and the loop goes on."""
-    reader = StalledReader(tmp_path / "fifo")
-    sink = JsonLinesAuditSink(tmp_path / "fifo", buffer_bytes=0, clock=FakeClock())
-    try:
-        for _ in range(1000):  # about 400 KB, several times what the pipe holds
-            sink.emit(EVENT)
-            await asyncio.sleep(0)
-        assert not reader.reading.is_set()  # every emit returned while nothing was read
-        assert sink._in_flight  # the writer thread is blocked on the full pipe
-        reader.reading.set()
-        await sink.aclose()
-        assert len(reader.lines()) == 1000 and sink.dropped == 0
-    finally:
-        reader.reading.set()
-        reader.close()
-
-
-async def test_a_stalled_reader_costs_bounded_memory_then_lines_are_counted_lost_and_reported(
-    tmp_path: Path
-) -> None:
-    reader = StalledReader(tmp_path / "fifo")
-    sink = JsonLinesAuditSink(tmp_path / "fifo", buffer_bytes=0, clock=FakeClock(), max_backlog=200_000)
-    try:
-        with capture_logs() as logs:
-            for _ in range(2000):  # about 800 KB against 64 KiB of pipe and 200 KB of backlog
-                sink.emit(EVENT)
-            assert sink._backlog <= 200_000 and sink.dropped > 0
-            lost = sink.dropped
-            reader.reading.set()
-            await sink.written()
-            sink.emit(replace(EVENT, reason="after_the_stall"))
-            await sink.aclose()
-        assert [e["event"] for e in logs] == ["ztmw.audit_write_failed", "ztmw.audit_write_recovered"]
-        assert logs[0]["error"] == "backlog_full" and logs[1]["lost"] == lost
-        lines = reader.lines()
-        assert len(lines) == 2000 - lost + 1 and lines[-1]["reason"] == "after_the_stall"
-    finally:
-        reader.reading.set()
-        reader.close()
-
-
-def test_a_regular_file_is_written_on_the_spot_without_a_thread(tmp_path: Path) -> None:
-    sink = JsonLinesAuditSink(tmp_path / "a.jsonl", buffer_bytes=0, clock=FakeClock())
-    sink.emit(EVENT)
-    assert sink._writer is None and len(read_lines(tmp_path / "a.jsonl")) == 1
-    sink.close()

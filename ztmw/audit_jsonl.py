@@ -8,10 +8,6 @@ batch (at most `flush_interval` seconds or `buffer_bytes` late; security events 
 request only notes its fragment, status, duration and time: the lines are put together when the batch is
 written, in one tight loop, which costs a busy server less than doing it between two requests.
 
-A pipe or terminal (stdout into a log shipper, say) is written from a thread of the sink's own: its reader may
-apply backpressure for as long as it likes without stalling the event loop; what waits for it is bounded, and
-beyond the bound batches are dropped, counted and reported. A regular file is written directly (page cache).
-
 Configure with `[audit] sinks = ["jsonl"]` and `[plugins.jsonl] path = "audit.jsonl"` ("-" is stdout).
 The line format is what `ztmw serve`'s structlog setup prints: `timestamp` (ISO 8601, UTC), `level`, `event`,
 then the AuditEvent's non-empty fields.
@@ -20,11 +16,8 @@ then the AuditEvent's non-empty fields.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import functools
 import json
 import os
-import stat
 import time
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
@@ -38,8 +31,6 @@ from .errors import ConfigurationError
 from .models import AuditEvent
 from .typing import Clock, PluginDeps
 
-_BACKLOG_MAX = 16 * 1024 * 1024  # bytes handed to the writer thread and not written yet
-_CLOSE_TIMEOUT = 5.0  # seconds shutdown waits for a slow reader before it lets the rest go
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode  # ensure_ascii: no raw control or non-ASCII bytes
 _STATIC_FIELDS = tuple(name for name in AuditEvent.__dataclass_fields__
                        if name not in ("status", "duration_ms", "security"))
@@ -89,7 +80,6 @@ class JsonLinesAuditSink:
         buffer_bytes: int = 65536,
         clock: Clock = time.time,
         logger: Any = None,
-        max_backlog: int = _BACKLOG_MAX,
     ) -> None:
         self._target = target
         self._fd: int | None = None
@@ -106,11 +96,7 @@ class JsonLinesAuditSink:
         self._second_text = ""
         self._failing = False  # an outage is reported when it starts, and its end with the count lost
         self._lost_before = 0
-        self._mid_line = False  # the last write stopped inside a line (only the writing thread touches it)
-        self._writer: concurrent.futures.ThreadPoolExecutor | None = None  # for a pipe or terminal only
-        self._in_flight: set[concurrent.futures.Future[None]] = set()
-        self._backlog = 0
-        self._max_backlog = max_backlog
+        self._mid_line = False  # the last write stopped inside a line
         self.dropped = 0
 
     # -- lifetime ------------------------------------------------------------------------------------------
@@ -121,30 +107,15 @@ class JsonLinesAuditSink:
                 self._fd = 1
             else:
                 self._fd = os.open(self._target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            if self._writer is None and not stat.S_ISREG(os.fstat(self._fd).st_mode):
-                self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ztmw-audit")
 
     async def start(self) -> None:
         self.open()
 
     async def aclose(self) -> None:
-        """Flush, and give a slow reader up to `_CLOSE_TIMEOUT` seconds to take what waits for it."""
-        self.flush()
-        await self.written(timeout=_CLOSE_TIMEOUT)
-        self.close(timeout=0)
+        self.close()
 
-    async def written(self, timeout: float | None = None) -> None:
-        """Until every batch handed to the writer thread is written or has failed (or `timeout` seconds)."""
-        if self._in_flight:
-            await asyncio.wait([asyncio.wrap_future(f) for f in self._in_flight], timeout=timeout)
-            await asyncio.sleep(0)  # let their completion callbacks, queued on this loop, run
-
-    def close(self, timeout: float = _CLOSE_TIMEOUT) -> None:
+    def close(self) -> None:
         self.flush()
-        if self._writer is not None:
-            concurrent.futures.wait(self._in_flight, timeout=timeout)
-            self._writer.shutdown(wait=False)  # a write still blocked on its reader finishes on its own
-            self._writer = None
         if self._fd is not None and self._fd != 1:
             os.close(self._fd)
         self._fd = None
@@ -194,8 +165,9 @@ class JsonLinesAuditSink:
         return f"{self._second_text}.{int((now - second) * 1_000_000):06d}Z"
 
     def _arm_timer(self) -> None:
-        loop = _running_loop()
-        if loop is None:  # used outside an event loop (a script, a test): write at once
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # used outside an event loop (a script, a test): write at once
             self.flush()
             return
         self._timer = loop.call_later(self._flush_interval, self.flush)
@@ -212,14 +184,6 @@ class JsonLinesAuditSink:
         data = "".join(lines).encode("utf-8")
         try:
             self.open()
-        except OSError as exc:
-            self._failed(len(lines), exc.strerror or type(exc).__name__)
-            return
-        loop = _running_loop()
-        if self._writer is not None and loop is not None:
-            self._hand_off(loop, data, len(lines))
-            return
-        try:
             self._write(data)
         except OSError as exc:
             self._failed(len(lines), exc.strerror or type(exc).__name__)
@@ -227,44 +191,13 @@ class JsonLinesAuditSink:
         self._recovered()
 
     def _write(self, data: bytes) -> None:
-        """All of `data`, after ending a line an earlier failed write cut short; raises OSError. Runs on the
-        loop for a regular file, on the writer thread (one, in order) for a pipe or terminal."""
+        """All of `data`, after ending a line an earlier failed write cut short; raises OSError."""
         assert self._fd is not None
         view = memoryview(b"\n" + data if self._mid_line else data)
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
             self._mid_line = bool(view)
-
-    def _hand_off(self, loop: asyncio.AbstractEventLoop, data: bytes, count: int) -> None:
-        """Give a batch to the writer thread; beyond `max_backlog` bytes waiting, drop it (counted, reported)
-        rather than hold ever more memory for a reader that does not read."""
-        if self._backlog + len(data) > self._max_backlog:
-            self._failed(count, "backlog_full")
-            return
-        assert self._writer is not None
-        self._backlog += len(data)
-        future = self._writer.submit(self._write, data)
-        self._in_flight.add(future)
-        future.add_done_callback(functools.partial(self._written_threadsafe, loop, len(data), count))
-
-    def _written_threadsafe(self, loop: asyncio.AbstractEventLoop, size: int, count: int,
-                            future: concurrent.futures.Future[None]) -> None:
-        try:
-            loop.call_soon_threadsafe(self._written, size, count, future)
-        except RuntimeError:  # the loop is closed (shutdown gave up waiting): nobody is left to tell
-            pass
-
-    def _written(self, size: int, count: int, future: concurrent.futures.Future[None]) -> None:
-        """On the loop: the writer thread is done with a batch."""
-        self._in_flight.discard(future)
-        self._backlog -= size
-        error = future.exception() if not future.cancelled() else None
-        if future.cancelled() or error is not None:
-            strerror = getattr(error, "strerror", None)
-            self._failed(count, strerror or (type(error).__name__ if error else "cancelled"))
-        else:
-            self._recovered()
 
     def _recovered(self) -> None:
         if self._failing:
@@ -285,13 +218,6 @@ class JsonLinesAuditSink:
             getattr(self._log, level)(event, sink=self.name, **fields)
         except Exception:
             pass
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
 
 
 def create(settings: Mapping[str, Any], deps: PluginDeps) -> JsonLinesAuditSink:
