@@ -86,10 +86,16 @@ async def bearer_client(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
             handler_calls.append(request.method)
         return web.json_response({"ok": True})
 
-    app = items_app()
-    app.router.add_post("/items", ok)
+    return await post_route_client(aiohttp_client, issuer, clock, "/items", ok)
+
+
+async def post_route_client(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, path: str, handler: Any,
+                            app: web.Application | None = None) -> Any:
+    """`handler` as `POST path` (scope items:read) beside the base config's routes, protected, on a server."""
+    app = app if app is not None else items_app()
+    app.router.add_post(path, handler)
     config = base_config(issuer)
-    config["rules"] = config["rules"] + [{"id": "write", "path": "/items", "methods": ["POST"],
+    config["rules"] = config["rules"] + [{"id": "post", "path": path, "methods": ["POST"],
                                           "scopes": ["items:read"]}]
     ztmw.setup(app, config, clock=clock)
     return await aiohttp_client(app)
@@ -278,12 +284,8 @@ async def test_http_06_a_form_too_large_for_the_app_gets_aiohttp_s_own_413(
         calls.append(str(len(await request.post())))
         return web.json_response({})
 
-    app = web.Application(client_max_size=1024)
-    app.router.add_post("/items", ok)
-    config = base_config(issuer)
-    config["rules"] = [{"id": "write", "path": "/items", "methods": ["POST"], "scopes": ["items:read"]}]
-    ztmw.setup(app, config, clock=clock)
-    client = await aiohttp_client(app)
+    client = await post_route_client(aiohttp_client, issuer, clock, "/items", ok,
+                                     app=web.Application(client_max_size=1024))
     auth = {"Authorization": f"Bearer {issuer.mint(scope='items:read')}"}
     with capture_logs() as events:
         assert (await client.post("/items", data={"note": "x" * 4000}, headers=auth)).status == 413
@@ -300,13 +302,7 @@ async def test_http_06_only_a_form_body_is_a_transport_and_the_handler_still_rea
         form = await request.post()  # ztmw read it first: aiohttp hands the same form again
         return web.json_response({"note": form.get("note")})
 
-    app = items_app()
-    app.router.add_post("/echo", echo)
-    config = base_config(issuer)
-    config["rules"] = config["rules"] + [{"id": "echo", "path": "/echo", "methods": ["POST"],
-                                          "scopes": ["items:read"]}]
-    ztmw.setup(app, config, clock=clock)
-    client = await aiohttp_client(app)
+    client = await post_route_client(aiohttp_client, issuer, clock, "/echo", echo)
     auth = {"Authorization": f"Bearer {issuer.mint(scope='items:read')}"}
     response = await client.post("/echo", data={"note": "kept"}, headers=auth)
     assert response.status == 200 and await response.json() == {"note": "kept"}
