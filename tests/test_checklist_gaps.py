@@ -295,6 +295,21 @@ async def test_http_06_a_form_too_large_for_the_app_gets_aiohttp_s_own_413(
     assert calls == ["1"]
 
 
+async def test_http_06_ztmw_reads_no_large_form_body_for_a_request_it_may_deny(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    """Over 64 KiB the body is the handler's business only: an unauthenticated client cannot make ztmw buffer
+    it (the header alone decides, and a body token is never taken anyway)."""
+    calls: list[str] = []
+    client = await bearer_client(aiohttp_client, issuer, clock, calls)
+    padded = {"access_token": "x", "pad": "y" * (64 * 1024)}
+    refused = await client.post("/items", data=padded, headers={"Authorization": "Bearer not.a.token"})
+    assert refused.status == 401 and challenges(refused)["Bearer"]["error"] == "invalid_token"
+    allowed = await client.post("/items", data=padded,
+                                headers={"Authorization": f"Bearer {issuer.mint(scope='items:read')}"})
+    assert allowed.status == 200 and calls == ["POST"]
+
+
 async def test_http_06_only_a_form_body_is_a_transport_and_the_handler_still_reads_it(
     aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
 ) -> None:

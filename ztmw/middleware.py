@@ -37,6 +37,9 @@ _DPOP = istr("DPoP")  # header names as istr: the case-insensitive lookup skips 
 # longer paths are decided in full: a memo entry holds its path twice (key, match info), keep entries small
 _MEMO_PATH_MAX = 1024
 _FORM = "application/x-www-form-urlencoded"
+# ztmw reads a form body (to refuse a second token transport) only up to this size: a request it is about to
+# deny must not make it buffer what the app would allow (client_max_size); a form carrying a token is small
+_FORM_READ_MAX = 64 * 1024
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -219,11 +222,15 @@ def _memo_key(request: web.Request, match_info: web.UrlMappingMatchInfo) -> Memo
 async def _has_body_token(request: web.Request) -> bool:
     """RFC 6750 §2.2's form-body `access_token` beside an Authorization header: two transports (HTTP-06).
 
-    The body is read only for a form with an Authorization header; aiohttp keeps what it read, so the handler
-    still gets it. A body over the app's `client_max_size` gets aiohttp's own 413, as the handler reading it
-    would have (a half-read body must not reach it); one that does not parse is left to the handler, which
-    meets the same error: no token is ever taken from a body, so not finding one cannot let a request in."""
+    The body is read only for a form with an Authorization header and a Content-Length of at most 64 KiB;
+    aiohttp keeps what it read, so the handler still gets it. A body over the app's `client_max_size` gets
+    aiohttp's own 413, as the handler reading it would have (a half-read body must not reach it); one that
+    does not parse, or is larger or chunked, is left to the handler: no token is ever taken from a body, so
+    not finding one cannot let a request in."""
     if request.content_type != _FORM or hdrs.AUTHORIZATION not in request.headers or not request.body_exists:
+        return False
+    length = request.content_length
+    if length is None or length > _FORM_READ_MAX:
         return False
     try:
         form = await request.post()
