@@ -70,7 +70,7 @@ def test_every_outage_of_the_audit_file_is_reported_not_only_the_first(
 
 
 _PARTIAL_WRITE_CHILD = textwrap.dedent("""
-    import asyncio, fcntl, os, sys
+    import asyncio, fcntl, os, sys, threading, time
     from dataclasses import replace
     out_path = sys.argv[1]
     r, w = os.pipe()
@@ -84,48 +84,56 @@ _PARTIAL_WRITE_CHILD = textwrap.dedent("""
     event = AuditEvent(decision="allow", reason="allowed", status=200, method="GET", route="/items",
                        client_id="c" * 200)
     received = bytearray()
+    done = threading.Event()
 
-    def drain():
+    def drain():  # a slow reader: starts late, reads in small steps, until the writer has been quiet a while
+        time.sleep(0.3)
+        quiet_since = None
         while True:
             try:
-                chunk = os.read(r, 1 << 16)
+                chunk = os.read(r, 4096)
             except BlockingIOError:
-                return
-            if not chunk:
-                return
-            received.extend(chunk)
+                chunk = b""
+            if chunk:
+                received.extend(chunk)
+                quiet_since = None
+            elif done.is_set():
+                quiet_since = quiet_since or time.monotonic()
+                if time.monotonic() - quiet_since > 0.3:
+                    return
+            time.sleep(0.001)
 
     async def main():
         sink = JsonLinesAuditSink("-", buffer_bytes=1 << 30, clock=FakeClock(1.7e9))
         for _ in range(2000):  # about 600 KB buffered (the timer is armed, it has not fired)
             sink.emit(event)
-        sink.flush()  # the pipe takes what fits, then EAGAIN: part of a line went out
-        drain()  # the reader catches up
-        sink.emit(replace(event, reason="after_the_outage", security=True))  # written at once
-        drain()
-        sink.close()
+        sink.flush()  # the pipe takes what fits, then EAGAIN: the writer waits for the reader
+        sink.emit(replace(event, reason="after_the_outage", security=True))
+        await sink.aclose()
+        sys.stderr.write(f"dropped={sink.dropped}\\n")
 
+    reader = threading.Thread(target=drain)
+    reader.start()
     asyncio.run(main())
+    done.set()
+    reader.join()
     with open(out_path, "wb") as out:
         out.write(bytes(received))
 """)
 
 
-def test_a_partial_write_never_glues_the_next_event_to_a_truncated_line(tmp_path: Path) -> None:
+def test_a_non_blocking_stdout_neither_loses_nor_glues_a_line(tmp_path: Path) -> None:
+    """EAGAIN mid-batch: the sink's pipe writer waits for the reader instead of cutting a line."""
     out = tmp_path / "stdout.bin"
     root = str(Path(__file__).resolve().parents[1])  # the checkout, so the child imports this ztmw
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    subprocess.run([sys.executable, "-c", _PARTIAL_WRITE_CHILD, str(out)], check=True, env=env, timeout=120)
-    data = out.read_bytes()
-    assert data, "the child wrote nothing to its stdout pipe"
-    parsed = []
-    for line in data.split(b"\n"):
-        try:
-            parsed.append(json.loads(line))
-        except ValueError:
-            continue
-    assert any(p.get("reason") == "after_the_outage" for p in parsed), \
-        "the event written after the partial write is not readable"
+    done = subprocess.run([sys.executable, "-c", _PARTIAL_WRITE_CHILD, str(out)], check=True, env=env,
+                          timeout=120, capture_output=True, text=True)
+    assert "dropped=0" in done.stderr
+    lines = out.read_bytes().split(b"\n")
+    assert lines[-1] == b""
+    parsed = [json.loads(line) for line in lines[:-1]]  # every line parses
+    assert len(parsed) == 2001 and parsed[-1]["reason"] == "after_the_outage"
 
 
 # -- pinned ---------------------------------------------------------------------------------------------------
@@ -228,8 +236,9 @@ async def test_an_unwritable_audit_file_never_fails_a_request_and_is_reported(
                         {"Authorization": "Bearer not.a.token"}):
             async with client.get("/items", headers=headers) as response:
                 statuses.append(response.status)
-    assert statuses == [401, 200, 200, 401]
-    [sink] = [p.instance for p in pipeline.plugins if p.name == "jsonl"]
+        assert statuses == [401, 200, 200, 401]
+        [sink] = [p.instance for p in pipeline.plugins if p.name == "jsonl"]
+        await sink.written()  # /dev/full is no regular file: the sink's pipe writer thread meets the ENOSPC
     assert sink.dropped == 4
     failures = [e for e in logs if e["event"] == "ztmw.audit_write_failed"]
     assert len(failures) == 1 and failures[0]["error"] == os.strerror(errno.ENOSPC)

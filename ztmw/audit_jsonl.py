@@ -8,6 +8,12 @@ batch (at most `flush_interval` seconds or `buffer_bytes` late; security events 
 request only notes its fragment, status, duration and time: the lines are put together when the batch is
 written, in one tight loop, which costs a busy server less than doing it between two requests.
 
+A pipe or terminal (stdout into a log shipper, say) is written by a `PipeWriter` thread, so its reader may
+apply backpressure without stalling the event loop; at most `max_backlog` bytes wait for it, beyond that
+batches are dropped, counted and reported. With stdout as the target the outage reports travel in the same
+stream, in order, instead of through the ztmw logger (which `ztmw serve` points at the same stalled stdout).
+A regular file is written directly (page cache).
+
 Configure with `[audit] sinks = ["jsonl"]` and `[plugins.jsonl] path = "audit.jsonl"` ("-" is stdout).
 The line format is what `ztmw serve`'s structlog setup prints: `timestamp` (ISO 8601, UTC), `level`, `event`,
 then the AuditEvent's non-empty fields.
@@ -18,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import stat
 import time
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
@@ -29,7 +36,11 @@ from .audit import RenderedTemplates
 from .config import check_plugin_settings
 from .errors import ConfigurationError
 from .models import AuditEvent
+from .pipe_writer import PipeWriter
 from .typing import Clock, PluginDeps
+
+_BACKLOG_MAX = 16 * 1024 * 1024  # bytes that may wait for a slow pipe reader
+_CLOSE_TIMEOUT = 5.0  # seconds shutdown gives a slow pipe reader
 
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode  # ensure_ascii: no raw control or non-ASCII bytes
 _STATIC_FIELDS = tuple(name for name in AuditEvent.__dataclass_fields__
@@ -80,6 +91,7 @@ class JsonLinesAuditSink:
         buffer_bytes: int = 65536,
         clock: Clock = time.time,
         logger: Any = None,
+        max_backlog: int = _BACKLOG_MAX,
     ) -> None:
         self._target = target
         self._fd: int | None = None
@@ -97,6 +109,8 @@ class JsonLinesAuditSink:
         self._failing = False  # an outage is reported when it starts, and its end with the count lost
         self._lost_before = 0
         self._mid_line = False  # the last write stopped inside a line
+        self._pipe: PipeWriter | None = None  # for a pipe or terminal
+        self._max_backlog = max_backlog
         self.dropped = 0
 
     # -- lifetime ------------------------------------------------------------------------------------------
@@ -107,17 +121,41 @@ class JsonLinesAuditSink:
                 self._fd = 1
             else:
                 self._fd = os.open(self._target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+                self._pipe = PipeWriter(self._fd, self._max_backlog)
 
     async def start(self) -> None:
         self.open()
 
     async def aclose(self) -> None:
-        self.close()
-
-    def close(self) -> None:
+        """Flush, and give a slow pipe reader up to `_CLOSE_TIMEOUT` seconds to take what waits for it."""
         self.flush()
+        await self.written(_CLOSE_TIMEOUT)
+        self.close(timeout=0)
+
+    async def written(self, timeout: float | None = None) -> None:
+        """Until what waits for a pipe reader is written or has failed (or `timeout` seconds), with its
+        outcome counted and reported."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while self._pipe is not None and not self._pipe.idle():
+            if deadline is not None and loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.005)
+        self._collect()
+
+    def close(self, timeout: float = _CLOSE_TIMEOUT) -> None:
+        """Flush and close; a pipe reader gets up to `timeout` seconds (blocking: prefer `aclose` on a loop)."""
+        self.flush()
+        if self._pipe is not None:
+            self._pipe.wait_idle(timeout)
+            self._collect()
+            abandoned = self._pipe.stop()
+            if abandoned:
+                self._failed(abandoned, "closed_before_written")
+            self._pipe = None
         if self._fd is not None and self._fd != 1:
-            os.close(self._fd)
+            os.close(self._fd)  # the writer thread has its own duplicate
         self._fd = None
 
     # -- AuditSink -----------------------------------------------------------------------------------------
@@ -184,11 +222,28 @@ class JsonLinesAuditSink:
         data = "".join(lines).encode("utf-8")
         try:
             self.open()
+            if self._pipe is not None:
+                self._to_pipe(self._pipe, data, len(lines))
+                return
             self._write(data)
         except OSError as exc:
             self._failed(len(lines), exc.strerror or type(exc).__name__)
             return
         self._recovered()
+
+    def _to_pipe(self, pipe: PipeWriter, data: bytes, count: int) -> None:
+        self._collect()
+        if not pipe.submit(data):
+            self._failed(count, "backlog_full")
+
+    def _collect(self) -> None:
+        """Count and report what the pipe writer did since the last look, in order."""
+        if self._pipe is not None:
+            for outcome in self._pipe.collect():
+                if outcome is None:
+                    self._recovered()
+                else:
+                    self._failed(*outcome)
 
     def _write(self, data: bytes) -> None:
         """All of `data`, after ending a line an earlier failed write cut short; raises OSError."""
@@ -213,8 +268,16 @@ class JsonLinesAuditSink:
             self._report("error", "ztmw.audit_write_failed", error=error)
 
     def _report(self, level: str, event: str, **fields: Any) -> None:
-        """Tell the ztmw logger, which may write to the very stream that just failed (stdout): never raise."""
+        """Tell the ztmw logger, which may write to the very stream that just failed (stdout): never raise.
+
+        With stdout written by the pipe writer, the report goes into that stream instead, after the lines it
+        is about: the logger would block the event loop on the stalled pipe and could split a line."""
         try:
+            if self._pipe is not None and str(self._target) == "-":
+                line = {"timestamp": self._timestamp(self._clock()), "level": level, "event": event,
+                        "sink": self.name, **fields}
+                self._pipe.submit(_ENCODE(line).encode() + b"\n", bound=False)
+                return
             getattr(self._log, level)(event, sink=self.name, **fields)
         except Exception:
             pass

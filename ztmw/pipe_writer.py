@@ -1,0 +1,159 @@
+"""A writer for a pipe or terminal that never blocks the event loop: the audit sink's way to stdout.
+
+A reader of stdout (a container's log driver, a log shipper) may apply backpressure for as long as it likes;
+a blocking `write` on the event loop would then stall every request. Here one daemon thread writes, and what
+waits for it is one bounded buffer of bytes:
+
+- its own duplicate of the descriptor, closed by the thread when it stops: closing the sink never pulls a
+  descriptor from under a blocked write, and a reused descriptor number never receives audit lines;
+- a daemon thread: a reader that never reads cannot keep the process from exiting;
+- whole lines in writes of at most PIPE_BUF bytes where it can: a pipe writes those in one piece, so another
+  writer of the same pipe (the app's own logging on stdout) never splits an audit line;
+- EAGAIN (someone made the pipe non-blocking) waits for the reader with poll() instead of losing the batch;
+- outcomes (lines lost with the error, or written again) are counted under the lock and collected by the
+  sink on its own thread: nothing is ever called back on an event loop that may be gone.
+
+Written by hand: the standard library's executors join their threads at exit and give no byte bound.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+
+_PIPE_BUF = getattr(select, "PIPE_BUF", 512)  # POSIX guarantees at least 512
+
+
+class PipeWriter:
+    """Accepts batches of whole lines (`submit`) and writes them in order on a thread of its own."""
+
+    def __init__(self, fd: int, max_backlog: int) -> None:
+        self._fd = os.dup(fd)
+        self._max_backlog = max_backlog
+        self._cond = threading.Condition()
+        self._buffer = bytearray()
+        self._writing = 0  # bytes of the chunk the thread is writing now
+        self._lines_in_flight = 0  # and its lines
+        self._stopping = False
+        self._mid_line = False  # the last write stopped inside a line: the next one starts with a newline
+        self._outcomes: list[tuple[int, str] | None] = []  # (lines lost, error) or None: written again
+        self._thread = threading.Thread(target=self._run, name="ztmw-audit-writer", daemon=True)
+        self._thread.start()
+
+    # -- the sink's side ---------------------------------------------------------------------------------
+
+    def submit(self, data: bytes, *, bound: bool = True) -> bool:
+        """Queue `data`; False when it would take what waits beyond `max_backlog` (a batch is always taken
+        when nothing waits; `bound=False` for the sink's own short outage reports) or the writer is stopped."""
+        with self._cond:
+            waiting = len(self._buffer) + self._writing
+            if self._stopping or (bound and waiting and waiting + len(data) > self._max_backlog):
+                return False
+            self._buffer += data
+            self._cond.notify_all()
+            return True
+
+    @property
+    def backlog(self) -> int:
+        """Bytes queued or being written."""
+        with self._cond:
+            return len(self._buffer) + self._writing
+
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._buffer and not self._writing
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        """Until everything queued is written (or has failed); False when `timeout` seconds pass first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._buffer and not self._writing, timeout)
+
+    def collect(self) -> list[tuple[int, str] | None]:
+        """What happened since the last call, in order: (lines lost, error) for a failed write, None for a
+        write that worked after a failure."""
+        with self._cond:
+            outcomes, self._outcomes = self._outcomes, []
+            return outcomes
+
+    def stop(self) -> int:
+        """Stop taking batches and let the thread end after its current write; returns the lines given up on
+        (queued, or in a write still blocked on its reader)."""
+        with self._cond:
+            self._stopping = True
+            abandoned = self._buffer.count(b"\n")
+            self._buffer.clear()
+            self._cond.notify_all()
+            return abandoned + self._lines_in_flight
+
+    # -- the thread ------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    self._cond.wait_for(lambda: bool(self._buffer) or self._stopping)
+                    if not self._buffer:
+                        return
+                    chunk = bytes(self._buffer)
+                    self._buffer.clear()
+                    self._writing = len(chunk)
+                    self._lines_in_flight = chunk.count(b"\n")
+                lost = self._write(chunk)
+                with self._cond:
+                    self._writing = 0
+                    self._lines_in_flight = 0
+                    self._record(lost)
+                    self._cond.notify_all()
+        finally:
+            os.close(self._fd)
+
+    def _record(self, lost: tuple[int, str] | None) -> None:
+        """Keep outcomes short: consecutive losses add up, and a success only counts after a loss."""
+        last = self._outcomes[-1] if self._outcomes else None
+        if lost is None:
+            if self._outcomes and last is not None:
+                self._outcomes.append(None)
+        elif last is not None:
+            self._outcomes[-1] = (last[0] + lost[0], last[1])
+        else:
+            self._outcomes.append(lost)
+
+    def _write(self, data: bytes) -> tuple[int, str] | None:
+        """Write `data` in whole-line pieces; on an error, the lines not written whole are lost."""
+        buf = b"\n" + data if self._mid_line else data
+        view = memoryview(buf)
+        start = 0
+        try:
+            while start < len(buf):
+                end = _piece_end(buf, start)
+                piece = view[start:end]
+                while piece:
+                    try:
+                        written = os.write(self._fd, piece)
+                    except BlockingIOError:  # a non-blocking pipe that is full: wait for the reader
+                        _wait_writable(self._fd)
+                        continue
+                    piece = piece[written:]
+                    self._mid_line = bool(piece)
+                start = end
+        except OSError as exc:
+            return buf.count(b"\n", start), exc.strerror or type(exc).__name__
+        return None
+
+
+def _piece_end(buf: bytes, start: int) -> int:
+    """The end of the next write: whole lines of at most PIPE_BUF bytes, or one longer line alone."""
+    limit = start + _PIPE_BUF
+    if limit >= len(buf):
+        return len(buf)
+    cut = buf.rfind(b"\n", start, limit)
+    if cut == -1:
+        cut = buf.find(b"\n", limit)
+    return len(buf) if cut == -1 else cut + 1
+
+
+def _wait_writable(fd: int) -> None:
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    poller.poll(1000)
