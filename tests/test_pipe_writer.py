@@ -465,3 +465,23 @@ async def test_another_writer_of_the_same_pipe_never_splits_an_audit_line(tmp_pa
     finally:
         stop.set()
         reader.close()
+
+
+async def test_an_outage_of_a_pipe_is_reported_with_its_recovery(tmp_path: Path) -> None:
+    """A refused batch (backlog full) then a write that works is an outage and its end, even though the
+    sink collected the writer's outcomes in between (it does at every flush)."""
+    reader = FifoReader(tmp_path / "fifo")
+    sink = JsonLinesAuditSink(tmp_path / "fifo", buffer_bytes=0, clock=FakeClock(), max_backlog=100_000)
+    try:
+        with capture_logs() as logs:
+            for _ in range(1000):  # the pipe (64 KiB) and the bound fill: batches are refused
+                sink.emit(EVENT)
+            assert sink.dropped
+            reader.start()
+            await sink.written()
+            sink.emit(EVENT)  # written: the outage is over
+            await sink.written()
+        await sink.aclose()
+        assert [e["event"] for e in logs] == ["ztmw.audit_write_failed", "ztmw.audit_write_recovered"]
+    finally:
+        reader.close()

@@ -38,6 +38,7 @@ class PipeWriter:
         self._stopping = False
         self._mid_line = False  # the last write stopped inside a line: the next one starts with a newline
         self._outcomes: list[tuple[int, str] | None] = []  # (lines lost, error) or None: written again
+        self._in_outage = False  # the last write failed, or a batch was refused: the next write that works ends it
         self._thread = threading.Thread(target=self._run, name="ztmw-audit-writer", daemon=True)
         self._thread.start()
 
@@ -49,6 +50,7 @@ class PipeWriter:
         with self._cond:
             waiting = len(self._buffer) + self._writing
             if self._stopping or (bound and waiting and waiting + len(data) > self._max_backlog):
+                self._in_outage = True  # the sink counts the refusal; the next write that works ends it
                 return False
             self._buffer += data
             self._cond.notify_all()
@@ -109,15 +111,19 @@ class PipeWriter:
             os.close(self._fd)
 
     def _record(self, lost: tuple[int, str] | None) -> None:
-        """Keep outcomes short: consecutive losses add up, and a success only counts after a loss."""
-        last = self._outcomes[-1] if self._outcomes else None
+        """Keep outcomes short: consecutive losses add up, and a success counts only when it ends an outage
+        (a failed write, or a batch refused for the bound), collected or not."""
         if lost is None:
-            if self._outcomes and last is not None:
+            if self._in_outage:
                 self._outcomes.append(None)
-        elif last is not None:
+                self._in_outage = False
+            return
+        last = self._outcomes[-1] if self._outcomes else None
+        if last is not None:
             self._outcomes[-1] = (last[0] + lost[0], last[1])
         else:
             self._outcomes.append(lost)
+        self._in_outage = True
 
     def _write(self, data: bytes) -> tuple[int, str] | None:
         """Write `data` in whole-line pieces; on an error, the lines not written whole are lost."""
