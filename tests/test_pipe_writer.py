@@ -91,6 +91,19 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
 
 
+def stalled_fill(tmp_path: Path) -> tuple[FifoReader, JsonLinesAuditSink, Any]:
+    """A FIFO whose reader has not started, a sink on it, and a coroutine that emits 500 events into it."""
+    reader = FifoReader(tmp_path / "fifo")
+    sink = JsonLinesAuditSink(tmp_path / "fifo", buffer_bytes=0, clock=FakeClock())
+
+    async def fill() -> None:
+        for _ in range(500):
+            sink.emit(EVENT)
+        await asyncio.sleep(0.1)
+
+    return reader, sink, fill
+
+
 def reasons(lines: list[dict[str, Any]]) -> list[str]:
     return [line["reason"] for line in lines]
 
@@ -187,13 +200,7 @@ async def test_closing_while_the_thread_is_blocked_never_writes_into_a_file_that
 def test_a_batch_finished_after_its_loop_closed_raises_and_logs_nothing(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    reader = FifoReader(tmp_path / "fifo")
-    sink = JsonLinesAuditSink(tmp_path / "fifo", buffer_bytes=0, clock=FakeClock())
-
-    async def fill() -> None:
-        for _ in range(500):
-            sink.emit(EVENT)
-        await asyncio.sleep(0.1)
+    reader, sink, fill = stalled_fill(tmp_path)
 
     try:
         asyncio.run(fill())  # the loop closes with batches still waiting for the reader
@@ -341,13 +348,7 @@ def test_a_flush_without_a_loop_after_the_thread_was_used_keeps_the_order(tmp_pa
 
 
 def test_the_backlog_is_released_when_the_loop_that_handed_it_over_is_gone(tmp_path: Path) -> None:
-    reader = FifoReader(tmp_path / "fifo")
-    sink = JsonLinesAuditSink(tmp_path / "fifo", buffer_bytes=0, clock=FakeClock())
-
-    async def fill() -> None:
-        for _ in range(500):
-            sink.emit(EVENT)
-        await asyncio.sleep(0.1)
+    reader, sink, fill = stalled_fill(tmp_path)
 
     async def later() -> None:
         sink.emit(SECURITY)
