@@ -150,10 +150,11 @@ class JsonLinesAuditSink:
         if self._pipe is not None:
             self._pipe.wait_idle(timeout)
             self._collect()
-            abandoned = self._pipe.stop()
+            abandoned, outcomes = self._pipe.stop()
+            self._pipe = None  # reports from here on go to the logger
+            self._count(outcomes)
             if abandoned:
                 self._failed(abandoned, "closed_before_written")
-            self._pipe = None
         if self._fd is not None and self._fd != 1:
             os.close(self._fd)  # the writer thread has its own duplicate
         self._fd = None
@@ -239,11 +240,14 @@ class JsonLinesAuditSink:
     def _collect(self) -> None:
         """Count and report what the pipe writer did since the last look, in order."""
         if self._pipe is not None:
-            for outcome in self._pipe.collect():
-                if outcome is None:
-                    self._recovered()
-                else:
-                    self._failed(*outcome)
+            self._count(self._pipe.collect())
+
+    def _count(self, outcomes: list[tuple[int, str] | None]) -> None:
+        for outcome in outcomes:
+            if outcome is None:
+                self._recovered()
+            else:
+                self._failed(*outcome)
 
     def _write(self, data: bytes) -> None:
         """All of `data`, after ending a line an earlier failed write cut short; raises OSError."""
@@ -276,8 +280,8 @@ class JsonLinesAuditSink:
             if self._pipe is not None and str(self._target) == "-":
                 line = {"timestamp": self._timestamp(self._clock()), "level": level, "event": event,
                         "sink": self.name, **fields}
-                self._pipe.submit(_ENCODE(line).encode() + b"\n", bound=False)
-                return
+                if self._pipe.submit(_ENCODE(line).encode() + b"\n", bound=False):
+                    return
             getattr(self._log, level)(event, sink=self.name, **fields)
         except Exception:
             pass

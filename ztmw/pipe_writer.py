@@ -34,7 +34,10 @@ class PipeWriter:
         self._cond = threading.Condition()
         self._buffer = bytearray()
         self._writing = 0  # bytes of the chunk the thread is writing now
-        self._lines_in_flight = 0  # and its lines
+        # audit lines (not the sink's own reports) queued, in the chunk being written, in its current piece
+        self._buffer_events = 0
+        self._events_in_flight = 0
+        self._piece_events = 0
         self._stopping = False
         self._mid_line = False  # the last write stopped inside a line: the next one starts with a newline
         self._outcomes: list[tuple[int, str] | None] = []  # (lines lost, error) or None: written again
@@ -53,6 +56,8 @@ class PipeWriter:
                 self._in_outage = True  # the sink counts the refusal; the next write that works ends it
                 return False
             self._buffer += data
+            if bound:
+                self._buffer_events += data.count(b"\n")
             self._cond.notify_all()
             return True
 
@@ -78,15 +83,18 @@ class PipeWriter:
             outcomes, self._outcomes = self._outcomes, []
             return outcomes
 
-    def stop(self) -> int:
-        """Stop taking batches and let the thread end after its current write; returns the lines given up on
-        (queued, or in a write still blocked on its reader)."""
+    def stop(self) -> tuple[int, list[tuple[int, str] | None]]:
+        """Stop taking batches; the thread ends once the piece it is writing is done. Returns, at once, the
+        audit lines given up on (queued, or not reached in the current chunk; the piece being written, at most
+        PIPE_BUF bytes, is not counted: it is written when its reader reads) and the outcomes not collected."""
         with self._cond:
             self._stopping = True
-            abandoned = self._buffer.count(b"\n")
+            abandoned = self._buffer_events + max(0, self._events_in_flight - self._piece_events)
             self._buffer.clear()
+            self._buffer_events = 0
+            outcomes, self._outcomes = self._outcomes, []
             self._cond.notify_all()
-            return abandoned + self._lines_in_flight
+            return abandoned, outcomes
 
     # -- the thread ------------------------------------------------------------------------------------
 
@@ -100,12 +108,13 @@ class PipeWriter:
                     chunk = bytes(self._buffer)
                     self._buffer.clear()
                     self._writing = len(chunk)
-                    self._lines_in_flight = chunk.count(b"\n")
+                    self._events_in_flight, self._buffer_events = self._buffer_events, 0
                 lost = self._write(chunk)
                 with self._cond:
                     self._writing = 0
-                    self._lines_in_flight = 0
-                    self._record(lost)
+                    self._events_in_flight = self._piece_events = 0
+                    if not self._stopping:  # after stop() the caller has counted what was left
+                        self._record(lost)
                     self._cond.notify_all()
         finally:
             os.close(self._fd)
@@ -127,12 +136,17 @@ class PipeWriter:
 
     def _write(self, data: bytes) -> tuple[int, str] | None:
         """Write `data` in whole-line pieces; on an error, the lines not written whole are lost."""
-        buf = b"\n" + data if self._mid_line else data
+        prefix = 1 if self._mid_line else 0  # the newline that ends a line cut short is no line of its own
+        buf = b"\n" + data if prefix else data
         view = memoryview(buf)
         start = 0
         try:
             while start < len(buf):
                 end = _piece_end(buf, start)
+                with self._cond:
+                    if self._stopping:
+                        return None
+                    self._piece_events = min(buf.count(b"\n", max(start, prefix), end), self._events_in_flight)
                 piece = view[start:end]
                 while piece:
                     try:
@@ -142,9 +156,12 @@ class PipeWriter:
                         continue
                     piece = piece[written:]
                     self._mid_line = bool(piece)
+                with self._cond:
+                    self._events_in_flight -= self._piece_events
+                    self._piece_events = 0
                 start = end
         except OSError as exc:
-            return buf.count(b"\n", start), exc.strerror or type(exc).__name__
+            return buf.count(b"\n", max(start, prefix)), exc.strerror or type(exc).__name__
         return None
 
 
