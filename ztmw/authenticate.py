@@ -168,7 +168,7 @@ class Authenticator:
 
     def still_trusted(self, verified: VerifiedToken) -> bool:
         """Asks the verifier, when it can tell, whether what it concluded still stands (key still published)."""
-        check = self._still_trusted_by_name.get(verified.verifier)
+        check = self.trust_check(verified)
         return True if check is None else bool(check(verified))
 
     def trust_check(self, verified: VerifiedToken) -> Callable[[VerifiedToken], bool] | None:

@@ -17,9 +17,9 @@ import dataclasses
 import hashlib
 import hmac
 import json
-from collections import OrderedDict
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
+from .lru import LRU
 from .models import VerifiedToken, frozen_mapping
 from .typing import Clock
 
@@ -32,11 +32,10 @@ def token_key(token: str) -> bytes:
 
 
 class _ExpiringLRU(Generic[V]):
-    """A bounded LRU whose entries carry their own expiry. Single event loop, no locks needed."""
+    """The bounded LRU of `ztmw.lru`, with an expiry on each entry: an expired one is dropped when read."""
 
     def __init__(self, *, max_entries: int, clock: Clock) -> None:
-        self._entries: OrderedDict[bytes, tuple[float, V]] = OrderedDict()
-        self._max_entries = max_entries
+        self._entries: LRU[bytes, tuple[float, V]] = LRU(max_entries)
         self._clock = clock
 
     def __len__(self) -> int:
@@ -47,32 +46,16 @@ class _ExpiringLRU(Generic[V]):
         if entry is None:
             return None
         if entry[0] <= self._clock():
-            del self._entries[key]
+            self._entries.pop(key)
             return None
-        self._entries.move_to_end(key)
         return entry[1]
 
-    def holds(self, key: bytes, value: V) -> bool:
-        """Whether `value` itself is still the live entry under `key` (refreshing its recency, as `get`)."""
-        entry = self._entries.get(key)
-        if entry is None or entry[1] is not value:
-            return False
-        if entry[0] <= self._clock():
-            del self._entries[key]
-            return False
-        self._entries.move_to_end(key)
-        return True
-
     def put(self, key: bytes, value: V, expires: float) -> None:
-        if self._max_entries <= 0 or expires <= self._clock():
-            return
-        self._entries[key] = (expires, value)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
+        if expires > self._clock():
+            self._entries.put(key, (expires, value))
 
     def pop(self, key: bytes) -> None:
-        self._entries.pop(key, None)
+        self._entries.pop(key)
 
     def clear(self) -> None:
         self._entries.clear()
@@ -87,9 +70,6 @@ class MemoryVerificationCache:
         self._clock = clock
         self.hits = 0
         self.misses = 0
-        # the decision memo asks on every replay: bound here so that costs one call, not two
-        self.holds: Callable[[bytes, VerifiedToken], bool] = self._lru.holds
-        """Whether this very result is still cached under the key (the decision memo's check, not a hit)."""
 
     def __len__(self) -> int:
         return len(self._lru)
@@ -107,6 +87,11 @@ class MemoryVerificationCache:
         so `max_ttl` counts from the verification, not from when this process learnt of it."""
         expires = min(self._clock() + self._max_ttl, value.expires_at)
         self._lru.put(key, value, expires if until is None else min(expires, until))
+
+    def holds(self, key: bytes, value: VerifiedToken) -> bool:
+        """Whether this very result is still cached under the key (the decision memo's check: no hit counted,
+        the entry's recency refreshed as by a lookup)."""
+        return self._lru.get(key) is value
 
     def discard(self, key: bytes) -> None:
         self._lru.pop(key)

@@ -3,7 +3,7 @@
 Whatever a client can make ztmw remember (a key it imported, a certificate it parsed, a kid it asked for in
 vain) must be bounded, or a flood of distinct values grows the process without end. `OrderedDict` already
 keeps the order; this adds the bound and the recency bump in one place. Single event loop: no locks.
-(The verification cache keeps its own specialised copy in `cache.py`: it is on the hot path of every request.)
+(The verification and negative caches add an expiry per entry on top of it, in `cache.py`.)
 """
 
 from __future__ import annotations
