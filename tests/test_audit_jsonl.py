@@ -28,6 +28,15 @@ EVENT = AuditEvent(decision="allow", reason="allowed", status=200, method="GET",
                    verifier="bearer", cache="hit", aal=1, ial=0, trust_inputs=("acr=x:aal1/ial0",), duration_ms=0.25)
 
 
+async def jsonl_client(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock,
+                       **settings: Any) -> tuple[Any, ztmw.Pipeline]:
+    """The items app protected with the jsonl audit sink under `settings`, on a real server."""
+    app = items_app()
+    pipeline = ztmw.setup(app, base_config(issuer, audit={"sinks": ["jsonl"]}, plugins={"jsonl": settings}),
+                          clock=clock)
+    return await aiohttp_client(app), pipeline
+
+
 def read_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
@@ -165,10 +174,7 @@ async def test_sec_03_end_to_end_one_line_per_request_with_replays_and_no_token(
     aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, tmp_path: Path
 ) -> None:
     path = tmp_path / "audit.jsonl"
-    config = base_config(issuer, audit={"sinks": ["jsonl"]}, plugins={"jsonl": {"path": str(path)}})
-    app = items_app()
-    ztmw.setup(app, config, clock=clock)
-    client = await aiohttp_client(app)
+    client, _ = await jsonl_client(aiohttp_client, issuer, clock, path=str(path))
     token = issuer.mint(scope="items:read")
     statuses = []
     for headers in [{}] + [{"Authorization": f"Bearer {token}"}] * 4:

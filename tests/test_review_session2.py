@@ -32,7 +32,7 @@ from ztmw.errors import InvalidDPoPProof
 from ztmw.testing import DevIssuer, DPoPKey, FakeClock
 
 from .conftest import base_config, items_app
-from .test_audit_jsonl import EVENT, read_lines
+from .test_audit_jsonl import EVENT, jsonl_client, read_lines
 from .test_memo import call, protected
 from .test_memo_review import decisions, raw, with_query
 from .test_middleware import staged_app
@@ -187,11 +187,8 @@ async def test_lines_buffered_for_a_long_flush_interval_are_written_at_app_clean
     aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, tmp_path: Path
 ) -> None:
     path = tmp_path / "audit.jsonl"
-    config = base_config(issuer, audit={"sinks": ["jsonl"]},
-                         plugins={"jsonl": {"path": str(path), "flush_interval": 60, "buffer_bytes": 1 << 24}})
-    app = items_app()
-    ztmw.setup(app, config, clock=clock)
-    client = await aiohttp_client(app)
+    client, _ = await jsonl_client(aiohttp_client, issuer, clock, path=str(path), flush_interval=60,
+                                   buffer_bytes=1 << 24)
     token = issuer.mint(scope="items:read")
     for _ in range(5):
         async with client.get("/items", headers={"Authorization": f"Bearer {token}"}) as response:
@@ -207,11 +204,8 @@ async def test_flush_interval_is_honoured_without_further_traffic(
     import asyncio
 
     path = tmp_path / "audit.jsonl"
-    config = base_config(issuer, audit={"sinks": ["jsonl"]},
-                         plugins={"jsonl": {"path": str(path), "flush_interval": 0.05, "buffer_bytes": 1 << 24}})
-    app = items_app()
-    ztmw.setup(app, config, clock=clock)
-    client = await aiohttp_client(app)
+    client, _ = await jsonl_client(aiohttp_client, issuer, clock, path=str(path), flush_interval=0.05,
+                                   buffer_bytes=1 << 24)
     async with client.get("/items", headers={"Authorization": f"Bearer {issuer.mint(scope='items:read')}"}) as r:
         assert r.status == 200
     for _ in range(1000):  # a bounded wait for the timer; no timing is asserted
@@ -224,11 +218,8 @@ async def test_flush_interval_is_honoured_without_further_traffic(
 async def test_an_unwritable_audit_file_never_fails_a_request_and_is_reported(
     aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
 ) -> None:
-    config = base_config(issuer, audit={"sinks": ["jsonl"]},
-                         plugins={"jsonl": {"path": "/dev/full", "buffer_bytes": 0}})  # every write: ENOSPC
-    app = items_app()
-    pipeline = ztmw.setup(app, config, clock=clock)
-    client = await aiohttp_client(app)
+    client, pipeline = await jsonl_client(aiohttp_client, issuer, clock, path="/dev/full",  # every write: ENOSPC
+                                          buffer_bytes=0)
     token = issuer.mint(scope="items:read")
     with capture_logs() as logs:
         statuses = []
