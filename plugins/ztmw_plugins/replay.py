@@ -251,8 +251,8 @@ def open_redis_client(url: str, timeout: float, *, what: str) -> Any:
     """
     try:
         import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry  # redis-py 8 warns on (and will refuse) the synchronous one
         from redis.backoff import NoBackoff
-        from redis.retry import Retry
     except ImportError:  # pragma: no cover - depends on the installed extras
         raise ConfigurationError(f"{what}: needs the 'redis' extra (pip install 'ztmw[redis]')") from None
     return aioredis.from_url(
