@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import structlog
 from aiohttp import web
 
+from . import workers
 from .config import Config, load_config
 from .errors import ConfigurationError
 from .middleware import setup
@@ -26,12 +27,13 @@ from .models import RouteRef
 from .pipeline import Pipeline
 
 
-def configure_json_logging() -> None:
-    """The recommended production setup: cheap processors, one JSON line per event."""
+def configure_json_logging(worker: int | None = None) -> None:
+    """The recommended production setup: cheap processors, one JSON line per event (naming the worker if any)."""
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *([] if worker is None else [workers.tag_worker(worker)]),
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
@@ -77,8 +79,11 @@ def _config_or_exit(path: str) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    configure_json_logging()
+    configure_json_logging(args.worker_id)
     config = _config_or_exit(args.config)
+    if workers.is_supervisor(args):  # --workers N: this process only starts and watches N of these
+        return workers.supervise(args, config, args.argv)
+    config = workers.enter_worker(args, config)
     app = load_factory(args.factory, extra)
     try:
         setup(app, config)
@@ -96,7 +101,7 @@ def cmd_serve(args: argparse.Namespace, extra: Sequence[str]) -> int:
     # access_log=None: aiohttp's default line carries the query string (a refused ?access_token= would be logged);
     # a larger max_field_size lets ztmw's own cap answer oversize credentials with a proper challenge
     web.run_app(app, host=args.host, port=args.port, ssl_context=ssl_context, print=None, access_log=None,
-                max_field_size=32768)
+                max_field_size=32768, reuse_port=args.worker_id is not None)
     return 0
 
 
@@ -177,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key")
     serve.add_argument("--tls-client-ca")
     serve.add_argument("--tls-require-client-cert", action="store_true")
+    workers.add_arguments(serve)
     serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("check", help="validate the config and show which rule covers each route")
@@ -208,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what `serve --workers` starts its children with
     if extra and args.command not in ("serve", "check", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "serve" and args.tls_cert and not args.tls_key:
