@@ -3,8 +3,7 @@
 Every test starts the real command as a subprocess: a supervising parent and two `ztmw serve` children that
 bind the same port with SO_REUSEPORT. A keep-alive connection stays with the worker that accepted it, so a
 client pinned to one connection talks to one worker; the app's answers carry the pid of the process that
-served them (tests/factories.py:create_worker_app), which is how a test knows it reached both workers. The
-configuration keeps the defaults a user gets ("memory" replay store, no nonce secret in the environment):
+served them (tests/worker_servers.py), which is how a test knows it reached both workers. The configuration keeps the defaults a user gets ("memory" replay store, no nonce secret in the environment):
 the parent must make them safe across workers by itself.
 """
 
@@ -19,11 +18,8 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import AsyncIterator, Sequence
 
 import aiohttp
 import pytest
@@ -34,153 +30,30 @@ from ztmw.testing.http import free_port
 from ztmw.workers import worker_count
 
 from .replica_config import AUDIENCE, PUBLIC_ORIGIN, ROOT, write_replica_config
+from .worker_servers import (
+    Server,
+    dpop_error,
+    environment,
+    pinned_to_two_workers,
+    running,
+    served_by,
+    until_gone,
+)
 
 PATH = "/hello/x"
 HTU = PUBLIC_ORIGIN + PATH
-START_TIMEOUT = 60.0
 FACTORY = "tests.factories:create_worker_app"
-
-
-@dataclass
-class Server:
-    """A running `ztmw serve --workers N`: the parent process and everything it wrote to stdout and stderr."""
-
-    process: subprocess.Popen[bytes]
-    base: str
-    stdout: bytearray = field(default_factory=bytearray)
-    stderr: bytearray = field(default_factory=bytearray)
-
-    def lines(self) -> list[str]:
-        return self.stdout.decode("utf-8").splitlines()
-
-    def events(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.lines()]
-
-
-def _drain(stream: Any, into: bytearray) -> None:
-    for chunk in iter(lambda: stream.read1(65536), b""):
-        into.extend(chunk)
-
-
-def _environment(**extra: str) -> dict[str, str]:
-    environment = {k: v for k, v in os.environ.items() if k != "ZTMW_DPOP_NONCE_SECRET"}
-    return {**environment, **extra}
 
 
 @contextlib.asynccontextmanager
 async def serving(config: Path, *, workers: str = "2", args: Sequence[str] = (), scheme: str = "http",
                   ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[Server]:
-    """`ztmw serve --workers N` on a free port, stdout and stderr read through pipes, stopped at the end."""
+    """`ztmw serve --workers N` on a free port."""
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "ztmw", "serve", FACTORY, "--config", str(config), "--port", str(port),
-         "--workers", workers, *args],
-        cwd=ROOT, env=_environment(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
-    server = Server(process, f"{scheme}://127.0.0.1:{port}")
-    readers = [threading.Thread(target=_drain, args=(process.stdout, server.stdout), daemon=True),
-               threading.Thread(target=_drain, args=(process.stderr, server.stderr), daemon=True)]
-    for reader in readers:
-        reader.start()
-    try:
-        await _until_listening(server, port, ssl_context)
+    command = [sys.executable, "-m", "ztmw", "serve", FACTORY, "--config", str(config), "--port", str(port),
+               "--workers", workers, *args]
+    async with running(command, port, scheme=scheme, ssl_context=ssl_context) as server:
         yield server
-    finally:
-        if process.poll() is None:
-            process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:  # pragma: no cover - only when shutdown hangs
-            process.kill()
-            process.wait()
-        for reader in readers:
-            reader.join(timeout=10)
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
-
-
-async def _until_listening(server: Server, port: int, ssl_context: ssl.SSLContext | None) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ssl_context)
-        except OSError:
-            if server.process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"server did not start:\n{server.stderr.decode()}") from None
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        return
-
-
-@contextlib.asynccontextmanager
-async def pinned_to_two_workers(
-    server: Server, headers: dict[str, str], ssl_context: ssl.SSLContext | None = None
-) -> AsyncIterator[tuple[aiohttp.ClientSession, aiohttp.ClientSession]]:
-    """Two one-connection clients whose connections were accepted by different workers.
-
-    A new connection lands on either worker (the kernel hashes its addresses), so connect until two answers
-    name different processes; both workers only start listening once they have started, so keep trying.
-    """
-    found: dict[int, aiohttp.ClientSession] = {}
-    spare: list[aiohttp.ClientSession] = []
-    deadline = time.monotonic() + START_TIMEOUT
-    try:
-        while len(found) < 2:
-            assert time.monotonic() < deadline, "the connections never reached two workers"
-            client = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1, ssl=ssl_context or False))
-            spare.append(client)
-            async with client.get(server.base + "/open", headers=headers) as response:
-                assert response.status == 200
-                pid = (await response.json())["pid"]
-            spare.pop()
-            if pid in found:
-                spare.append(client)
-            else:
-                found[pid] = client
-        for client in spare:
-            await client.close()
-        spare.clear()
-        first, second = found.values()
-        yield first, second
-    finally:
-        for client in [*spare, *found.values()]:
-            await client.close()
-
-
-async def served_by(client: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> tuple[int, Any, Any]:
-    async with client.get(url, headers=headers) as response:
-        body = await response.json() if response.status == 200 else await response.text()
-        return response.status, response.headers.copy(), body
-
-
-def dpop_error(headers: Any) -> str | None:
-    for line in headers.getall("WWW-Authenticate", []):
-        if line.startswith("DPoP "):
-            for part in line[5:].split(", "):
-                name, _, value = part.partition("=")
-                if name == "error":
-                    return value.strip('"')
-    return None
-
-
-def alive(pid: int) -> bool:
-    """Running, and not a zombie left for a reaper that may never come in a container."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state != "Z"
-
-
-async def until_gone(pids: Sequence[int], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while any(alive(pid) for pid in pids):
-        assert time.monotonic() < deadline, f"still running: {[p for p in pids if alive(p)]}"
-        await asyncio.sleep(0.1)
 
 
 @pytest.fixture
@@ -338,7 +211,7 @@ async def test_a_worker_that_cannot_start_fails_the_whole_server(dev_issuer: Dev
         subprocess.run,
         [sys.executable, "-m", "ztmw", "serve", FACTORY, "--config", str(config), "--port", str(free_port()),
          "--workers", "2"],
-        cwd=ROOT, env=_environment(), capture_output=True, timeout=120,
+        cwd=ROOT, env=environment(), capture_output=True, timeout=120,
     )
     assert result.returncode == 2
     assert b"no-such-plugin" in result.stderr and b"stopping the others" in result.stderr
@@ -353,7 +226,7 @@ async def test_a_port_in_use_is_a_start_up_error(config: Path) -> None:
             subprocess.run,
             [sys.executable, "-m", "ztmw", "serve", FACTORY, "--config", str(config), "--port", str(port),
              "--workers", "2"],
-            cwd=ROOT, env=_environment(), capture_output=True, timeout=60,
+            cwd=ROOT, env=environment(), capture_output=True, timeout=60,
         )
     assert result.returncode == 2
     assert f"cannot bind 127.0.0.1:{port}" in result.stderr.decode()

@@ -34,9 +34,9 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, MutableMapping, Sequence
+from typing import Any, Callable, Mapping, MutableMapping, Sequence
 
-from .config import Config
+from .config import Config, DPoPConfig
 from .errors import ConfigurationError
 
 MAX_WORKERS = 512
@@ -78,6 +78,27 @@ def under_gunicorn() -> bool:
     count at start-up says nothing reliable: callers treat every gunicorn process as one of several.
     """
     return "gunicorn.arbiter" in sys.modules or os.environ.get("SERVER_SOFTWARE", "").startswith("gunicorn/")
+
+
+def refuse_per_process_state(dpop: DPoPConfig, environ: Mapping[str, str]) -> None:
+    """Under gunicorn, DPoP state that one process would keep to itself is a start-up error, not a silent hole.
+
+    With a "memory" replay store a proof replayed to another worker (or to a worker gunicorn just restarted)
+    would pass; with a per-process nonce secret the other workers would refuse every nonce. `ztmw serve
+    --workers` shares both by itself; gunicorn cannot, so the settings must.
+    """
+    if not under_gunicorn():
+        return
+    problems = []
+    if dpop.replay_store == "memory":
+        problems.append('dpop.replay_store = "memory" keeps proof ids in one process: set it to '
+                        '"sqlite:///a/path/on/this/host" or a redis:// URL')
+    if dpop.require_nonce and not environ.get(dpop.nonce_secret_env):
+        problems.append(f"dpop.require_nonce with {dpop.nonce_secret_env} unset gives each process its own "
+                        f"nonce secret: set {dpop.nonce_secret_env} to one secret (16 bytes or more) for all")
+    if problems:
+        raise ConfigurationError("gunicorn runs several worker processes and replaces them at will; "
+                                 + "; ".join(problems))
 
 
 # -- the child side -------------------------------------------------------------------------------------------

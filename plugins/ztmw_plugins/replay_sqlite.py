@@ -28,6 +28,7 @@ from ztmw.config import SQLITE_PREFIX
 from ztmw.errors import ConfigurationError, UpstreamUnavailable
 from ztmw.typing import Clock
 
+OPEN_TIMEOUT = 5.0  # seconds start-up may wait for a file another worker is setting up
 PURGE_INTERVAL = 5.0  # seconds between sweeps of expired rows (an expired row already counts as unseen)
 
 _SCHEMA = (
@@ -71,20 +72,38 @@ class SQLiteReplayStore:
             self._db = self._open()
 
     def _open(self) -> sqlite3.Connection:
+        """Open and set up the file; workers starting together may find it locked for a moment, so retry."""
+        deadline = time.monotonic() + OPEN_TIMEOUT
+        while True:
+            try:
+                return self._try_open()
+            except sqlite3.OperationalError as exc:
+                if time.monotonic() > deadline:
+                    raise ConfigurationError(f"dpop.replay_store: cannot open the SQLite file: {exc}") from None
+                time.sleep(0.05)
+
+    def _try_open(self) -> sqlite3.Connection:
         try:
             # created here, owner-only, before SQLite would create it with the umask's permissions; the WAL
             # and shared-memory files SQLite adds next to it copy these permissions
             os.close(os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600))
             db = sqlite3.connect(self._path, timeout=self._timeout, isolation_level=None,
                                  check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigurationError(f"dpop.replay_store: cannot open the SQLite file: {exc}") from None
+        try:
             db.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer; one write lock per file
             # a digest lost to an OS crash could be replayed only within its ttl (about a minute), and the OS
             # crash restarts the server anyway; an fsync per request would cost more than the proof check
             db.execute("PRAGMA synchronous=OFF")
             for statement in _SCHEMA:
                 db.execute(statement)
-        except (OSError, sqlite3.Error) as exc:
-            raise ConfigurationError(f"dpop.replay_store: cannot open the SQLite file: {exc}") from None
+        except sqlite3.OperationalError:
+            db.close()
+            raise  # busy or locked: `_open` tries again
+        except sqlite3.Error as exc:
+            db.close()
+            raise ConfigurationError(f"dpop.replay_store: cannot use the SQLite file: {exc}") from None
         return db
 
     async def close(self) -> None:
