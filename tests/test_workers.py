@@ -1,10 +1,11 @@
 """`ztmw serve --workers N` (ztmw/workers.py): real multi-process servers on one loopback port.
 
 Every test starts the real command as a subprocess: a supervising parent and two `ztmw serve` children that
-bind the same port with SO_REUSEPORT. A keep-alive connection stays with the worker that accepted it, so a
-client pinned to one connection talks to one worker; the app's answers carry the pid of the process that
-served them (tests/worker_servers.py), which is how a test knows it reached both workers. The configuration keeps the defaults a user gets ("memory" replay store, no nonce secret in the environment):
-the parent must make them safe across workers by itself.
+bind the same port with SO_REUSEPORT. A keep-alive connection stays with the worker that accepted it, and the
+app's answers carry the pid of the process that served them (tests/worker_servers.py), which is how a test
+knows it reached both workers. The configuration keeps the defaults a user gets ("memory" replay store, no
+nonce secret in the environment): the parent must make them safe across workers by itself (DPOP-22: the
+replay store is shared across workers).
 """
 
 from __future__ import annotations

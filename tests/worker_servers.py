@@ -109,31 +109,29 @@ async def pinned_to_two_workers(
     name different processes; both workers only start listening once they have started, so keep trying.
     """
     found: dict[int, aiohttp.ClientSession] = {}
-    spare: list[aiohttp.ClientSession] = []
+    pending: list[aiohttp.ClientSession] = []
     deadline = time.monotonic() + START_TIMEOUT
     try:
         while len(found) < 2:
             assert time.monotonic() < deadline, "the connections never reached two workers"
             client = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1, ssl=ssl_context or False))
-            spare.append(client)
+            pending.append(client)
             try:
                 async with client.get(server.base + "/open", headers=headers) as response:
                     assert response.status == 200
                     pid = (await response.json())["pid"]
             except aiohttp.ClientConnectionError as exc:
                 raise AssertionError(f"{exc}; the server said:\n{server.stderr.decode()}") from None
-            spare.pop()
+            pending.pop()
             if pid in found:
-                spare.append(client)
+                await client.close()  # same worker again: the other may still be starting
+                await asyncio.sleep(0.02)
             else:
                 found[pid] = client
-        for client in spare:
-            await client.close()
-        spare.clear()
         first, second = found.values()
         yield first, second
     finally:
-        for client in [*spare, *found.values()]:
+        for client in [*pending, *found.values()]:
             await client.close()
 
 
