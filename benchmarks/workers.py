@@ -7,12 +7,15 @@ Every server is `python -m ztmw serve apps:create_app --workers N` on 127.0.0.1 
 (`apt-get install -y wrk`). Nothing is pinned: the workers must be free to use every core, so on a small
 machine the load generator competes with them for the same cores, and the ratio shows what adding a worker
 buys on *this* machine, generator included. Scenarios and worker counts are interleaved round by round;
-the table shows medians. Every request must be answered 200: a refusal (for DPoP, a replay the shared store
+the table shows medians, with the server's CPU time per request (parent and workers together, from /proc):
+on a busy machine that is the steadier number, and equal CPU per request means N workers serve N times as
+much once N cores are free for them. Every request must be answered 200: a refusal (for DPoP, a replay the shared store
 caught) fails the run instead of being counted as throughput.
 
 Scenarios: `cached` one Bearer token over and over (the cache and memo hit path); `unique` a new ES256 token
 per request (a 1,000-entry cache and 20,000 tokens in rotation: every request verifies a signature); `dpop` a
-new DPoP proof per request (the "memory" replay store, which two workers share as one SQLite file).
+new DPoP proof per request (the "memory" replay store, which two workers share as one SQLite file);
+`dpop-sqlite` the same with a configured SQLite store, so one worker pays for the file too (not run by default).
 """
 
 from __future__ import annotations
@@ -41,12 +44,13 @@ UNIQUE_TOKENS = 20_000
 PROOFS_PER_SECOND = 9000  # more than two workers serve here; a run that runs out stops early and says so
 
 
-def scenario_config(material: Material, name: str) -> str:
+def scenario_config(material: Material, name: str, workdir: Path) -> str:
     if name == "cached":
         return ztmw_config(material, verifiers=["bearer"], audit_sink="structlog")
     if name == "unique":
         return ztmw_config(material, verifiers=["bearer"], audit_sink="structlog", cache_entries=1000)
-    return ztmw_config(material, verifiers=["bearer", "dpop"], audit_sink="structlog", replay_store="memory")
+    store = f"sqlite://{workdir}/{name}.sqlite3" if name == "dpop-sqlite" else "memory"
+    return ztmw_config(material, verifiers=["bearer", "dpop"], audit_sink="structlog", replay_store=store)
 
 
 def request_lines(material: Material, name: str, duration: float, workdir: Path) -> tuple[Path, str]:
@@ -57,7 +61,7 @@ def request_lines(material: Material, name: str, duration: float, workdir: Path)
         return write_lines(workdir / "unique.txt", lines), "cycle"
     proofs = material.dpop.proofs(int(PROOFS_PER_SECOND * duration))  # fresh for every run: iat = now
     lines = [f"Authorization: DPoP {material.dpop_token}\tDPoP: {p}" for p in proofs]
-    return write_lines(workdir / "dpop.txt", lines), "once"
+    return write_lines(workdir / f"{name}.txt", lines), "once"
 
 
 class Server:
@@ -85,6 +89,15 @@ class Server:
                                        if self.process.stderr else "server did not start")
                 time.sleep(0.05)
 
+    def pids(self) -> list[int]:
+        """The parent and its workers (the workers are the parent's children)."""
+        pid = self.process.pid
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            children = []
+        return [pid, *(int(c) for c in children)]
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()  # the parent passes SIGTERM to its workers
@@ -95,6 +108,16 @@ class Server:
                 self.process.wait()
         if self.process.stderr:
             self.process.stderr.close()
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of these processes, from /proc."""
+    total = 0.0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def run_wrk(url: str, lines: Path, mode: str, duration: float, workdir: Path) -> dict[str, Any]:
@@ -133,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = [int(n) for n in args.workers.split(",")]
     names = args.only.split(",")
     samples: dict[tuple[str, int], list[float]] = {(s, n): [] for s in names for n in counts}
+    cpu: dict[tuple[str, int], list[float]] = {(s, n): [] for s in names for n in counts}
     cores = len(os.sched_getaffinity(0))
     print(f"{cores} CPUs usable, load average {os.getloadavg()[0]:.2f} at start; wrk -t1 -c{CONNECTIONS}, "
           f"{args.duration:g} s per run, {args.rounds} rounds", flush=True)
@@ -143,13 +167,16 @@ def main(argv: list[str] | None = None) -> int:
             order = counts if round_number % 2 == 0 else counts[::-1]
             for name in names:
                 config = workdir / f"{name}.toml"
-                config.write_text(scenario_config(material, name), encoding="utf-8")
+                config.write_text(scenario_config(material, name, workdir), encoding="utf-8")
                 for workers in order:
                     lines, mode = request_lines(material, name, args.duration, workdir)
                     server = Server(config, workers)
                     try:
                         server.wait_ready()
+                        pids = server.pids()
+                        before = cpu_seconds(pids)
                         result = run_wrk(f"http://127.0.0.1:{server.port}", lines, mode, args.duration, workdir)
+                        used = cpu_seconds(pids) - before
                     finally:
                         server.stop()
                     errors = sum(v for k, v in result.items() if k.startswith("err_"))
@@ -157,16 +184,21 @@ def main(argv: list[str] | None = None) -> int:
                         raise SystemExit(f"{name} with {workers} workers: {errors} errors/refusals: {result}")
                     rate = result["requests"] / (result["duration_us"] / 1e6)
                     samples[(name, workers)].append(rate)
+                    cpu[(name, workers)].append(used / result["requests"] * 1e6)
                     note = "  (ran out of proofs)" if result["exhausted"] else ""
-                    print(f"round {round_number + 1}: {name:<7} workers={workers}  {rate:8.0f} req/s  "
-                          f"p99 {result['p99_us'] / 1000:.1f} ms{note}", flush=True)
+                    print(f"round {round_number + 1}: {name:<11} workers={workers}  {rate:8.0f} req/s  "
+                          f"p99 {result['p99_us'] / 1000:6.1f} ms  server CPU {cpu[(name, workers)][-1]:5.0f} "
+                          f"us/req{note}", flush=True)
     print(f"\n| scenario | {' | '.join(f'{n} worker(s) req/s' for n in counts)} | "
-          f"{' | '.join(f'{n} ÷ {counts[0]}' for n in counts[1:])} |")
-    print("|---|" + "---:|" * (2 * len(counts) - 1))
+          f"{' | '.join(f'{n} ÷ {counts[0]}' for n in counts[1:])} | "
+          f"{' | '.join(f'CPU µs/req, {n}' for n in counts)} |")
+    print("|---|" + "---:|" * (3 * len(counts) - 1))
     for name in names:
         medians = [statistics.median(samples[(name, n)]) for n in counts]
         ratios = [f"{m / medians[0]:.2f}" for m in medians[1:]]
-        print(f"| {name} | {' | '.join(f'{m:.0f}' for m in medians)} | {' | '.join(ratios)} |")
+        costs = [f"{statistics.median(cpu[(name, n)]):.0f}" for n in counts]
+        print(f"| {name} | {' | '.join(f'{m:.0f}' for m in medians)} | {' | '.join(ratios)} | "
+              f"{' | '.join(costs)} |")
     print(f"load average {os.getloadavg()[0]:.2f} at the end (other work on the machine skews every number)")
     return 0
 

@@ -10,8 +10,10 @@ primary key that only overwrites an expired row), and every statement is its own
 SQLite's file lock. The file holds SHA-256 digests and expiry times only, never a `jti` or a thumbprint, and is
 created readable by its owner only.
 
-The statement runs on the event loop: an insert takes a few microseconds, and waiting on another worker's
-write lock is bounded by `timeout`. A store that cannot answer (lock held too long, disk full, file gone)
+Checks made in one turn of the event loop are answered together, in one transaction (one lock, one commit:
+a commit appends whole pages to the write-ahead log, so committing once per batch is what keeps the store
+cheap under load). The transaction runs on the event loop: a batch takes tens of microseconds, and waiting
+on another worker's write lock is bounded by `timeout`. A store that cannot answer (lock held too long, disk full, file gone)
 raises `UpstreamUnavailable` (503): fail closed, as the other stores do. So does a file that held
 `max_entries` unexpired digests at its last sweep (every `PURGE_INTERVAL` seconds, so the bound is soft by what
 arrives in between), rather than forgetting one (a forgotten digest is a replay window).
@@ -19,6 +21,8 @@ arrives in between), rather than forgetting one (a forgotten digest is a replay 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import os
 import sqlite3
@@ -29,7 +33,8 @@ from ztmw.errors import ConfigurationError, UpstreamUnavailable
 from ztmw.typing import Clock
 
 OPEN_TIMEOUT = 5.0  # seconds start-up may wait for a file another worker is setting up
-PURGE_INTERVAL = 5.0  # seconds between sweeps of expired rows (an expired row already counts as unseen)
+PURGE_INTERVAL = 5.0
+_Check = tuple[bytes, float, "asyncio.Future[bool]"]  # (digest, ttl, the caller's answer)  # seconds between sweeps of expired rows (an expired row already counts as unseen)
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS dpop_seen (key BLOB PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID",
@@ -63,6 +68,7 @@ class SQLiteReplayStore:
         self._db: sqlite3.Connection | None = None
         self._next_purge = 0.0
         self._full = False
+        self._pending: list[_Check] = []  # checks waiting for the next batch
 
     def __repr__(self) -> str:
         return f"SQLiteReplayStore({self._path!r})"
@@ -107,6 +113,10 @@ class SQLiteReplayStore:
         return db
 
     async def close(self) -> None:
+        pending, self._pending = self._pending, []
+        for _, _, future in pending:
+            if not future.done():
+                future.set_exception(UpstreamUnavailable("replay_store_unavailable"))
         db, self._db = self._db, None
         if db is not None:
             db.close()
@@ -128,18 +138,53 @@ class SQLiteReplayStore:
             raise ValueError("ttl must be a positive finite number of seconds")
         if self._db is None:
             await self.start()
-        db = self._db
-        assert db is not None
-        now = self._clock()
         hashed = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        self._pending.append((hashed, float(ttl), future))
+        if len(self._pending) == 1:
+            loop.call_soon(self._flush)  # every check made before the loop comes round joins this batch
+        return await future
+
+    def _flush(self) -> None:
+        """Answer every waiting check in one transaction: one lock and one commit, however many checks."""
+        batch, self._pending = self._pending, []
+        batch = [check for check in batch if not check[2].done()]  # callers cancelled meanwhile
+        if not batch:
+            return
+        try:
+            answers = self._claim_all(batch)
+        except sqlite3.Error:
+            answers = [UpstreamUnavailable("replay_store_unavailable")] * len(batch)
+        for (_, _, future), answer in zip(batch, answers):
+            if future.done():
+                continue
+            if isinstance(answer, UpstreamUnavailable):
+                future.set_exception(answer)
+            else:
+                future.set_result(answer)
+
+    def _claim_all(self, batch: list[_Check]) -> list[bool | UpstreamUnavailable]:
+        db = self._db
+        if db is None:  # closed while the batch waited
+            return [UpstreamUnavailable("replay_store_unavailable")] * len(batch)
+        now = self._clock()
+        db.execute("BEGIN IMMEDIATE")  # the write lock now, waiting at most `timeout` for another worker's
         try:
             if now >= self._next_purge:
                 self._purge(db, now)
-            if self._full:
-                # a replay is still a replay when the store is full: only a new id is refused with a 503
-                if db.execute("SELECT 1 FROM dpop_seen WHERE key = ? AND expires > ?", (hashed, now)).fetchone():
-                    return False
-                raise UpstreamUnavailable("replay_store_full")
-            return db.execute(_CLAIM, (hashed, now + ttl, now)).rowcount == 1
-        except sqlite3.Error:
-            raise UpstreamUnavailable("replay_store_unavailable") from None
+            answers = [self._claim(db, hashed, ttl, now) for hashed, ttl, _ in batch]
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+        return answers
+
+    def _claim(self, db: sqlite3.Connection, hashed: bytes, ttl: float, now: float) -> bool | UpstreamUnavailable:
+        if self._full:
+            # a replay is still a replay when the store is full: only a new id is refused with a 503
+            if db.execute("SELECT 1 FROM dpop_seen WHERE key = ? AND expires > ?", (hashed, now)).fetchone():
+                return False
+            return UpstreamUnavailable("replay_store_full")
+        return bool(db.execute(_CLAIM, (hashed, now + ttl, now)).rowcount == 1)

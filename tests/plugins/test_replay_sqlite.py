@@ -52,6 +52,19 @@ async def test_a_proof_id_seen_by_one_worker_is_a_replay_for_another(url: str) -
     await other.close()
 
 
+async def test_concurrent_checks_of_one_id_let_exactly_one_through(url: str) -> None:
+    """Checks made together are answered in one transaction: the same id twice in a batch is still one first."""
+    clock = FakeClock()
+    one, other = store(url, clock), store(url, clock)
+    same = [replay.first_seen("jkt|same", TTL) for replay in (one, other) * 10]
+    distinct = [one.first_seen(f"jkt|{n}", TTL) for n in range(10)]
+    results = await asyncio.gather(*same, *distinct)
+    assert results[:20].count(True) == 1
+    assert all(results[20:])
+    await one.close()
+    await other.close()
+
+
 async def test_a_proof_id_seen_in_another_process_is_a_replay(url: str) -> None:
     script = (
         "import asyncio, sys\n"
