@@ -32,11 +32,13 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod, LineTooLong
+from aiohttp.web_protocol import RequestPayloadError
 
 import ztmw
 from ztmw.parser_rejection import (
     REJECTION_LOG_FILTER,
     ParserSafeAppRunner,
+    ParserSafeRequestHandler,
     RejectionLogFilter,
     carries_request_bytes,
     rejection_status,
@@ -259,6 +261,25 @@ def test_a_control_byte_in_a_credential_is_refused_without_echo(served: Served, 
     assert leaked(marker, served.output()) == [], served.output()[-3000:]
 
 
+def test_a_handler_reading_a_body_whose_chunked_framing_breaks_gets_400(served: Served,
+                                                                       request: pytest.FixtureRequest) -> None:
+    if request.node.callspec.params["served"] == "c-parser":
+        pytest.skip("aiohttp's C parser drops the body stream of a request whose framing breaks while a handler "
+                    "reads it: the handler waits for the client to hang up, and nothing is sent")
+    marker = new_marker()
+    head = b"POST /upload HTTP/1.1\r\nHost: api.example.com\r\nTransfer-Encoding: chunked\r\n\r\n"  # public
+    with socket.create_connection(("127.0.0.1", served.port), timeout=30) as sock:
+        sock.sendall(head + b"3\r\nabc\r\n")  # the handler starts reading...
+        time.sleep(0.2)  # (were both sends one read, the parser would refuse it first: the same 400)
+        sock.sendall(b"z" + marker.encode() + b"\r\n")  # ...and the next chunk size is not hex
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    served.settle()
+    assert STATUS.findall(reply) == [b"400"], reply[:300]
+    assert leaked(marker, reply) == [] and leaked(marker, served.output()) == [], served.output()[-3000:]
+
+
 def test_the_server_logs_that_it_refused_a_request(served: Served) -> None:
     before = served.output().count(b"HTTP parser rejected a request from 127.0.0.1")
     served.exchange(GET + b"Authorization: Bearer \x00\r\n\r\n")
@@ -383,6 +404,21 @@ async def test_parser_safe_app_runner_answers_without_echo_and_logs_without_the_
     assert reply.startswith(b"HTTP/1.0 400 Bad Request\r\n") and reply.endswith(b"\r\n\r\n400 Bad Request\n")
     assert leaked(marker, reply) == [] and leaked(marker, server_log.text.encode()) == []
     assert "aiohttp.server WARNING HTTP parser rejected a request from 127.0.0.1: BadHttpMessage" in server_log.text
+
+
+async def test_other_aiohttp_log_lines_about_a_rejection_lose_its_text(server_log: Collector) -> None:
+    """aiohttp's start() logs "Unhandled exception" when it trips over a broken body after the answer."""
+    marker = new_marker()
+    server = web.Server(hello)
+    handler = ParserSafeRequestHandler(server, loop=asyncio.get_running_loop())
+    try:
+        raise RequestPayloadError(f"400, message: z{marker}")
+    except RequestPayloadError as exc:
+        handler.log_exception("Unhandled exception", exc_info=exc)
+    handler.log_exception("Error handling request from %s", "127.0.0.1", exc_info=ValueError("a handler's own"))
+    assert leaked(marker, server_log.text.encode()) == []
+    assert "ERROR Unhandled exception: RequestPayloadError (request bytes withheld)" in server_log.text
+    assert "ValueError: a handler's own" in server_log.text  # anything else: aiohttp's record, traceback and all
 
 
 async def test_parser_safe_app_runner_refuses_an_unknown_server_option_at_start_up() -> None:

@@ -138,7 +138,9 @@ class ParserSafeRequestHandler(web.RequestHandler):
         """aiohttp's other paths that log a rejection (a failed answer, an "Unhandled exception") without it."""
         exc = kw.get("exc_info")
         if isinstance(exc, BaseException) and carries_request_bytes(exc):
-            message = args[0] % args[1:] if len(args) > 1 else args[0] if args else "Error"
+            message = str(args[0]) if args else "Error"
+            with contextlib.suppress(TypeError, ValueError):  # aiohttp's own texts; a bad one stays unformatted
+                message = message % args[1:] if len(args) > 1 else message
             self.logger.error("%s: %s (request bytes withheld)", message, rejection_kind(exc))
             return
         super().log_exception(*args, **kw)
