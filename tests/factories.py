@@ -44,3 +44,14 @@ def create_worker_app() -> web.Application:
     app.router.add_get("/hello/{name}", _hello_from)
     app.router.add_get("/open", _hello_from)
     return app
+
+
+async def _upload(request: web.Request) -> web.Response:
+    return web.json_response({"received": len(await request.read())})
+
+
+def create_upload_app() -> web.Application:
+    """`create_app` plus a route whose handler reads the body (test_parser_rejection: broken chunked framing)."""
+    app = create_app()
+    app.router.add_post("/upload", _upload)
+    return app
