@@ -99,6 +99,26 @@ async def test_proof_accepted_by_one_worker_is_a_replay_at_the_other(
         assert token not in server.stdout.decode()
 
 
+@pytest.mark.redis
+async def test_a_configured_redis_store_is_kept_and_shared_by_the_workers(
+    redis_url: str, dev_issuer: DevIssuer, tmp_path: Path
+) -> None:
+    config = write_replica_config(tmp_path / "redis.toml", issuer=dev_issuer.issuer,
+                                  jwks_uri=dev_issuer.jwks_uri, replay_store=redis_url, require_nonce=False)
+    key = DPoPKey()
+    token = dev_issuer.mint("alice", scope="hello:read", cnf={"jkt": key.thumbprint})
+    auth = {"Authorization": f"DPoP {token}"}
+    async with serving(config) as server, pinned_to_two_workers(server, {}) as (one, other):
+        proof = key.proof("GET", HTU, access_token=token)
+        status, _, body = await served_by(one, server.base + PATH, {**auth, "DPoP": proof})
+        assert status == 200
+        status, headers, _ = await served_by(other, server.base + PATH, {**auth, "DPoP": proof})
+        assert status == 401 and dpop_error(headers) == "invalid_dpop_proof"
+        _, _, again = await served_by(other, server.base + "/open", {})
+        for pid in (body["pid"], again["pid"]):  # no SQLite file handed to the workers: Redis as configured
+            assert b"--worker-replay-store" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
 async def test_nonce_issued_by_one_worker_is_accepted_by_the_other(config: Path, dev_issuer: DevIssuer) -> None:
     key = DPoPKey()
     token = dev_issuer.mint("alice", scope="hello:read", cnf={"jkt": key.thumbprint})
