@@ -191,7 +191,7 @@ def supervise(args: argparse.Namespace, config: Config, argv: Sequence[str]) -> 
     shared: list[str] = []
     private_dir = None
     if config.dpop.replay_store == "memory":
-        private_dir = tempfile.mkdtemp(prefix="ztmw-workers-")  # mode 0700
+        private_dir = os.path.abspath(tempfile.mkdtemp(prefix="ztmw-workers-"))  # mode 0700
         shared = ["--worker-replay-store", f"sqlite://{private_dir}/dpop-replay.sqlite3"]
     lifeline_read, lifeline_write = os.pipe()
     stop: list[int] = []
