@@ -170,6 +170,15 @@ class JsonLinesAuditSink:
         fragment = self._fragments.get(template)
         self._append(template, fragment, len(fragment), status, duration_ms)
 
+    def write_line(self, line: str) -> None:
+        """Another JSON line (a log line, already rendered) for the same stream: written at once, after the
+        audit lines queued before it, so the stream stays in order (`ztmw.serve_logging`)."""
+        try:
+            self._pending.append((line, -1, 0.0, 0.0, False))
+            self.flush()
+        except Exception as exc:  # logging must never raise into the caller
+            self._failed(1, type(exc).__name__)
+
     def _append(self, event: AuditEvent, fragment: str | AuditEvent, size: int, status: int,
                 duration_ms: float) -> None:
         try:
@@ -188,6 +197,9 @@ class JsonLinesAuditSink:
         lines = []
         for fragment, status, duration_ms, now, security in pending:
             try:
+                if status < 0:  # a whole line from `write_line`
+                    lines.append(f"{fragment}\n")
+                    continue
                 if fragment.__class__ is not str:
                     fragment = _fragment(fragment)  # type: ignore[arg-type]
                 lines.append(f'{{"timestamp":"{self._timestamp(now)}{_HEADS[security]}{fragment}'
