@@ -20,7 +20,7 @@ from yarl import URL
 from .client_cert import certificate_from_request
 from .config import Config, load_config
 from .errors import AccessDenied, AuthError, UpstreamUnavailable
-from .memo import MemoKey, memo_key
+from .memo import MemoEntry, MemoKey, memo_key
 from .models import ANONYMOUS_TRUST, Decision, Principal, RequestView, RouteRef, TrustAssessment
 from .pipeline import Outcome, Pipeline
 from .typing import AuditSink, Clock, RouteProvider
@@ -152,7 +152,6 @@ def request_view(
 def zero_trust_middleware(pipeline: Pipeline) -> Any:
     """All stages in one middleware: decide, audit, then call the handler only when allowed."""
     memo = pipeline.memo
-    audit_again = pipeline.audit_again
 
     @web.middleware
     async def zero_trust(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -167,17 +166,9 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
             # info (an app middleware before this one may have cloned the request to another path without
             # resolving it again, or set its match info: an owner rule reads the match info, not the path)
             if entry is not None and entry.view.match_info == match_info:
-                # nothing to decorate: the memo only exists when decorators add nothing to plain bearer
-                # requests and mTLS is off
-                outcome = entry.outcome
-                request[PRINCIPAL] = outcome.principal
-                request[TRUST] = outcome.trust
-                request[DECISION] = outcome.decision
-                template = entry.audit
-                if template is None:  # audit is off: nothing to record
-                    return await handler(request)
-                return await _handle_and_record(
-                    request, handler, lambda status: audit_again(template, status, started))
+                outcome = pipeline.replayed(entry) if entry.ages else entry.outcome
+                if outcome is not None:
+                    return await _replay(request, handler, pipeline, entry, outcome, started)
         try:
             view, outcome = await _decide(request, pipeline)
         except web.HTTPException as exc:  # aiohttp's own answer while reading the body (413): still recorded
@@ -260,6 +251,22 @@ async def _decide(request: web.Request, pipeline: Pipeline) -> tuple[RequestView
     request[TRUST] = outcome.trust
     request[DECISION] = outcome.decision
     return view, outcome
+
+
+async def _replay(request: web.Request, handler: Handler, pipeline: Pipeline, entry: MemoEntry, outcome: Outcome,
+                  started: float) -> web.StreamResponse:
+    """Answer from the decision memo. Nothing to decorate: the memo only exists when decorators add nothing to
+    plain bearer requests and mTLS is off."""
+    request[PRINCIPAL] = outcome.principal
+    request[TRUST] = outcome.trust
+    request[DECISION] = outcome.decision
+    template = entry.audit
+    if template is not None:
+        return await _handle_and_record(
+            request, handler, lambda status: pipeline.audit_again(template, status, started))
+    if entry.ages:  # trust was evaluated anew: a full audit event (none when audit is off)
+        return await _call_handler(request, handler, pipeline, entry.view, outcome, started)
+    return await handler(request)  # audit is off: nothing to record
 
 
 async def _handle_and_record(

@@ -22,7 +22,7 @@ from .config import RESERVED_RULE_PREFIX, Config, Rule
 from .errors import AccessDenied, AuthError, ConfigurationError, UpstreamUnavailable
 from .extract import extract_credential
 from .identity import IdentityChain
-from .memo import DecisionMemo, MemoKey, plugins_are_memo_safe
+from .memo import DecisionMemo, MemoEntry, MemoKey, plugins_are_memo_safe
 from .metadata import resource_metadata
 from .models import ANONYMOUS_TRUST, AuditEvent, Decision, Principal, RequestView, TrustAssessment
 from .policy import RulePolicy
@@ -287,6 +287,25 @@ class Pipeline:
             duration_ms=duration_ms,
             security=bool(getattr(error, "security", False)),
         )
+
+    def replayed(self, entry: MemoEntry) -> Outcome | None:
+        """The outcome a memo entry replays now; None when the full pipeline must decide. For a token with
+        `auth_time` trust and the rule are evaluated again (its age moved): any change or refusal (a step-up
+        once `max_auth_age` has passed) goes to the full pipeline, which answers it properly."""
+        outcome = entry.outcome
+        if not entry.ages:
+            return outcome
+        rule = self.rule_for(entry.view)
+        if rule is None:
+            return None
+        try:
+            trust = self.trust.evaluate(outcome.principal, entry.view)
+            decision = self.policy.decide(rule, outcome.principal, trust, entry.view)
+        except (AuthError, UpstreamUnavailable):
+            return None
+        if decision != outcome.decision:
+            return None
+        return Outcome(decision, outcome.principal, trust, None, outcome.cache, outcome.cache_key)
 
     def remember(self, key: MemoKey, request: RequestView, outcome: Outcome) -> None:
         """Offer an outcome to the decision memo, with the audit template its replays will be recorded from."""
