@@ -84,7 +84,7 @@ class Authenticator:
         return self._schemes
 
     async def authenticate(self, credential: Credential, request: RequestView) -> Authentication:
-        key = token_key(credential.token)
+        key = credential.digest or token_key(credential.token)
         cache: CacheResult | None = None
         try:
             verified, cache = await self._verify_token(credential.token, key)

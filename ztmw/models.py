@@ -68,6 +68,9 @@ class Credential:
 
     scheme: str
     token: str
+    digest: bytes = field(default=b"", compare=False)
+    """SHA-256 of `token` when the extractor computed it (empty otherwise): the one hash of a token that its
+    verification-cache key and a DPoP proof's `ath` share."""
 
     def __repr__(self) -> str:  # a token must never reach a log through a repr
         return f"Credential(scheme={self.scheme!r}, token=<redacted>)"
