@@ -93,6 +93,10 @@ class StructlogAuditSink:
             return
         self._log(template, {**self._template_fields.get(template), "status": status, "duration_ms": duration_ms})
 
+    def direct(self) -> JsonLinesAuditSink | None:
+        """The writer events go to without structlog (None: through structlog), for the fanout to call."""
+        return self._direct
+
     def _log(self, event: AuditEvent, fields: dict[str, Any]) -> None:
         try:
             if event.security:
@@ -124,6 +128,17 @@ class AuditFanout:
     def __init__(self, sinks: Sequence[AuditSink]) -> None:
         self._sinks = tuple(sinks)
         self._reusing = tuple(isinstance(sink, ReusingAuditSink) for sink in self._sinks)  # checked once
+        self._only: ReusingAuditSink | None = None
+
+    async def start(self) -> None:
+        """After the sinks started: one sink that reuses templates (the default) is called without the loop,
+        and the structlog sink under `ztmw serve` without its own hop (a replayed request's audit is a few
+        calls shorter)."""
+        self._only = None
+        if len(self._sinks) == 1 and self._reusing[0]:
+            only = self._sinks[0]
+            direct = only.direct() if isinstance(only, StructlogAuditSink) else None
+            self._only = direct if direct is not None else only  # type: ignore[assignment]
 
     def emit(self, event: AuditEvent) -> None:
         for sink in self._sinks:
@@ -134,6 +149,13 @@ class AuditFanout:
 
     def emit_again(self, template: AuditEvent, status: int, duration_ms: float) -> None:
         """Sinks that can reuse the template do; the others get a full event, built once for all of them."""
+        only = self._only
+        if only is not None:
+            try:
+                only.emit_again(template, status, duration_ms)
+            except Exception:
+                pass
+            return
         event: AuditEvent | None = None
         for sink, reusing in zip(self._sinks, self._reusing):
             try:

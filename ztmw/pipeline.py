@@ -175,6 +175,8 @@ class Pipeline:
         try:
             for hook in self._startup:
                 await hook()
+            if self.audit_sink is not None:  # after the sinks' own start-up hooks
+                await self.audit_sink.start()
         except BaseException:
             await self.close()
             raise
