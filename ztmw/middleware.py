@@ -261,9 +261,17 @@ async def _replay(request: web.Request, handler: Handler, pipeline: Pipeline, en
     request[TRUST] = outcome.trust
     request[DECISION] = outcome.decision
     template = entry.audit
-    if template is not None:
-        return await _handle_and_record(
-            request, handler, lambda status: pipeline.audit_again(template, status, started))
+    if template is not None:  # _handle_and_record, written out: this is the path of most requests
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            pipeline.audit_again(template, status, started)
     if entry.ages:  # trust was evaluated anew: a full audit event (none when audit is off)
         return await _call_handler(request, handler, pipeline, entry.view, outcome, started)
     return await handler(request)  # audit is off: nothing to record
