@@ -653,6 +653,15 @@ def missing_tools(args: argparse.Namespace) -> list[str]:
     return missing
 
 
+def _redis_answers() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     missing = missing_tools(args)
@@ -675,6 +684,11 @@ def main(argv: list[str] | None = None) -> int:
             if needed and needed not in {x.name for x in selected}:
                 print(f"note: adding {needed!r} for {s.name}", file=sys.stderr)
                 selected = [x for x in SCENARIOS if x in selected or x.name == needed]
+
+    if any("redis://" in str(x.config.get("replay_store", "")) for x in selected) and not _redis_answers():
+        print("note: no Redis on 127.0.0.1:6379 (apt-get install -y redis-server): skipping ztmw-dpop-redis",
+              file=sys.stderr)
+        selected = [x for x in selected if "redis://" not in str(x.config.get("replay_store", ""))]
 
     install_signal_handlers()
     started = time.monotonic()

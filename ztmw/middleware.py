@@ -240,7 +240,9 @@ def _has_query_token(url: URL) -> bool:
 
 async def _decide(request: web.Request, pipeline: Pipeline) -> tuple[RequestView, Outcome]:
     try:
-        view = request_view(request, pipeline, has_body_token=await _has_body_token(request))
+        # a request without a Content-Type has no form body: no coroutine for it (most requests)
+        body_token = hdrs.CONTENT_TYPE in request.headers and await _has_body_token(request)
+        view = request_view(request, pipeline, has_body_token=body_token)
     except AuthError as error:  # a malformed forwarded-certificate header
         view = _bare_view(request)
         # a route no rule covers is 403 whatever else is wrong with the request
