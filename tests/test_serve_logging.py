@@ -12,6 +12,7 @@ import textwrap
 from typing import Any
 
 import structlog
+import structlog.testing
 
 from tests.test_audit import allow_event
 from ztmw import serve_logging
@@ -79,6 +80,7 @@ def test_an_app_that_configures_structlog_itself_gets_every_event_through_its_pr
         seen.append(dict(event_dict))
         raise structlog.DropEvent
 
+    saved = structlog.get_config()
     serve_logging.configure()
     try:
         structlog.configure(processors=[keep])  # what an app factory may do after `ztmw serve` set up logging
@@ -88,11 +90,20 @@ def test_an_app_that_configures_structlog_itself_gets_every_event_through_its_pr
         sink.emit(allow_event())
         sink.emit_again(allow_event(), 204, 1.5)
     finally:
-        structlog.reset_defaults()
+        structlog.configure(**saved)
     assert [e["event"] for e in seen] == ["ztmw.decision", "ztmw.decision"]
     assert seen[1]["status"] == 204 and seen[1]["duration_ms"] == 1.5
 
 
 def test_without_serve_logging_the_sink_logs_through_structlog() -> None:
+    saved = structlog.get_config()
     structlog.reset_defaults()
-    assert serve_logging.direct_audit_writer() is None
+    try:
+        assert serve_logging.direct_audit_writer() is None
+        with structlog.testing.capture_logs() as seen:
+            sink = StructlogAuditSink()
+            asyncio.run(sink.start())
+            sink.emit(allow_event())
+        assert [e["event"] for e in seen] == ["ztmw.decision"]
+    finally:
+        structlog.configure(**saved)
