@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
+from ._frozen import quick_init
 from .errors import ZtmwError
 from .lru import LRU
 
@@ -57,6 +58,7 @@ class MalformedJWS(ZtmwError, ValueError):
         self.reason = reason
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class CompactJWS:
     header: Mapping[str, Any]

@@ -14,6 +14,7 @@ from typing import Any, Awaitable, Callable, cast
 import aiohttp
 import structlog
 
+from ._frozen import quick_init
 from .audit import AuditFanout, subject_for_audit
 from .authenticate import Authentication, Authenticator, CacheResult
 from .cache import MemoryVerificationCache, NegativeCache, SharedVerificationCache
@@ -40,6 +41,7 @@ from .typing import (
 METADATA_RULE_ID = RESERVED_RULE_PREFIX + "metadata"
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Outcome:
     decision: Decision
