@@ -304,6 +304,12 @@ def _vary_on_certificate_header(pipeline: Pipeline, response: web.StreamResponse
         response.headers.add("Vary", pipeline.config.mtls.header)
 
 
+def error_response(pipeline: Pipeline, error: AuthError | UpstreamUnavailable) -> web.Response:
+    """The response for a refusal: its status, the challenge the catalogue asks for, a JSON error body
+    (also for handlers ztmw mounts itself, such as the account-linking ceremony)."""
+    return _error_response(pipeline, error)
+
+
 def _error_response(pipeline: Pipeline, error: AuthError | UpstreamUnavailable) -> web.Response:
     rendered = pipeline.render(error)
     body: dict[str, str] = {}
