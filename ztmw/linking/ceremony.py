@@ -88,7 +88,7 @@ class LinkingCeremony:
         try:
             other = await self._verify(token)
         except InvalidToken as error:
-            self._log.info("ztmw.link_refused", reason=error.reason, what="link_token")
+            self._log.info("ztmw.link_token_refused", reason=error.reason)
             raise InvalidToken("invalid_link_token") from None
         self._check_binding(other, current)
         self._check_fresh(other)

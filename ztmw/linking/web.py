@@ -55,14 +55,19 @@ async def _answer(request: web.Request, run: Callable[[Any], Awaitable[Answer]])
         raise web.HTTPForbidden()
     try:
         answer = await run(principal)
-    except AccessDenied as error:  # 403/404/409: no challenge; the body says which refusal it is
+    except (AuthError, UpstreamUnavailable) as error:
+        pipeline.log.info("ztmw.link_refused", reason=error.reason, status=error.status, method=request.method)
+        return _refusal(pipeline, error)
+    return web.json_response(dict(answer.body), status=answer.status, headers={"Cache-Control": "no-store"})
+
+
+def _refusal(pipeline: Pipeline, error: AuthError | UpstreamUnavailable) -> web.StreamResponse:
+    if isinstance(error, AccessDenied):  # 403/404/409: no challenge; the body says which refusal it is
         body = {"error": error.error or "access_denied", "error_description": error.description}
         return web.json_response(body, status=error.status, headers={"Cache-Control": "no-store"})
-    except (AuthError, UpstreamUnavailable) as error:
-        response = error_response(pipeline, error)
-        response.headers["Cache-Control"] = "no-store"
-        return response
-    return web.json_response(dict(answer.body), status=answer.status, headers={"Cache-Control": "no-store"})
+    response = error_response(pipeline, error)  # 400/401 with the challenge, 503
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 async def _json_body(request: web.Request) -> Any:
