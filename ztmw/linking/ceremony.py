@@ -115,8 +115,9 @@ class LinkingCeremony:
                                              once=once, now=self._clock())
         except LinkTokenReplayed:
             self._replayed(login)
-        except LinkConflict:
-            self._conflict(current, account, login)
+        except LinkConflict as conflict:  # the other login is another account's, or (static links saying one
+            # account and the store another) the current login's own record is
+            self._conflict(current, account, conflict.login)
         except LinkLimitReached:
             raise AccessDenied("link_limit_reached") from None
         except LinkError:  # pragma: no cover - every LinkError is handled above

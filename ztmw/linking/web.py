@@ -76,9 +76,11 @@ async def _json_body(request: web.Request) -> Any:
         raise InvalidRequest("malformed_link_request")
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise InvalidRequest("malformed_link_request")
-    raw = await request.content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
-        raise InvalidRequest("malformed_link_request")
+    raw = bytearray()
+    while chunk := await request.content.read(MAX_BODY + 1 - len(raw)):  # read() may return less than asked
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            raise InvalidRequest("malformed_link_request")
     try:
         body = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
