@@ -101,7 +101,8 @@ def test_a_redis_store_without_the_redis_extra_is_a_configuration_error() -> Non
         "    print(exc)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert "linking.store: a Redis store needs the 'redis' extra" in result.stdout, result.stderr
+    assert "linking.store needs the 'redis' extra, which is not installed: pip install 'ztmw[redis]'" in \
+        result.stdout, result.stderr
 
 
 def test_the_linking_resolver_without_enabled_linking_stops_start_up() -> None:
