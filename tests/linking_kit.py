@@ -159,10 +159,11 @@ async def deployment(kind: str, workdir: Path, *, redis_url: str | None = None, 
                 yield Deployment(running, bank, social, other, session, kind, prefix, store)
             finally:
                 if prefix is not None and redis_url is not None:
-                    await _delete_prefix(redis_url, prefix)
+                    await delete_prefix(redis_url, prefix)
 
 
-async def _delete_prefix(redis_url: str, prefix: str) -> None:
+async def delete_prefix(redis_url: str, prefix: str) -> None:
+    """Remove every key a test wrote under its own prefix (never FLUSHDB: the Redis is shared)."""
     import redis.asyncio as aioredis
 
     client = aioredis.from_url(redis_url)

@@ -25,6 +25,8 @@ from ztmw.linking.store import (
     single_use_key,
 )
 
+from ..linking_kit import delete_prefix
+
 BANK, SOCIAL = "https://bank-id.example", "https://social.example"
 JOHN, GOOGLE = Login(BANK, "19800101-1234"), Login(SOCIAL, "google|42")
 NOW = 1_800_000_000.0
@@ -46,12 +48,9 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     try:
         yield instance
     finally:
-        if prefix is not None:
-            client = instance._client  # type: ignore[attr-defined]
-            keys = [key async for key in client.scan_iter(match=prefix + "*")]
-            if keys:
-                await client.delete(*keys)
         await instance.close()
+        if prefix is not None:
+            await delete_prefix(request.getfixturevalue("redis_url"), prefix)
 
 
 async def test_link_writes_every_login_and_reports_a_repeat_as_no_change(store: LinkStore) -> None:
@@ -148,12 +147,9 @@ async def test_the_redis_store_writes_the_keys_the_redis_resolver_reads(redis_ur
         await store.unlink("acct-john", GOOGLE)
         assert await resolver.resolve(SOCIAL, GOOGLE.subject) is None
     finally:
-        client = store._client  # type: ignore[attr-defined]
-        keys = [key async for key in client.scan_iter(match=prefix + "*")]
-        if keys:
-            await client.delete(*keys)
         await resolver.close()
         await store.close()
+        await delete_prefix(redis_url, prefix)
 
 
 async def test_a_sqlite_file_that_cannot_be_opened_stops_start_up(tmp_path: Path) -> None:

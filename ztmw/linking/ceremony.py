@@ -42,7 +42,6 @@ from ..models import Principal, TrustAssessment, VerifiedToken
 from ..typing import Clock
 from .store import (
     LinkConflict,
-    LinkError,
     LinkLimitReached,
     LinkStore,
     LinkTokenReplayed,
@@ -120,8 +119,6 @@ class LinkingCeremony:
             self._conflict(current, account, conflict.login)
         except LinkLimitReached:
             raise AccessDenied("link_limit_reached") from None
-        except LinkError:  # pragma: no cover - every LinkError is handled above
-            raise
         except Exception:
             self._log.exception("ztmw.link_store_error")
             raise UpstreamUnavailable("link_store_unavailable") from None

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .store import LinkConflict, LinkedLogin, LinkLimitReached, LinkTokenReplayed, Login, SingleUse
 
@@ -136,6 +136,33 @@ class RedisLinkStore:
         return bool(await self._unlink(keys=[self.login_key(login), self.account_key(account)], args=[account]))
 
     async def assign(self, login: Login, account: str, *, replace: bool, now: float) -> str | None:
+        def write(pipe: Any, key: str, current: str | None) -> bool:
+            if current == account:
+                return False
+            if current is not None and not replace:
+                raise LinkConflict(login, current)
+            if current is not None:
+                pipe.hdel(self.account_key(current), key)
+            pipe.set(key, account)
+            pipe.hset(self.account_key(account), key, self._record(login, now))
+            return True
+
+        return await self._update(login, write)
+
+    async def remove(self, login: Login) -> str | None:
+        def write(pipe: Any, key: str, current: str | None) -> bool:
+            if current is None:
+                return False
+            pipe.delete(key)
+            pipe.hdel(self.account_key(current), key)
+            return True
+
+        return await self._update(login, write)
+
+    async def _update(self, login: Login, write: Callable[[Any, str, "str | None"], bool]) -> str | None:
+        """WATCH the login's key, read its account, let `write` queue the change (False: nothing to change) and
+        EXEC it; again from the start when another client changed the key in between. Returns the account the
+        login had."""
         client = await self._redis()
         key = self.login_key(login)
         async with client.pipeline(transaction=True) as pipe:
@@ -144,38 +171,9 @@ class RedisLinkStore:
                     await pipe.watch(key)
                     value = await pipe.get(key)
                     current = None if value is None else _text(value)
-                    if current == account:
-                        await pipe.reset()
-                        return current
-                    if current is not None and not replace:
-                        await pipe.reset()
-                        raise LinkConflict(login, current)
                     pipe.multi()
-                    if current is not None:
-                        pipe.hdel(self.account_key(current), key)
-                    pipe.set(key, account)
-                    pipe.hset(self.account_key(account), key, self._record(login, now))
-                    await pipe.execute()
-                    return current
-                except _watch_error():
-                    continue
-
-    async def remove(self, login: Login) -> str | None:
-        client = await self._redis()
-        key = self.login_key(login)
-        async with client.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    await pipe.watch(key)
-                    value = await pipe.get(key)
-                    if value is None:
-                        await pipe.reset()
-                        return None
-                    current = _text(value)
-                    pipe.multi()
-                    pipe.delete(key)
-                    pipe.hdel(self.account_key(current), key)
-                    await pipe.execute()
+                    if write(pipe, key, current):
+                        await pipe.execute()
                     return current
                 except _watch_error():
                     continue
