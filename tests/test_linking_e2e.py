@@ -8,6 +8,7 @@ never inherits the trust of another login of it.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -118,6 +119,13 @@ async def test_a_replayed_link_token_is_401_even_after_the_link_it_made_is_remov
     status, _, _ = await linking.link(linking.bank_login(unique("mallory")), link_token)
     assert status == 401
     assert (await linking.request("GET", f"/accounts/{john}/data", linking.social_login(google)))[0] == 200
+    # the link it made is removed: the token still cannot make it again, for anyone
+    target = {"issuer": linking.social.issuer, "subject": google}
+    assert (await linking.request("DELETE", LINKS, linking.bank_login(john), body=target))[0] == 200
+    for current in (linking.bank_login(john), linking.bank_login(unique("mallory"))):
+        status, body, _ = await linking.link(current, link_token)
+        assert (status, body["error_description"]) == (401, "Link token already used")
+    assert (await linking.request("GET", f"/accounts/{john}/data", linking.social_login(google)))[0] == 403
     assert any(e["reason"] == "link_token_replayed" for e in linking.events("ztmw.security"))
 
 
@@ -275,6 +283,24 @@ async def test_credentials_are_required_on_the_ceremony(linking: Deployment) -> 
     assert status == 401 and "Bearer" in challenges_of(headers)
     status, _, _ = await linking.request("PUT", LINKS, linking.bank_login(unique("john")))
     assert status == 405
+
+
+async def test_a_locked_sqlite_store_is_503_and_writes_nothing(tmp_path: Path) -> None:
+    """Another writer holds the file longer than the busy timeout: the ceremony answers 503, never 500."""
+    async with deployment("sqlite", tmp_path) as linking:
+        john, google = unique("john"), unique("google")
+        path = linking.store[len("sqlite:///"):]
+        holder = sqlite3.connect(path, isolation_level=None)
+        try:
+            holder.execute("BEGIN EXCLUSIVE")
+            status, body, headers = await linking.link(linking.bank_login(john), linking.social_login(google))
+            assert (status, body["error"]) == (503, "temporarily_unavailable")
+            assert "WWW-Authenticate" not in headers
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert (await linking.request("GET", LINKS, linking.bank_login(john)))[1]["logins"] == []
+        assert (await linking.request("GET", f"/accounts/{john}/data", linking.social_login(google)))[0] == 403
 
 
 @pytest.mark.redis
