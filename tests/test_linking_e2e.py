@@ -187,6 +187,19 @@ async def test_another_accounts_login_and_the_own_login_are_409(linking: Deploym
     assert (status, body["error_description"]) == (409, "The current login cannot be linked to itself")
 
 
+async def test_another_issuers_user_with_the_same_sub_cannot_walk_into_an_account(linking: Deployment) -> None:
+    sam = unique("sam")
+    assert (await linking.link(linking.bank_login(sam), linking.social_login(unique("g"))))[0] == 201
+    # a social user whose sub is "sam" too, strong enough to link (AAL 2), founds no account named "sam":
+    # that account exists and this login is none of its logins
+    impostor = linking.social.mint(sam, acr=BANKID, auth_time=time.time() - 5)
+    status, body, _ = await linking.link(impostor, linking.social_login(unique("g")))
+    assert (status, body["error"]) == (409, "conflict")
+    assert body["error_description"] == "An account with this id exists and the current login is not one of its logins"
+    assert (await linking.request("GET", f"/accounts/{sam}/data", impostor))[0] == 403
+    assert len((await linking.request("GET", LINKS, linking.bank_login(sam)))[1]["logins"]) == 2
+
+
 async def test_concurrent_double_link_leaves_exactly_one_link(tmp_path: Path,
                                                                request: pytest.FixtureRequest) -> None:
     for kind in ("sqlite", "redis"):

@@ -218,6 +218,7 @@ DESCRIPTIONS: dict[str, str] = {
     "link_limit_reached": "The account has the most logins allowed",
     "client_mismatch": "Both logins must come from the same client",
     "account_conflict": "The login belongs to another account",
+    "account_exists": "An account with this id exists and the current login is not one of its logins",
     "link_self": "The current login cannot be linked to itself",
     "unlink_self": "The current login cannot unlink itself",
     "not_linked": "The login is not linked to this account",

@@ -95,6 +95,12 @@ async def test_a_login_a_static_link_gives_another_account_is_409_and_nothing_is
             assert (response.status, (await response.json())["logins"]) == (200, [])
 
 
+async def test_an_unlinked_login_cannot_found_an_account_a_static_link_names(server: Server) -> None:
+    status, body = await server.post(server.bank("jane"), {"link_token": server.social("jane-other")})
+    assert (status, body["error"]) == (409, "conflict")
+    assert body["error_description"].startswith("An account with this id exists")
+
+
 async def test_a_replay_is_answered_as_a_replay_even_against_another_accounts_login(server: Server) -> None:
     link_token = server.social("alice-social")
     assert (await server.post(server.bank("alice"), {"link_token": link_token}))[0] == 201

@@ -73,6 +73,20 @@ async def test_a_conflicting_link_writes_nothing_not_even_the_single_use(store: 
     assert await store.used(ticket) is False
 
 
+async def test_a_founding_login_never_joins_an_existing_account(store: LinkStore) -> None:
+    await store.link("john", [JOHN, GOOGLE], max_links=10, once=once(), now=NOW, founding=True)
+    impostor, theirs = Login(SOCIAL, "john"), Login(SOCIAL, "github|7")  # another issuer's user named "john"
+    ticket = once()
+    with pytest.raises(LinkConflict) as raised:
+        await store.link("john", [impostor, theirs], max_links=10, once=ticket, now=NOW, founding=True)
+    assert raised.value.login == impostor
+    assert await store.account_of(impostor) is None and await store.account_of(theirs) is None
+    assert len(await store.logins("john")) == 2 and await store.used(ticket) is False
+    # a member of the account (not founding) adds logins; a founding login already in it is no newcomer
+    assert await store.link("john", [JOHN, theirs], max_links=10, once=once(), now=NOW) is True
+    assert await store.link("john", [JOHN, GOOGLE], max_links=10, once=once(), now=NOW, founding=True) is False
+
+
 async def test_a_link_token_is_accepted_once(store: LinkStore) -> None:
     ticket = once("jti-1")
     await store.link("acct-john", [JOHN, GOOGLE], max_links=10, once=ticket, now=NOW)

@@ -74,6 +74,7 @@ class LinkingCeremony:
         self._clock = clock
         self._log = logger
         self._subject_mode = config.audit.subject
+        self._static_accounts = frozenset(link.account for link in config.identity_links)
         self._step_up_acrs = " ".join(acr for acr, levels in config.trust.acr.items()
                                       if levels.aal >= self._settings.min_aal)
 
@@ -109,14 +110,19 @@ class LinkingCeremony:
             if await self._guarded(self._store.used(once)):  # a replay is a replay, whoever it would hit
                 self._replayed(login)
             self._conflict(current, account, login)
+        # a login no link names yet founds an account under its own sub; it must never join an existing one
+        founding = not current.linked
+        if founding and account in self._static_accounts:
+            self._conflict(current, account, me, reason="account_exists")
         try:
             created = await self._store.link(account, [me, login], max_links=self._settings.max_links,
-                                             once=once, now=self._clock())
+                                             once=once, now=self._clock(), founding=founding)
         except LinkTokenReplayed:
             self._replayed(login)
-        except LinkConflict as conflict:  # the other login is another account's, or (static links saying one
-            # account and the store another) the current login's own record is
-            self._conflict(current, account, conflict.login)
+        except LinkConflict as conflict:  # the other login is another account's, or the current login may not
+            # found or join this account
+            self._conflict(current, account, conflict.login,
+                           reason="account_conflict" if conflict.login == login else "account_exists")
         except LinkLimitReached:
             raise AccessDenied("link_limit_reached") from None
         except Exception:
@@ -189,11 +195,12 @@ class LinkingCeremony:
                           subject=self._hide(login.subject))
         raise InvalidToken("link_token_replayed") from None
 
-    def _conflict(self, current: Principal, account: str, login: Login) -> NoReturn:
+    def _conflict(self, current: Principal, account: str, login: Login, *,
+                  reason: str = "account_conflict") -> NoReturn:
         self._log.warning("ztmw.security", reason="link_conflict", account=self._hide(account),
                           issuer=login.issuer, subject=self._hide(login.subject), by_issuer=current.issuer,
                           by_subject=self._hide(current.raw_subject))
-        raise AccountConflict("account_conflict")
+        raise AccountConflict(reason)
 
     @staticmethod
     def _single_use(other: VerifiedToken, token: str) -> SingleUse:

@@ -25,9 +25,13 @@ from .store import LinkConflict, LinkedLogin, LinkLimitReached, LinkTokenReplaye
 TIMEOUT = 0.5
 
 # KEYS[1] account hash, KEYS[2] single-use key ("" for none), KEYS[3..] login keys
-# ARGV[1] account, ARGV[2] max_links, ARGV[3] single-use lifetime (ms), ARGV[4..] login records, as KEYS[3..]
+# ARGV[1] account, ARGV[2] max_links, ARGV[3] single-use lifetime (ms), ARGV[4] founding ("1" or "0"),
+# ARGV[5..] login records, as KEYS[3..]
 _LINK = """
 if KEYS[2] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then return {'replayed'} end
+if ARGV[4] == '1' and redis.call('HLEN', KEYS[1]) > 0 and redis.call('GET', KEYS[3]) ~= ARGV[1] then
+  return {'conflict', '0'}
+end
 local new = {}
 for i = 3, #KEYS do
   local current = redis.call('GET', KEYS[i])
@@ -38,7 +42,7 @@ if #new > 0 and redis.call('HLEN', KEYS[1]) + #new > tonumber(ARGV[2]) then retu
 if KEYS[2] ~= '' then redis.call('SET', KEYS[2], '1', 'PX', ARGV[3]) end
 for _, i in ipairs(new) do
   redis.call('SET', KEYS[i], ARGV[1])
-  redis.call('HSET', KEYS[1], KEYS[i], ARGV[i + 1])
+  redis.call('HSET', KEYS[1], KEYS[i], ARGV[i + 2])
 end
 return {'ok', tostring(#new)}
 """
@@ -116,12 +120,13 @@ class RedisLinkStore:
         return bool(await (await self._redis()).exists(self.prefix + "used:" + once.key))
 
     async def link(self, account: str, logins: Sequence[Login], *, max_links: int, once: SingleUse | None,
-                   now: float) -> bool:
+                   now: float, founding: bool = False) -> bool:
         await self._redis()
         keys = [self.account_key(account), self.prefix + "used:" + once.key if once else ""]
         keys += [self.login_key(login) for login in logins]
         ttl_ms = max(1, int((once.expires_at - now) * 1000)) if once else 1
-        args = [account, max_links, ttl_ms, *(self._record(login, now) for login in logins)]
+        args = [account, max_links, ttl_ms, "1" if founding else "0",
+                *(self._record(login, now) for login in logins)]
         answer = [_text(part) for part in await self._link(keys=keys, args=args)]
         if answer[0] == "replayed":
             raise LinkTokenReplayed()

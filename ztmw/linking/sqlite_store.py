@@ -119,7 +119,7 @@ class SQLiteLinkStore:
     # -- writes --------------------------------------------------------------------------------------------
 
     async def link(self, account: str, logins: Sequence[Login], *, max_links: int, once: SingleUse | None,
-                   now: float) -> bool:
+                   now: float, founding: bool = False) -> bool:
         def write(conn: sqlite3.Connection) -> bool:
             def body() -> bool:
                 if once is not None:
@@ -129,6 +129,9 @@ class SQLiteLinkStore:
                                      (once.key, once.expires_at))
                     except sqlite3.IntegrityError:
                         raise LinkTokenReplayed() from None
+                if founding and _account(conn, logins[0]) != account and conn.execute(
+                        "SELECT 1 FROM links WHERE account = ? LIMIT 1", (account,)).fetchone() is not None:
+                    raise LinkConflict(logins[0], account)
                 new = []
                 for login in logins:
                     current = _account(conn, login)

@@ -71,9 +71,13 @@ class LinkStore(Protocol):
     async def account_of(self, login: Login) -> str | None: ...
 
     async def link(self, account: str, logins: Sequence[Login], *, max_links: int, once: SingleUse | None,
-                   now: float) -> bool:
+                   now: float, founding: bool = False) -> bool:
         """Link every login to `account` in one step: True when something was written, False when all were
-        linked to it already. Raises `LinkTokenReplayed`, `LinkConflict` or `LinkLimitReached`, writing nothing."""
+        linked to it already. Raises `LinkTokenReplayed`, `LinkConflict` or `LinkLimitReached`, writing nothing.
+
+        `founding`: the first login is not linked anywhere and names the account by its own `sub`; it may only
+        found a new account, never join one that has logins already (another issuer's user with the same
+        `sub` would otherwise walk into it): `LinkConflict` for the first login."""
 
     async def used(self, once: SingleUse) -> bool:
         """Whether a link token was accepted already (to answer a replay as one, before anything else)."""
