@@ -91,6 +91,17 @@ async def test_malformed_link_requests_are_400_invalid_request(
     assert bearer_error(headers)["error"] == "invalid_request"
 
 
+async def test_hostile_strings_in_link_and_unlink_bodies_are_400(linking: Deployment) -> None:
+    bank = linking.bank_login(unique("john"))
+    for token in ("\ud800", "é" * 10, "a b", "x" * 20_000, "\u0000"):
+        status, body, _ = await linking.link(bank, token)
+        assert (status, body["error"]) == (400, "invalid_request"), token
+    for issuer, subject in (("\ud800", "x"), ("https://a\u0000b", "x"), (linking.social.issuer, ""),
+                            (linking.social.issuer, ["x"]), (linking.social.issuer, "s" * 5000)):
+        status, body, _ = await linking.request("DELETE", LINKS, bank, body={"issuer": issuer, "subject": subject})
+        assert (status, body["error"]) == (400, "invalid_request"), (issuer, subject)
+
+
 async def test_link_tokens_that_do_not_verify_are_401_invalid_token(linking: Deployment) -> None:
     bank = linking.bank_login(unique("john"))
     now = time.time()

@@ -133,7 +133,13 @@ class Authenticator:
         """A token checked exactly as one presented in Authorization is, without a binding or identity step:
         for a token that arrives another way (the account-linking ceremony's link token), whose binding the
         caller checks itself. Raises `InvalidToken` or `UpstreamUnavailable`."""
-        verified, _ = await self._verify_token(token, token_key(token))
+        try:
+            verified, _ = await self._verify_token(token, token_key(token))
+        except (InvalidToken, UpstreamUnavailable):
+            raise
+        except Exception:  # a plugin bug must refuse, never answer 500 (SEC-07), as in authenticate()
+            self._log.exception("ztmw.verifier_error")  # type: ignore[attr-defined]
+            raise InvalidToken("verifier_error") from None
         self._check_still_valid(verified)
         return verified
 

@@ -113,3 +113,24 @@ async def test_oversized_link_requests_are_400(server: Server) -> None:
     assert (status, body["error"]) == (400, "invalid_request")
     status, body = await server.post(server.bank("alice"), {"link_token": "a" * 20_000})
     assert (status, body["error"]) == (400, "invalid_request")
+
+
+async def test_a_verifier_that_raises_on_a_link_token_refuses_it_never_500(tmp_path: Path) -> None:
+    """SEC-07 for the ceremony: the link token goes through the same verifiers, a plugin bug refuses it."""
+    async with DevIssuer(audience=AUDIENCE) as issuer:
+        app = create_accounts_app()
+        pipeline = ztmw.setup(app, {
+            "resource": {"identifier": AUDIENCE},
+            "issuers": [issuer.issuer_config(audiences=[AUDIENCE])],
+            "verifiers": {"enabled": ["bearer", "raises-at-request"]},
+            "linking": {"enabled": True, "store": f"sqlite:///{tmp_path / 'links.db'}"},
+        })
+        await pipeline.start()
+        try:
+            with capture_logs() as logs:
+                with pytest.raises(ztmw.InvalidToken) as raised:
+                    await pipeline.authenticator.verify("opaque-token-no-jwt-verifier-takes")
+            assert raised.value.reason == "verifier_error"
+            assert any(e["event"] == "ztmw.verifier_error" for e in logs)
+        finally:
+            await pipeline.close()

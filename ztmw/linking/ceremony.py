@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable, Mapping, NoReturn
+from typing import Any, Awaitable, Callable, Mapping, NoReturn, TypeGuard
 
 from ..audit import subject_for_audit
 from ..config import Config, LinkingConfig
@@ -82,7 +83,7 @@ class LinkingCeremony:
 
     async def link(self, current: Principal, trust: TrustAssessment, body: Any) -> Answer:
         token = body.get("link_token") if isinstance(body, Mapping) else None
-        if not isinstance(token, str) or not token or len(token) > 16384:
+        if not isinstance(token, str) or not _TOKEN.fullmatch(token):
             raise InvalidRequest("malformed_link_request")
         self._require_strong_fresh_login(trust)
         try:
@@ -148,7 +149,7 @@ class LinkingCeremony:
     async def unlink(self, current: Principal, trust: TrustAssessment, body: Any) -> Answer:
         issuer = body.get("issuer") if isinstance(body, Mapping) else None
         subject = body.get("subject") if isinstance(body, Mapping) else None
-        if not isinstance(issuer, str) or not issuer or not isinstance(subject, str) or not subject:
+        if not _identifier(issuer) or not _identifier(subject):
             raise InvalidRequest("malformed_link_request")
         self._require_strong_fresh_login(trust)
         login, me = Login(issuer, subject), Login(current.issuer, current.raw_subject)
@@ -218,6 +219,21 @@ class LinkingCeremony:
         except Exception:
             self._log.exception("ztmw.link_store_error")
             raise UpstreamUnavailable("link_store_unavailable") from None
+
+
+_TOKEN = re.compile(r"[\x21-\x7e]{1,16384}")
+"""An access token is visible ASCII (RFC 6750 §2.1 b64token, JWS compact, opaque tokens alike)."""
+
+
+def _identifier(value: Any) -> TypeGuard[str]:
+    """An issuer or subject a store can hold: a non-empty string of UTF-8-encodable text without NUL."""
+    if not isinstance(value, str) or not value or "\0" in value or len(value) > 4096:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from JSON's \ud800
+        return False
+    return True
 
 
 def _same_client(a: VerifiedToken, b: VerifiedToken) -> bool:
