@@ -46,3 +46,14 @@ def create_accounts_app() -> web.Application:
     app.router.add_get("/accounts/{account}/data", _account_data)
     app.router.add_post("/accounts/{account}/payments", _account_payment)
     return app
+
+
+async def _upload(request: web.Request) -> web.Response:
+    return web.json_response({"received": len(await request.read())})
+
+
+def create_upload_app() -> web.Application:
+    """`create_app` plus a route whose handler reads the body (test_parser_rejection: broken chunked framing)."""
+    app = create_app()
+    app.router.add_post("/upload", _upload)
+    return app

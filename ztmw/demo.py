@@ -91,7 +91,9 @@ async def run_demo(*, verbose: bool = False) -> int:
             "verifiers": {"enabled": ["bearer", "dpop", "mtls"]},
             "dpop": {"require_nonce": True},
             "trust": SAMPLE_TRUST,
-            "identity": {"links": [{"issuer": issuer.issuer, "subject": "alice-social", "account": "alice"}]},
+            # alice's bank-ID login and one social login, linked by the operator; the ceremony adds another
+            "identity": {"links": [{"issuer": issuer.issuer, "subject": "alice", "account": "alice"},
+                                   {"issuer": issuer.issuer, "subject": "alice-social", "account": "alice"}]},
             "rules": SAMPLE_RULES,
             # the self-service linking ceremony on /account/links, its links in a throw-away SQLite file
             "linking": {"enabled": True, "store": f"sqlite:///{Path(links_dir.name) / 'links.db'}"},
