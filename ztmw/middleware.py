@@ -185,7 +185,7 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
                            exc.status, started)
             raise
         if outcome.error is not None:
-            response = _error_response(pipeline, outcome.error)
+            response = error_response(pipeline, outcome.error)
             pipeline.audit(view, outcome, response.status, started)
             return response
         if key is not None:
@@ -304,7 +304,8 @@ def _vary_on_certificate_header(pipeline: Pipeline, response: web.StreamResponse
         response.headers.add("Vary", pipeline.config.mtls.header)
 
 
-def _error_response(pipeline: Pipeline, error: AuthError | UpstreamUnavailable) -> web.Response:
+def error_response(pipeline: Pipeline, error: AuthError | UpstreamUnavailable) -> web.Response:
+    """The refusal as the client gets it: status, challenges, nonce, and a small JSON body (also the gateway's)."""
     rendered = pipeline.render(error)
     body: dict[str, str] = {}
     if isinstance(error, AuthError) and error.error:
@@ -398,7 +399,7 @@ def _refuse(request: web.Request, pipeline: Pipeline, error: AuthError | Upstrea
     request[_ERROR] = error
     if error.cache is not None:
         request[_CACHE] = error.cache
-    return _error_response(pipeline, error)
+    return error_response(pipeline, error)
 
 
 def _bare_view(request: web.Request) -> RequestView:
