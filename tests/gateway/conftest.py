@@ -26,6 +26,7 @@ class Upstream:
         self.requests: list[dict[str, Any]] = []
         self.url = ""
         self._runner: web.AppRunner | None = None
+        self._release = asyncio.Event()
 
     async def start(self) -> Upstream:
         app = web.Application()
@@ -41,6 +42,7 @@ class Upstream:
         return self
 
     async def close(self) -> None:
+        self._release.set()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -74,7 +76,7 @@ class Upstream:
 
     async def _slow(self, request: web.Request) -> web.Response:
         self._seen(request, 0)
-        await asyncio.sleep(30)
+        await asyncio.wait_for(self._release.wait(), 30)  # until the test is over: headers never come in time
         return web.Response(text="late")
 
 
