@@ -185,6 +185,9 @@ class GatewayConfig:
     assertion_ttl: float = 60.0
     assertion_in_authorization: bool = False
     """proxy mode: also send the assertion as `Authorization: Bearer` (credentials are then never forwarded)."""
+    combine_challenges: bool = False
+    """forward-auth: every challenge in one WWW-Authenticate line (RFC 9110 §11.6.1), for proxies that copy one
+    line only (nginx before 1.23 in `auth_request_set`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -554,6 +557,7 @@ class _Reader:
             assertion_audience=audience,
             assertion_ttl=_number(t.get("assertion_ttl", 60), "gateway.assertion_ttl", 1, 3600),
             assertion_in_authorization=in_authorization,
+            combine_challenges=_bool(t.get("combine_challenges", False), "gateway.combine_challenges"),
         )
 
 

@@ -258,3 +258,11 @@ def test_rules_differing_only_in_regex_are_refused(issuer: DevIssuer) -> None:
     rules = [{"id": "a", "path": "/u/{id:\\d+}", "public": True}, {"id": "b", "path": "/u/{id:[a-z]+}"}]
     with pytest.raises(ConfigurationError, match="differ only"):
         create_gateway_app(gateway_config(issuer, FORWARD, rules=rules))
+
+
+async def test_challenges_can_be_combined_in_one_line(aiohttp_client: AiohttpClient, issuer: DevIssuer) -> None:
+    client = await gateway(aiohttp_client, issuer, {**FORWARD, "combine_challenges": True})
+    response = await client.get("/a", headers=ask("GET", "/items"))
+    assert response.status == 401
+    [line] = response.headers.getall("WWW-Authenticate")
+    assert line.startswith('Bearer realm="api", resource_metadata=') and ', DPoP algs="' in line

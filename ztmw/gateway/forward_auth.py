@@ -61,6 +61,9 @@ def forward_auth_handler(decider: Decider, settings: GatewayConfig) -> Callable[
             pipeline.log.warning("ztmw.security", reason="untrusted_client_cert_header", peer=peer)
         if not verdict.allowed:
             response: web.StreamResponse = refusal(decider, verdict)
+            lines = response.headers.getall("WWW-Authenticate", [])
+            if settings.combine_challenges and len(lines) > 1:
+                response.headers["WWW-Authenticate"] = ", ".join(lines)
         else:
             response = web.Response(status=200, headers=list(verdict.identity))
             extra = pipeline.response_headers(verdict.view, True)
