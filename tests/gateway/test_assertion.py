@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestServer
 import ztmw
 from ztmw.gateway import JWKS_PATH, create_gateway_app
 from ztmw.gateway.assertion import AssertionIssuer, SigningKey, load_signing_key
+from ztmw.jws import b64url_decode
 from ztmw.models import Caller, Principal, TrustAssessment, VerifiedToken
 from ztmw.testing import DevIssuer, FakeClock, challenges, free_port
 from ztmw.testing.issuer import _generate
@@ -89,8 +90,8 @@ async def test_assertion_claims_and_header(signing_key: Path, clock: FakeClock) 
     issuer = AssertionIssuer(load_signing_key(str(signing_key)), AUDIENCE, UPSTREAM_ID, 60, clock)
     who, trust = principal()
     header_b64, claims_b64, _ = issuer.issue(who, trust).split(".")
-    header = json.loads(ztmw.jws.b64url_decode(header_b64))
-    claims = json.loads(ztmw.jws.b64url_decode(claims_b64))
+    header = json.loads(b64url_decode(header_b64))
+    claims = json.loads(b64url_decode(claims_b64))
     assert header == {"alg": "ES256", "typ": "ztmw-id+jwt", "kid": issuer.key.kid}
     assert set(claims) == {"iss", "aud", "sub", "client_id", "acr", "aal", "ial", "binding", "auth_time", "iat",
                            "exp", "jti"}
@@ -138,3 +139,22 @@ async def test_the_key_set_holds_no_private_member(pair: tuple[str, str], sessio
     async with session.get(pair[0] + JWKS_PATH) as response:
         [key] = (await response.json())["keys"]
     assert not {"d", "p", "q", "dp", "dq", "qi"} & set(key)
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("not json", "not JSON"),
+    ('{"kty": "oct", "k": "c2VjcmV0c2VjcmV0c2VjcmV0"}', "private EC, RSA or OKP"),
+    ('{"kty": "EC", "crv": "P-256", "x": "AAAA"}', "not a usable JWK"),
+])
+def test_unusable_signing_keys_stop_start_up(tmp_path: Path, content: str, problem: str) -> None:
+    path = tmp_path / "key.json"
+    path.write_text(content)
+    with pytest.raises(ztmw.ConfigurationError, match=problem):
+        load_signing_key(str(path))
+
+
+def test_a_public_key_cannot_sign(tmp_path: Path) -> None:
+    path = tmp_path / "key.json"
+    path.write_text(json.dumps(_generate("ES256").key.as_dict(private=False)))
+    with pytest.raises(ztmw.ConfigurationError, match="no private part"):
+        load_signing_key(str(path))
