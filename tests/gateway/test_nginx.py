@@ -9,11 +9,12 @@ from typing import AsyncIterator
 import aiohttp
 import pytest
 
+from ztmw.gateway.nginx import FORWARD_AUTH_HTTP, FORWARD_AUTH_LOCATIONS
 from ztmw.testing import DevIssuer, DPoPKey, free_port
 
 from ..conftest import AUDIENCE
 from .conftest import Upstream, gateway_config, header
-from .processes import FORWARD_AUTH_HTTP, FORWARD_AUTH_LOCATIONS, Running, nginx, nginx_binary, ztmw_gateway
+from .processes import Running, nginx, nginx_binary, ztmw_gateway
 
 UPSTREAM_ID = "https://upstream.internal"
 
