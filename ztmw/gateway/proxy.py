@@ -155,11 +155,15 @@ async def _stream(request: web.Request) -> AsyncIterator[bytes]:
 
 async def _relay(request: web.Request, upstream: aiohttp.ClientResponse,
                  extra: dict[str, str]) -> tuple[int, web.StreamResponse]:
-    """Stream the upstream's response back, hop-by-hop headers dropped; an upstream that breaks off mid-body
-    breaks the client's response off too (the status is already sent)."""
+    """Stream the upstream's response back, hop-by-hop headers dropped. A small body of known length goes out
+    with its headers in one write; any other is streamed in chunks. An upstream that breaks off mid-body
+    breaks the client's response off too (the status is already sent); a client that went away ends it."""
     async with upstream:
         named = {t.strip().lower() for v in upstream.headers.getall(hdrs.CONNECTION, ()) for t in v.split(",")}
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        length = upstream.content_length
+        small = length is not None and length <= _CHUNK and request.method != "HEAD"
+        response = web.Response(status=upstream.status, reason=upstream.reason) if small else \
+            web.StreamResponse(status=upstream.status, reason=upstream.reason)
         for name, value in upstream.headers.items():
             if name.lower() not in _HOP_BY_HOP and name.lower() not in named:
                 response.headers.add(name, value)
@@ -167,13 +171,18 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse,
             response.headers.update(extra)
             if "DPoP-Nonce" in extra:
                 response.headers["Cache-Control"] = "no-store"
-        await response.prepare(request)
         try:
+            if small:
+                assert isinstance(response, web.Response)
+                response.body = await upstream.content.readexactly(length or 0)
+                return upstream.status, response
+            await response.prepare(request)
             async for chunk in upstream.content.iter_chunked(_CHUNK):
                 await response.write(chunk)
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+            await response.write_eof()
+        except (aiohttp.ClientError, asyncio.IncompleteReadError, asyncio.TimeoutError):
             if request.transport is not None:
                 request.transport.close()  # a truncated body must not look complete to the client
-            return upstream.status, response
-        await response.write_eof()
+        except ConnectionResetError:  # the client went away: nothing left to answer
+            pass
         return upstream.status, response
