@@ -153,6 +153,10 @@ def cmd_demo(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
     if not args.verbose:  # the table tells the story; plugin start-up lines would only bury it
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    if args.gateway:
+        from .gateway.demo import run_gateway_demo
+
+        return asyncio.run(run_gateway_demo())
 
     return asyncio.run(run_demo(verbose=args.verbose))
 
@@ -177,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the scripted scenarios against a local issuer and sample API")
     demo.add_argument("--verbose", action="store_true", help="also print the audit events")
+    demo.add_argument("--gateway", action="store_true",
+                      help="a non-Python upstream protected by `ztmw gateway` (proxy mode, and nginx auth_request)")
     demo.set_defaults(func=cmd_demo)
 
     serve = sub.add_parser("serve", help="serve an aiohttp app factory behind the configured pipeline")
