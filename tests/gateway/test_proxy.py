@@ -3,10 +3,13 @@ owns; refused ones never do."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import pytest
 from pytest_aiohttp import AiohttpClient
 from yarl import URL
 
@@ -109,3 +112,34 @@ async def test_assertion_can_replace_the_authorization_header(
     [identity] = header(seen, "X-Ztmw-Identity")
     assert header(seen, "Authorization") == [f"Bearer {identity}"]
     assert token not in json.dumps(seen)
+
+
+async def test_head_keeps_the_upstream_length_without_a_body(
+        aiohttp_client: AiohttpClient, issuer: DevIssuer, upstream: Upstream) -> None:
+    client = await proxy(aiohttp_client, issuer, upstream.url)
+    response = await client.head("/health")
+    assert response.status == 200
+    assert int(response.headers["Content-Length"]) > 0
+    assert await response.read() == b""
+    assert [r["method"] for r in upstream.requests] == ["HEAD"]
+
+
+async def test_an_upstream_breaking_off_mid_body_breaks_the_response_off(
+        aiohttp_client: AiohttpClient, issuer: DevIssuer) -> None:
+    async def half(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 100_000)
+        await writer.drain()
+        writer.close()
+
+    port = free_port()
+    server = await asyncio.start_server(half, "127.0.0.1", port)
+    try:
+        client = await proxy(aiohttp_client, issuer, f"http://127.0.0.1:{port}")
+        response = await client.get("/items", headers={"Authorization": f"Bearer {issuer.mint(scope='items:read')}"})
+        assert response.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()  # never a complete-looking short body
+    finally:
+        server.close()
+        await server.wait_closed()
