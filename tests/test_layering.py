@@ -53,7 +53,7 @@ def test_plugins_use_only_public_ztmw_modules() -> None:
             assert not module.startswith("ztmw.middleware"), f"{path.name} imports the aiohttp adapter"
 
 
-GATEWAY_ADAPTERS = {"app.py", "forward_auth.py", "proxy.py", "command.py", "__init__.py"}
+GATEWAY_ADAPTERS = {"app.py", "forward_auth.py", "proxy.py", "command.py", "demo.py", "__init__.py"}
 
 
 def test_the_core_never_imports_the_gateway() -> None:

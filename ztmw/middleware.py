@@ -56,7 +56,7 @@ def setup(
         config = load_config(config)
     pipeline = Pipeline(config, clock=clock or time.time, audit_sink=audit_sink)
     app[PIPELINE] = pipeline
-    app.cleanup_ctx.append(_lifetime(pipeline))
+    app.cleanup_ctx.append(pipeline_lifetime(pipeline))
     if config.metadata_enabled:
         app.router.add_get(config.metadata_path, _metadata_handler(pipeline), name="ztmw-metadata")
     for plugin in pipeline.plugins:  # e.g. a metrics endpoint; still deny-by-default: a rule must allow it
@@ -84,7 +84,7 @@ async def expose_challenge_headers(request: web.Request, response: web.StreamRes
         response.headers.add(_EXPOSE, ", ".join(missing))
 
 
-def _lifetime(pipeline: Pipeline) -> Callable[[web.Application], AsyncIterator[None]]:
+def pipeline_lifetime(pipeline: Pipeline) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         await pipeline.start()
         try:

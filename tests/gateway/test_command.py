@@ -47,3 +47,13 @@ def test_gateway_without_a_gateway_table_is_refused(issuer: DevIssuer, tmp_path:
     result = run("gateway", "--config", str(path))
     assert result.returncode == 2
     assert "[gateway]" in result.stderr
+
+
+def test_gateway_with_unreadable_tls_files_stops_in_one_line(issuer: DevIssuer, tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(toml(gateway_config(issuer, {"mode": "forward-auth"})))
+    result = run("gateway", "--config", str(path), "--tls-cert", str(tmp_path / "none.pem"),
+                 "--tls-key", str(tmp_path / "none.key"))
+    assert result.returncode == 2
+    assert result.stderr.startswith("ztmw: invalid configuration: --tls-cert/--tls-key/--tls-client-ca: cannot load")
+    assert "Traceback" not in result.stderr

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, AsyncIterator, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from aiohttp import web
 
 from ..config import Config, GatewayConfig, load_config
 from ..errors import ConfigurationError
-from ..middleware import error_response
+from ..middleware import error_response, pipeline_lifetime
 from ..models import RequestView
 from ..pipeline import Outcome, Pipeline
 from ..typing import AuditSink, Clock
@@ -47,7 +47,7 @@ def create_gateway_app(
     decider = Decider(pipeline, assertions)
     app = web.Application(client_max_size=1024**2)
     app[GATEWAY] = decider
-    app.cleanup_ctx.append(_lifetime(pipeline))
+    app.cleanup_ctx.append(pipeline_lifetime(pipeline))
     if config.metadata_enabled:
         document = json.dumps(pipeline.metadata_document())
         app.router.add_get(config.metadata_path, _static_json(document))
@@ -65,17 +65,6 @@ def create_gateway_app(
     return app
 
 
-def _lifetime(pipeline: Pipeline) -> Callable[[web.Application], AsyncIterator[None]]:
-    async def lifetime(app: web.Application) -> AsyncIterator[None]:
-        await pipeline.start()
-        try:
-            yield
-        finally:
-            await pipeline.close()
-
-    return lifetime
-
-
 def _static_json(document: str) -> Handler:
     async def serve(request: web.Request) -> web.Response:
         return web.Response(text=document, content_type="application/json",
@@ -91,6 +80,16 @@ def refusal(decider: Decider, verdict: Verdict) -> web.Response:
         return web.json_response({"error": "invalid_request", "error_description": "malformed request target"},
                                  status=verdict.outcome.decision.status)
     return error_response(decider.pipeline, error)
+
+
+def add_allowed_headers(decider: Decider, verdict: Verdict, response: web.StreamResponse) -> None:
+    """What an allowed answer carries besides the identity: plugin headers (a fresh DPoP nonce), uncacheable
+    when they hold a nonce (RFC 9449 §8.2), as the middleware adds them to an app's response."""
+    extra = decider.pipeline.response_headers(verdict.view, True)
+    if extra:
+        response.headers.update(extra)
+        if "DPoP-Nonce" in extra:
+            response.headers["Cache-Control"] = "no-store"
 
 
 def record(decider: Decider, view: RequestView, outcome: Outcome, status: int, started: float) -> None:

@@ -24,22 +24,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
-    try:
-        app = create_gateway_app(config)
-    except ConfigurationError as exc:
-        print(f"ztmw: invalid configuration: {exc}", file=sys.stderr)
-        return 2
+    """Raises ConfigurationError (the command line prints it in one line, exit 2) for anything that stops
+    start-up: the config, the signing key, the TLS files, the listening socket. The TLS and listening part is
+    `ztmw serve`'s, so both listeners behave alike."""
+    app = create_gateway_app(config)
     ssl_context = None
     if args.tls_cert:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
+        try:
+            ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
+            if args.tls_client_ca:
+                ssl_context.load_verify_locations(args.tls_client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigurationError(f"--tls-cert/--tls-key/--tls-client-ca: cannot load: {exc}") from None
         if args.tls_client_ca:
-            ssl_context.load_verify_locations(args.tls_client_ca)
             ssl_context.verify_mode = ssl.CERT_REQUIRED if args.tls_require_client_cert else ssl.CERT_OPTIONAL
     # access_log=None: a forwarded URI may carry a refused ?access_token=; a large max_field_size lets ztmw's
     # own cap answer oversize credentials with a challenge
-    web.run_app(app, host=args.host, port=args.port, ssl_context=ssl_context, print=None, access_log=None,
-                max_field_size=32768)
+    try:
+        web.run_app(app, host=args.host, port=args.port, ssl_context=ssl_context, print=None, access_log=None,
+                    max_field_size=32768)
+    except OSError as exc:
+        raise ConfigurationError(f"--host/--port: cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
     return 0
 
 

@@ -21,7 +21,7 @@ from ..config import GatewayConfig
 from ..models import Decision, RequestView
 from ..netaddr import peer_in
 from ..pipeline import Outcome
-from .app import peer_of, record, refusal, tls_der_of
+from .app import add_allowed_headers, peer_of, record, refusal, tls_der_of
 from .decision import Decider, Question
 
 
@@ -66,11 +66,7 @@ def forward_auth_handler(decider: Decider, settings: GatewayConfig) -> Callable[
                 response.headers["WWW-Authenticate"] = ", ".join(lines)
         else:
             response = web.Response(status=200, headers=list(verdict.identity))
-            extra = pipeline.response_headers(verdict.view, True)
-            if extra:
-                response.headers.update(extra)
-                if "DPoP-Nonce" in extra:
-                    response.headers["Cache-Control"] = "no-store"
+            add_allowed_headers(decider, verdict, response)
         record(decider, verdict.view, verdict.outcome, response.status, started)
         return response
 

@@ -22,7 +22,7 @@ from yarl import URL
 
 from ..config import GatewayConfig
 from ..netaddr import peer_in
-from .app import peer_of, record, refusal, tls_der_of
+from .app import add_allowed_headers, peer_of, record, refusal, tls_der_of
 from .decision import IDENTITY_PREFIX, Decider, Question
 
 UPSTREAM: web.AppKey[aiohttp.ClientSession] = web.AppKey("ztmw.gateway.upstream", aiohttp.ClientSession)
@@ -93,7 +93,8 @@ def proxy_handler(decider: Decider, settings: GatewayConfig) -> Callable[[web.Re
                 status = response_or_error
                 return web.json_response({"error": "bad_gateway" if status == 502 else "gateway_timeout"},
                                          status=status)
-            status, relayed = await _relay(request, response_or_error, pipeline.response_headers(verdict.view, True))
+            status, relayed = await _relay(request, response_or_error,
+                                           lambda response: add_allowed_headers(decider, verdict, response))
             return relayed
         finally:
             record(decider, verdict.view, verdict.outcome, status, started)
@@ -154,7 +155,7 @@ async def _stream(request: web.Request) -> AsyncIterator[bytes]:
 
 
 async def _relay(request: web.Request, upstream: aiohttp.ClientResponse,
-                 extra: dict[str, str]) -> tuple[int, web.StreamResponse]:
+                 decorate: Callable[[web.StreamResponse], None]) -> tuple[int, web.StreamResponse]:
     """Stream the upstream's response back, hop-by-hop headers dropped. A small body of known length goes out
     with its headers in one write; any other is streamed in chunks. An upstream that breaks off mid-body
     breaks the client's response off too (the status is already sent); a client that went away ends it."""
@@ -167,10 +168,7 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse,
         for name, value in upstream.headers.items():
             if name.lower() not in _HOP_BY_HOP and name.lower() not in named:
                 response.headers.add(name, value)
-        if extra:
-            response.headers.update(extra)
-            if "DPoP-Nonce" in extra:
-                response.headers["Cache-Control"] = "no-store"
+        decorate(response)
         try:
             if small:
                 assert isinstance(response, web.Response)
