@@ -165,7 +165,8 @@ async def test_an_untrusted_peer_gets_403_and_a_security_event(aiohttp_client: A
         response = await client.get("/a", headers=ask("GET", "/health"))
     assert response.status == 403
     assert [e["reason"] for e in logs if e["event"] == "ztmw.security"] == ["untrusted_forward_auth_peer"]
-    assert [(e.decision, e.reason, e.status) for e in sink.events] == [("deny", "untrusted_peer", 403)]
+    assert [(e.decision, e.reason, e.status, e.security) for e in sink.events] == [
+        ("deny", "untrusted_peer", 403, True)]
 
 
 async def test_configured_header_names_are_read(aiohttp_client: AiohttpClient, issuer: DevIssuer) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from aiohttp import web
 
 from ..config import GatewayConfig
+from ..errors import AccessDenied
 from ..models import Decision, RequestView
 from ..netaddr import peer_in
 from ..pipeline import Outcome
@@ -36,7 +37,8 @@ def forward_auth_handler(decider: Decider, settings: GatewayConfig) -> Callable[
         if not peer_in(peer, trusted):
             pipeline.log.warning("ztmw.security", reason="untrusted_forward_auth_peer", peer=peer)
             view = RequestView(method=request.method, path="", route=None, peer=peer)
-            outcome = Outcome(Decision(False, "untrusted_peer", None, 403))
+            refused = AccessDenied("untrusted_peer", security=True)  # a client posing as the proxy
+            outcome = Outcome(Decision(False, refused.reason, None, 403), error=refused)
             record(decider, view, outcome, 403, started)
             return web.json_response({"error": "access_denied"}, status=403)
         headers = request.headers
