@@ -72,3 +72,23 @@ async def test_proxy_process_in_front_of_the_upstream(issuer: DevIssuer, upstrea
     assert seen["target"] == "/items?x=1"
     assert header(seen, "X-Ztmw-Subject") == ["alice"] and len(header(seen, "X-Ztmw-Identity")) == 1
     assert len(upstream.requests) == 1
+
+
+async def test_a_parser_rejection_never_echoes_the_credential(issuer: DevIssuer, upstream: Upstream,
+                                                              tmp_path: Path) -> None:
+    """A control byte in an Authorization line is refused by aiohttp's parser before the gateway sees it: the
+    answer and the gateway's log must not carry a byte of it (ztmw.parser_rejection, as for `ztmw serve`)."""
+    config = gateway_config(issuer, {"mode": "proxy", "upstream": upstream.url})
+    marker = "SECRETMARKER" + "x" * 20
+    async with ztmw_gateway(config, tmp_path) as gateway:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        writer.write(b"GET /items HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + marker.encode()
+                     + b"\x01tail\r\n\r\n")
+        await writer.drain()
+        reply = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        await writer.wait_closed()
+    assert reply.split(b" ", 2)[1] == b"400"
+    assert marker.encode() not in reply
+    assert marker not in gateway.log.read_text(errors="replace")
+    assert upstream.requests == []

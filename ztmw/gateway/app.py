@@ -18,6 +18,7 @@ from ..config import Config, GatewayConfig, load_config
 from ..errors import ConfigurationError
 from ..middleware import error_response, pipeline_lifetime
 from ..models import RequestView
+from ..parser_rejection import install_log_filter
 from ..pipeline import Outcome, Pipeline
 from ..typing import AuditSink, Clock
 from .assertion import JWKS_PATH, AssertionIssuer, load_signing_key
@@ -45,6 +46,7 @@ def create_gateway_app(
                                      audience=settings.assertion_audience, ttl=settings.assertion_ttl,
                                      clock=pipeline.clock)
     decider = Decider(pipeline, assertions)
+    install_log_filter()  # aiohttp's records of requests its parser refused lose the bytes (tokens) they quote
     app = web.Application(client_max_size=1024**2)
     app[GATEWAY] = decider
     app.cleanup_ctx.append(pipeline_lifetime(pipeline))

@@ -6,10 +6,9 @@ import argparse
 import ssl
 import sys
 
-from aiohttp import web
-
 from ..config import Config
 from ..errors import ConfigurationError
+from ..parser_rejection import run_app
 from .app import GATEWAY, create_gateway_app
 
 
@@ -40,9 +39,10 @@ def run(args: argparse.Namespace, config: Config) -> int:
         if args.tls_client_ca:
             ssl_context.verify_mode = ssl.CERT_REQUIRED if args.tls_require_client_cert else ssl.CERT_OPTIONAL
     # access_log=None: a forwarded URI may carry a refused ?access_token=; a large max_field_size lets ztmw's
-    # own cap answer oversize credentials with a challenge
+    # own cap answer oversize credentials with a challenge; run_app is aiohttp's on a runner whose parser
+    # rejections never echo the request (ztmw/parser_rejection.py)
     try:
-        web.run_app(app, host=args.host, port=args.port, ssl_context=ssl_context, print=None, access_log=None,
+        run_app(app, host=args.host, port=args.port, ssl_context=ssl_context, print=None, access_log=None,
                     max_field_size=32768)
     except OSError as exc:
         raise ConfigurationError(f"--host/--port: cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
