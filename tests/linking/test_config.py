@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import json
 import subprocess
 import sys
@@ -118,16 +117,3 @@ def test_the_ceremony_route_is_mounted_and_covered_by_its_reserved_rule(tmp_path
         ("GET", "/account/links"): "ztmw-linking", ("POST", "/account/links"): "ztmw-linking",
         ("DELETE", "/account/links"): "ztmw-linking"}
     assert pipeline.memo is None  # a link must take effect on the next request: nothing replays an answer
-
-
-def test_the_core_never_imports_the_linking_package() -> None:
-    package = Path(ztmw.__file__).parent
-    adapters = {"cli.py", "demo.py"}  # the command line and the demo use it, as an application would
-    for path in package.glob("*.py"):
-        if path.name in adapters:
-            continue
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom):
-                assert "linking" not in (node.module or ""), path.name
-            elif isinstance(node, ast.Import):
-                assert not any("linking" in alias.name for alias in node.names), path.name
