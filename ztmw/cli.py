@@ -23,6 +23,7 @@ from .config import Config, load_config
 from .errors import ConfigurationError
 from .middleware import setup
 from .models import RouteRef
+from .parser_rejection import run_app
 from .pipeline import Pipeline
 
 
@@ -93,9 +94,10 @@ def cmd_serve(args: argparse.Namespace, extra: Sequence[str]) -> int:
             ssl_context.verify_mode = ssl.CERT_REQUIRED if args.tls_require_client_cert else ssl.CERT_OPTIONAL
     # access_log=None: aiohttp's default line carries the query string (a refused ?access_token= would be logged);
     # a larger max_field_size lets ztmw's own cap answer oversize credentials with a proper challenge
+    # run_app: aiohttp's, on a runner whose parser rejections never echo the request (ztmw/parser_rejection.py)
     try:
-        web.run_app(app, host=args.host, port=args.port, ssl_context=ssl_context, print=None, access_log=None,
-                    max_field_size=32768)
+        run_app(app, host=args.host, port=args.port, ssl_context=ssl_context, print=None, access_log=None,
+                max_field_size=32768)
     except OSError as exc:  # the listening socket: taken port, unknown host, no permission
         raise ConfigurationError(f"--host/--port: cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
     return 0
@@ -118,6 +120,10 @@ def route_table(app: web.Application, pipeline: Pipeline) -> list[tuple[str, str
 def cmd_check(args: argparse.Namespace, extra: Sequence[str]) -> int:
     try:
         config = load_config(args.config)
+        if args.factory is None and config.gateway is not None:  # a gateway's rules are its only routes
+            from .gateway.command import check
+
+            return check(config)
         app = load_factory(args.factory, extra)
         pipeline = setup(app, config)
     except ConfigurationError as exc:
@@ -135,6 +141,13 @@ def cmd_check(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 1 if args.strict and denied else 0
 
 
+def cmd_gateway(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from .gateway.command import run
+
+    configure_json_logging()
+    return run(args, _config_or_exit(args.config))
+
+
 def cmd_token(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from . import devtokens
 
@@ -146,6 +159,10 @@ def cmd_demo(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
     if not args.verbose:  # the table tells the story; plugin start-up lines would only bury it
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    if args.gateway:
+        from .gateway.demo import run_gateway_demo
+
+        return asyncio.run(run_gateway_demo())
 
     return asyncio.run(run_demo(verbose=args.verbose))
 
@@ -164,12 +181,20 @@ def cmd_audit_verify(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return audit_chain.run_verify(args)
 
 
+def cmd_links(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from .linking import cli as links_cli
+
+    return links_cli.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ztmw", description="Zero-trust security layer for aiohttp servers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run the scripted scenarios against a local issuer and sample API")
     demo.add_argument("--verbose", action="store_true", help="also print the audit events")
+    demo.add_argument("--gateway", action="store_true",
+                      help="a non-Python upstream protected by `ztmw gateway` (proxy mode, and nginx auth_request)")
     demo.set_defaults(func=cmd_demo)
 
     serve = sub.add_parser("serve", help="serve an aiohttp app factory behind the configured pipeline")
@@ -189,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--strict", action="store_true", help="exit 1 when any route would be denied")
     check.set_defaults(func=cmd_check)
 
+    gateway = sub.add_parser("gateway", help="forward-auth decision service or identity-aware reverse proxy")
+    from .gateway.command import add_arguments as gateway_arguments
+
+    gateway_arguments(gateway)
+    gateway.set_defaults(func=cmd_gateway)
+
     token = sub.add_parser("token", help="development keys, tokens and DPoP proofs for trying an API with curl")
     from . import devtokens
 
@@ -206,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit_chain.add_arguments(audit_verify)
     audit_verify.set_defaults(func=cmd_audit_verify)
+
+    links = sub.add_parser("links", help="link, unlink and list logins of accounts in the [linking] store")
+    from .linking import cli as links_cli
+
+    links_cli.add_arguments(links)
+    links.set_defaults(func=cmd_links)
     return parser
 
 
@@ -214,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("serve", "check", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command == "serve" and args.tls_cert and not args.tls_key:
+    if args.command in ("serve", "gateway") and args.tls_cert and not args.tls_key:
         parser.error("--tls-cert needs --tls-key")
     try:
         return int(args.func(args, extra) or 0)
