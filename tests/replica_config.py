@@ -78,6 +78,16 @@ class Replica:
     def log_text(self) -> str:
         return self.log_path.read_text(encoding="utf-8")
 
+    async def audit_events(self, count: int, timeout: float = 15.0) -> list[dict[str, Any]]:
+        """The audit events once `count` of them are written: `ztmw serve` writes decisions in batches (at most
+        0.2 s late; security events at once, with everything queued before them)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            events = [e for e in self.events() if e.get("event") in ("ztmw.decision", "ztmw.security")]
+            if len(events) >= count or time.monotonic() > deadline:
+                return events
+            await asyncio.sleep(0.05)
+
 
 async def _wait_until_listening(process: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
     """Poll the port without blocking the event loop: the replica fetches its JWKS from an issuer in it."""
@@ -107,14 +117,15 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def serving(name: str, config: Path, workdir: Path, env: Mapping[str, str]) -> AsyncIterator[Replica]:
+async def serving(name: str, config: Path, workdir: Path, env: Mapping[str, str], *,
+                  factory: str = "tests.factories:create_app") -> AsyncIterator[Replica]:
     """Run one `ztmw serve` replica on a free loopback port until the block ends, then stop and reap it."""
     port = free_port()
     log_path = workdir / f"{name}.log"
     environment = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "ztmw", "serve", "tests.factories:create_app", "--config", str(config),
+            [sys.executable, "-m", "ztmw", "serve", factory, "--config", str(config),
              "--port", str(port)],
             cwd=ROOT, env=environment, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
         )

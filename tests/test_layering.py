@@ -51,3 +51,40 @@ def test_plugins_use_only_public_ztmw_modules() -> None:
     for path in plugins.glob("*.py"):
         for module in imported_modules(path):
             assert not module.startswith("ztmw.middleware"), f"{path.name} imports the aiohttp adapter"
+
+
+GATEWAY_ADAPTERS = {"app.py", "forward_auth.py", "proxy.py", "command.py", "demo.py", "__init__.py"}
+
+
+def test_the_core_never_imports_the_gateway() -> None:
+    offenders = [p.name for p in core_modules() if any(m.startswith(("ztmw.gateway", "gateway"))
+                                                       for m in imported_modules(p))]
+    assert offenders == []
+
+
+def test_only_the_gateway_adapters_import_aiohttp_web() -> None:
+    plain = [p for p in (PACKAGE / "gateway").glob("*.py") if p.name not in GATEWAY_ADAPTERS]
+    assert {p.name for p in plain} >= {"decision.py", "routes.py", "assertion.py"}
+    offenders = {p.name: sorted(m for m in imported_modules(p)
+                                if m.startswith("aiohttp") or m.split(".")[0] in ("middleware", "app"))
+                 for p in plain}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+LINKING_EDGE = {"web.py", "plugin.py"}  # the ceremony's handlers, and the route provider that mounts them
+
+
+def test_the_core_never_imports_linking() -> None:
+    """The link store reaches the pipeline only as an identity resolver (entry point `linking`)."""
+    offenders = [p.name for p in core_modules() if any(m.startswith(("ztmw.linking", "linking"))
+                                                       for m in imported_modules(p))]
+    assert offenders == []
+
+
+def test_only_the_linking_edge_imports_aiohttp_web() -> None:
+    plain = [p for p in (PACKAGE / "linking").glob("*.py") if p.name not in LINKING_EDGE]
+    assert {p.name for p in plain} >= {"store.py", "ceremony.py", "sqlite_store.py", "redis_store.py"}
+    offenders = {p.name: sorted(m for m in imported_modules(p)
+                                if m.startswith("aiohttp") or m.split(".")[0] in ("middleware", "web"))
+                 for p in plain}
+    assert {k: v for k, v in offenders.items() if v} == {}

@@ -28,19 +28,12 @@ from .parser_rejection import run_app
 from .pipeline import Pipeline
 
 
-def configure_json_logging(worker: int | None = None) -> None:
-    """The recommended production setup: cheap processors, one JSON line per event (naming the worker if any)."""
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            *([] if worker is None else [workers.tag_worker(worker)]),
-            structlog.processors.JSONRenderer(),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.WriteLoggerFactory(),  # a plain write per line: cheaper than print()
-        cache_logger_on_first_use=True,
-    )
+def configure_json_logging() -> None:
+    """The recommended production setup: cheap processors, one JSON line per event, one writer of stdout
+    that the default audit sink shares (`ztmw.serve_logging`)."""
+    from .serve_logging import configure
+
+    configure()
 
 
 def load_factory(spec: str | None, extra_args: Sequence[str]) -> web.Application:
@@ -80,7 +73,7 @@ def _config_or_exit(path: str) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    configure_json_logging(args.worker_id)
+    configure_json_logging()
     config = _config_or_exit(args.config)
     if workers.is_supervisor(args):  # --workers N: this process only starts and watches N of these
         return workers.supervise(args, config, args.argv)
@@ -132,6 +125,10 @@ def route_table(app: web.Application, pipeline: Pipeline) -> list[tuple[str, str
 def cmd_check(args: argparse.Namespace, extra: Sequence[str]) -> int:
     try:
         config = load_config(args.config)
+        if args.factory is None and config.gateway is not None:  # a gateway's rules are its only routes
+            from .gateway.command import check
+
+            return check(config)
         app = load_factory(args.factory, extra)
         pipeline = setup(app, config)
     except ConfigurationError as exc:
@@ -149,6 +146,13 @@ def cmd_check(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 1 if args.strict and denied else 0
 
 
+def cmd_gateway(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from .gateway.command import run
+
+    configure_json_logging()
+    return run(args, _config_or_exit(args.config))
+
+
 def cmd_token(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from . import devtokens
 
@@ -160,6 +164,10 @@ def cmd_demo(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
     if not args.verbose:  # the table tells the story; plugin start-up lines would only bury it
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    if args.gateway:
+        from .gateway.demo import run_gateway_demo
+
+        return asyncio.run(run_gateway_demo())
 
     return asyncio.run(run_demo(verbose=args.verbose))
 
@@ -178,12 +186,20 @@ def cmd_audit_verify(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return audit_chain.run_verify(args)
 
 
+def cmd_links(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from .linking import cli as links_cli
+
+    return links_cli.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ztmw", description="Zero-trust security layer for aiohttp servers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run the scripted scenarios against a local issuer and sample API")
     demo.add_argument("--verbose", action="store_true", help="also print the audit events")
+    demo.add_argument("--gateway", action="store_true",
+                      help="a non-Python upstream protected by `ztmw gateway` (proxy mode, and nginx auth_request)")
     demo.set_defaults(func=cmd_demo)
 
     serve = sub.add_parser("serve", help="serve an aiohttp app factory behind the configured pipeline")
@@ -204,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--strict", action="store_true", help="exit 1 when any route would be denied")
     check.set_defaults(func=cmd_check)
 
+    gateway = sub.add_parser("gateway", help="forward-auth decision service or identity-aware reverse proxy")
+    from .gateway.command import add_arguments as gateway_arguments
+
+    gateway_arguments(gateway)
+    gateway.set_defaults(func=cmd_gateway)
+
     token = sub.add_parser("token", help="development keys, tokens and DPoP proofs for trying an API with curl")
     from . import devtokens
 
@@ -221,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit_chain.add_arguments(audit_verify)
     audit_verify.set_defaults(func=cmd_audit_verify)
+
+    links = sub.add_parser("links", help="link, unlink and list logins of accounts in the [linking] store")
+    from .linking import cli as links_cli
+
+    links_cli.add_arguments(links)
+    links.set_defaults(func=cmd_links)
     return parser
 
 
@@ -230,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what `serve --workers` starts its children with
     if extra and args.command not in ("serve", "check", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command == "serve" and args.tls_cert and not args.tls_key:
+    if args.command in ("serve", "gateway") and args.tls_cert and not args.tls_key:
         parser.error("--tls-cert needs --tls-key")
     try:
         return int(args.func(args, extra) or 0)

@@ -51,7 +51,7 @@ class IssuerConfig:
     algorithms: tuple[str, ...] = ("ES256", "ES384", "PS256", "EdDSA", "RS256")
     leeway: float = 30.0
     refetch_cooldown: float = 30.0
-    profile: Literal["rfc9068", "jwt"] = "rfc9068"
+    profile: Literal["rfc9068", "jwt", "ztmw-identity"] = "rfc9068"
     kids: tuple[str, ...] = ()
     fetch_timeout: float = 5.0
     discovery: Literal["oauth", "openid"] | None = None
@@ -124,6 +124,22 @@ class IdentityLink:
 
 
 @dataclass(frozen=True, slots=True)
+class LinkingConfig:
+    """`[linking]`: the self-service account-linking ceremony and the link store it writes (ztmw/linking/)."""
+
+    enabled: bool = False
+    path: str = "/account/links"
+    store: str = "sqlite:///ztmw-links.db"
+    """`sqlite:///relative.db` (to the working directory), `sqlite:////absolute.db`, or a redis:// URL."""
+    min_aal: int = 2
+    max_auth_age: int = 300
+    max_links: int = 10
+    issuers: tuple[str, ...] = ()
+    """Issuers whose logins may be linked; empty: every issuer whose tokens this API accepts."""
+    same_client: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class AuditConfig:
     enabled: bool = True
     subject: Literal["hash", "plain", "omit"] = "hash"
@@ -163,6 +179,34 @@ class Rule:
         return method in self.methods or (method == "HEAD" and "GET" in self.methods)
 
 
+# -- [gateway]: `ztmw gateway` (forward-auth decision service or identity-aware reverse proxy) -----------
+
+GATEWAY_MODES = ("forward-auth", "proxy")
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """`[gateway]`. The headers of a forward-auth question are believed only from `trusted_proxies`."""
+
+    mode: Literal["forward-auth", "proxy"]
+    upstream: str | None = None
+    """proxy mode: scheme://host[:port] of the protected service."""
+    method_header: str = "X-Forwarded-Method"
+    uri_header: str = "X-Forwarded-Uri"
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+    forward_credentials: bool = False
+    upstream_timeout: float = 30.0
+    signing_key: str | None = None
+    """A private JWK file (`ztmw token keygen`): sign an identity assertion for every allowed request."""
+    assertion_audience: str | None = None
+    assertion_ttl: float = 60.0
+    assertion_in_authorization: bool = False
+    """proxy mode: also send the assertion as `Authorization: Bearer` (credentials are then never forwarded)."""
+    combine_challenges: bool = False
+    """forward-auth: every challenge in one WWW-Authenticate line (RFC 9110 §11.6.1), for proxies that copy one
+    line only (nginx before 1.23 in `auth_request_set`)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     resource: ResourceConfig
@@ -184,8 +228,11 @@ class Config:
     cors_expose_headers: bool = False
     """RESP-19: add `Access-Control-Expose-Headers: WWW-Authenticate, DPoP-Nonce` to every response."""
     limits: LimitsConfig = LimitsConfig()
+    linking: LinkingConfig = LinkingConfig()
     rules: tuple[Rule, ...] = ()
     plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    gateway: GatewayConfig | None = None
+    """`[gateway]`: only `ztmw gateway` reads it; an app protected with `setup()` ignores it."""
 
     @property
     def metadata_url(self) -> str:
@@ -237,7 +284,8 @@ class _Reader:
 
     def config(self, data: Mapping[str, Any]) -> Config:
         _only(data, "", {"resource", "issuers", "verifiers", "dpop", "mtls", "cache", "trust", "identity",
-                         "audit", "metadata", "limits", "rules", "plugins", "cors"})
+                         "audit", "metadata", "limits", "rules", "plugins", "cors", "gateway",
+                         "linking"})
         resource = self.resource(_table(data, "resource", required=True))
         issuers = tuple(
             self.issuer(item, f"issuers[{i}]", resource) for i, item in enumerate(_array(data, "issuers"))
@@ -261,6 +309,9 @@ class _Reader:
         identity = _table(data, "identity")
         identity_links = self.identity(identity)
         identity_resolvers = _strings(identity.get("resolvers", ["config"]), "identity.resolvers")
+        linking = self.linking(_table(data, "linking"), _token_issuers(issuers, plugins))
+        if linking.enabled and LINKING_RESOLVER not in identity_resolvers:
+            identity_resolvers = _with_linking_resolver(identity_resolvers)
         owner_requires_link, owner_requires_link_why = _owner_requires_link(identity, issuers, verifiers, plugins)
         return _require_extras(Config(
             resource=resource,
@@ -279,8 +330,10 @@ class _Reader:
             metadata_enabled=_bool(metadata.get("enabled", True), "metadata.enabled"),
             cors_expose_headers=_bool(cors.get("expose_headers", False), "cors.expose_headers"),
             limits=self.limits(_table(data, "limits")),
+            linking=linking,
             rules=rules,
             plugins={k: dict(v) for k, v in plugins.items()},
+            gateway=self.gateway(data["gateway"]) if "gateway" in data else None,
         ))
 
     def resource(self, t: Mapping[str, Any]) -> ResourceConfig:
@@ -326,7 +379,7 @@ class _Reader:
         audiences = _strings(t.get("audiences", [resource.identifier]), f"{key}.audiences")
         if not audiences:
             raise ConfigurationError(f"{key}.audiences: must not be empty")
-        profile = _choice(t.get("profile", "rfc9068"), f"{key}.profile", ("rfc9068", "jwt"))
+        profile = _choice(t.get("profile", "rfc9068"), f"{key}.profile", ("rfc9068", "jwt", "ztmw-identity"))
         return IssuerConfig(
             issuer=issuer,
             audiences=audiences,
@@ -436,6 +489,26 @@ class _Reader:
                                           "limits.max_credential_bytes", 256, 65536),
         )
 
+    def linking(self, t: Mapping[str, Any], known: set[Any]) -> LinkingConfig:
+        _only(t, "linking", set(LinkingConfig.__dataclass_fields__))
+        path = _str(t.get("path", _default(LinkingConfig, "path")), "linking.path")
+        if not path.startswith("/") or re.search(r"[{}?#]", path):
+            raise ConfigurationError("linking.path: a plain path starting with '/' (no '{', '}', '?' or '#')")
+        linkable = _strings(t.get("issuers", []), "linking.issuers")
+        unknown = [i for i in linkable if i not in known]
+        if unknown:
+            raise ConfigurationError(f"linking.issuers: {unknown[0]!r} is not a configured issuer")
+        return LinkingConfig(
+            enabled=_bool(t.get("enabled", False), "linking.enabled"),
+            path=path,
+            store=_link_store(t.get("store", _default(LinkingConfig, "store")), "linking.store"),
+            min_aal=_integer(t.get("min_aal", 2), "linking.min_aal", 0, 3),
+            max_auth_age=_integer(t.get("max_auth_age", 300), "linking.max_auth_age", 1, 86400),
+            max_links=_integer(t.get("max_links", 10), "linking.max_links", 2, 1000),
+            issuers=linkable,
+            same_client=_bool(t.get("same_client", True), "linking.same_client"),
+        )
+
     def rule(self, t: Any, key: str) -> Rule:
         t = _as_table(t, key)
         _only(t, key, set(Rule.__dataclass_fields__))
@@ -477,6 +550,63 @@ class _Reader:
                 raise ConfigurationError(f"{key}.{name}: values must be printable ASCII without spaces or quotes")
         return rule
 
+    def gateway(self, t: Any) -> GatewayConfig:
+        t = _as_table(t, "gateway")
+        _only(t, "gateway", set(GatewayConfig.__dataclass_fields__))
+        mode = _choice(t.get("mode"), "gateway.mode", GATEWAY_MODES)
+        upstream = t.get("upstream")
+        if mode == "proxy":
+            upstream = _url(upstream, "gateway.upstream")
+            parts = urlsplit(upstream)
+            if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+                raise ConfigurationError("gateway.upstream: must be scheme://host[:port] with no path")
+            upstream = upstream.rstrip("/")
+        elif upstream is not None:
+            raise ConfigurationError("gateway.upstream: only in proxy mode (forward-auth has no upstream)")
+        proxies = _strings(t.get("trusted_proxies", list(_default(GatewayConfig, "trusted_proxies"))),
+                           "gateway.trusted_proxies")
+        for cidr in proxies:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ConfigurationError(f"gateway.trusted_proxies: {cidr!r} is not a CIDR") from None
+        headers = {}
+        for name in ("method_header", "uri_header"):
+            value = _str(t.get(name, _default(GatewayConfig, name)), f"gateway.{name}")
+            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", value):
+                raise ConfigurationError(f"gateway.{name}: not an HTTP header name")
+            headers[name] = value
+        signing_key = t.get("signing_key")
+        if signing_key is not None:
+            signing_key = str((self.base / _str(signing_key, "gateway.signing_key")).resolve())
+        audience = t.get("assertion_audience")
+        if audience is not None:
+            audience = _str(audience, "gateway.assertion_audience")
+        elif signing_key is not None and mode == "forward-auth":
+            raise ConfigurationError("gateway.assertion_audience: required with signing_key in forward-auth mode "
+                                     "(there is no upstream to default to)")
+        elif upstream is not None:
+            audience = upstream
+        forward_credentials = _bool(t.get("forward_credentials", False), "gateway.forward_credentials")
+        in_authorization = _bool(t.get("assertion_in_authorization", False), "gateway.assertion_in_authorization")
+        if in_authorization and (mode != "proxy" or signing_key is None or forward_credentials):
+            raise ConfigurationError("gateway.assertion_in_authorization: proxy mode only, needs signing_key, "
+                                     "and cannot be combined with forward_credentials")
+        return GatewayConfig(
+            mode=mode,  # type: ignore[arg-type]
+            upstream=upstream,
+            method_header=headers["method_header"],
+            uri_header=headers["uri_header"],
+            trusted_proxies=proxies,
+            forward_credentials=forward_credentials,
+            upstream_timeout=_number(t.get("upstream_timeout", 30), "gateway.upstream_timeout", 0.1, 3600),
+            signing_key=signing_key,
+            assertion_audience=audience,
+            assertion_ttl=_number(t.get("assertion_ttl", 60), "gateway.assertion_ttl", 1, 3600),
+            assertion_in_authorization=in_authorization,
+            combine_challenges=_bool(t.get("combine_challenges", False), "gateway.combine_challenges"),
+        )
+
 
 def _require_known_subject(
     identity: Mapping[str, Any], links: tuple[IdentityLink, ...], resolvers: tuple[str, ...]
@@ -491,6 +621,40 @@ def _require_known_subject(
         raise ConfigurationError("identity.require_known_subject: nothing can link a subject (no "
                                  "[[identity.links]] and no other resolver), so every token would be refused")
     return True
+
+
+LINKING_RESOLVER = "linking"
+"""The identity resolver `[linking]` adds: its link store, asked right after the static `config` links."""
+
+
+def _token_issuers(issuers: tuple[IssuerConfig, ...], plugins: Mapping[str, Any]) -> set[str]:
+    """Every issuer whose tokens this API may accept: the `[[issuers]]` and the introspection endpoint's."""
+    known = {i.issuer for i in issuers}
+    introspected = plugins.get("introspection", {}).get("issuer")
+    if isinstance(introspected, str):
+        known.add(introspected)
+    return known
+
+
+def _with_linking_resolver(resolvers: tuple[str, ...]) -> tuple[str, ...]:
+    if "config" in resolvers:
+        at = resolvers.index("config") + 1
+        return resolvers[:at] + (LINKING_RESOLVER,) + resolvers[at:]
+    return (LINKING_RESOLVER,) + resolvers
+
+
+def _link_store(value: Any, key: str) -> str:
+    """`sqlite:///rel.db` (relative to the working directory) or `sqlite:////abs.db` -> `sqlite:///<absolute>`,
+    or a Redis URL."""
+    text = _str(value, key)
+    if text.startswith("sqlite:///"):
+        file = text[len("sqlite:///"):]
+        if not file or file.endswith("/"):
+            raise ConfigurationError(f"{key}: sqlite:/// needs a file name")
+        return "sqlite:///" + str(Path.cwd() / file if not file.startswith("/") else Path(file))
+    if text.startswith(("redis://", "rediss://", "unix://")):
+        return text  # the `redis` extra is required by _require_extras
+    raise ConfigurationError(f"{key}: 'sqlite:///<file>' or a redis:// URL")
 
 
 # -- small typed readers; each names the key it failed on -------------------------------------------------
@@ -585,6 +749,7 @@ def _require_extras(config: Config) -> Config:
         ("cache.backend", "redis", config.cache.backend != "memory"),
         ("identity.resolvers = [\"redis\"]", "redis", "redis" in config.identity_resolvers),
         ("audit.sinks = [\"metrics\"]", "metrics", "metrics" in config.audit.sinks),
+        ("linking.store", "redis", not config.linking.store.startswith("sqlite:")),
     ]
     for setting, extra, needed in needs:
         if not needed:

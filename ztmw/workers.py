@@ -34,7 +34,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Mapping, MutableMapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from .config import Config, DPoPConfig
 from .errors import ConfigurationError
@@ -102,16 +102,6 @@ def refuse_per_process_state(dpop: DPoPConfig, environ: Mapping[str, str]) -> No
 
 
 # -- the child side -------------------------------------------------------------------------------------------
-
-
-def tag_worker(index: int) -> Callable[[Any, str, MutableMapping[str, Any]], MutableMapping[str, Any]]:
-    """A structlog processor naming the worker on every line, so an operator can tell the processes apart."""
-
-    def processor(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-        event["worker"] = index
-        return event
-
-    return processor
 
 
 def enter_worker(args: argparse.Namespace, config: Config) -> Config:
