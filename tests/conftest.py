@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 from typing import Any, AsyncIterator, Callable
@@ -10,6 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+import ztmw
 from ztmw.testing import DevIssuer, FakeClock
 from ztmw.testing.certs import TestCA
 
@@ -89,3 +91,49 @@ AppFactory = Callable[..., web.Application]
 def ca() -> TestCA:
     """A throw-away certificate authority (trustme underneath) for the client-certificate tests."""
     return TestCA()
+
+
+# -- raw requests and audit trails, for the modules that send bytes as they are or read decisions ----------
+
+def raw_get(path: str, header_lines: bytes) -> bytes:
+    """A GET request as bytes, `header_lines` (each ending in CRLF) sent exactly as given."""
+    return f"GET {path} HTTP/1.1\r\nHost: x\r\n".encode() + header_lines + b"Connection: close\r\n\r\n"
+
+
+async def raw(client: Any, request: bytes) -> int:
+    """Send bytes as they are (no client-side normalisation) and return the status code of the answer."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        status_line = await reader.readline()
+        return int(status_line.split()[1])
+    finally:
+        writer.close()
+
+
+def decisions(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] in ("ztmw.decision", "ztmw.security")]
+
+
+def with_query(query: str, token: str, path: str = "/items") -> bytes:
+    """A request with `query` sent byte for byte (an HTTP client would normalise the percent-encoding)."""
+    return raw_get(f"{path}?{query}", f"Authorization: Bearer {token}\r\n".encode("ascii"))
+
+
+@pytest.fixture
+def full_runs(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """`full_runs(pipeline)` -> a list that grows by one each time the full pipeline (not the memo) decides."""
+
+    def install(pipeline: ztmw.Pipeline) -> list[int]:
+        runs: list[int] = []
+        evaluate = pipeline.evaluate
+
+        async def counted(view: Any) -> Any:
+            runs.append(1)
+            return await evaluate(view)
+
+        monkeypatch.setattr(pipeline, "evaluate", counted)
+        return runs
+
+    return install

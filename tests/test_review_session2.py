@@ -31,10 +31,9 @@ from ztmw.cache import token_key
 from ztmw.errors import InvalidDPoPProof
 from ztmw.testing import DevIssuer, DPoPKey, FakeClock
 
-from .conftest import base_config, items_app
+from .conftest import base_config, decisions, items_app, raw, with_query
 from .test_audit_jsonl import EVENT, jsonl_client, read_lines
 from .test_memo import call, protected
-from .test_memo_review import decisions, raw, with_query
 from .test_middleware import staged_app
 
 CACHE_SECRET = "review-session2-cache-secret-0123"
