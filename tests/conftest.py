@@ -137,3 +137,51 @@ def full_runs(monkeypatch: pytest.MonkeyPatch) -> Any:
         return runs
 
     return install
+
+
+# -- protected apps and calls, for the modules that drive ztmw.setup or the stage middlewares -------------
+
+def staged_app(pipeline: ztmw.Pipeline, app: web.Application | None = None) -> web.Application:
+    """An app (the items app by default) protected by the three stage middlewares used alone, as an app author
+    would compose them."""
+
+    async def lifetime(app: web.Application) -> Any:
+        await pipeline.start()
+        yield
+        await pipeline.close()
+
+    app = app if app is not None else items_app()
+    app.middlewares.extend([ztmw.audit_middleware(pipeline), ztmw.authentication_middleware(pipeline),
+                            ztmw.authorization_middleware(pipeline)])
+    app.cleanup_ctx.append(lifetime)
+    return app
+
+
+def whoami_app() -> web.Application:
+    """Answers with what the handler sees: the principal, trust and decision ztmw published on the request."""
+
+    async def whoami(request: web.Request) -> web.Response:
+        principal, trust, decision = request[ztmw.PRINCIPAL], request[ztmw.TRUST], request[ztmw.DECISION]
+        return web.json_response({"sub": principal.subject if principal else None, "aal": trust.aal,
+                                  "rule": decision.rule_id})
+
+    app = web.Application()
+    for path in ("/items", "/users/{user}/items", "/health"):
+        app.router.add_get(path, whoami)
+    return app
+
+
+async def protected(aiohttp_client: Any, config: dict[str, Any], clock: FakeClock,
+                    app: web.Application | None = None) -> tuple[Any, ztmw.Pipeline]:
+    app = app if app is not None else whoami_app()
+    pipeline = ztmw.setup(app, config, clock=clock)
+    return await aiohttp_client(app), pipeline
+
+
+async def call(client: Any, token: str | None = None, path: str = "/items", method: str = "GET",
+               **headers: Any) -> tuple[int, Any]:
+    if token is not None:
+        headers.setdefault("Authorization", f"Bearer {token}")
+    async with client.request(method, path, headers=headers) as response:
+        body = await response.json() if response.content_type == "application/json" else None
+        return response.status, body

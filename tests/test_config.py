@@ -9,8 +9,12 @@ from typing import Any
 
 import pytest
 
+import ztmw
 from ztmw import ConfigurationError, load_config
 from ztmw.config import Config, Levels
+from ztmw.testing import DevIssuer
+
+from .conftest import base_config
 
 DESIGN_EXAMPLE = """
 [resource]
@@ -648,3 +652,13 @@ def test_cors_expose_headers_is_off_unless_asked_for() -> None:
 ])
 def test_cors_settings_are_checked(cors: dict[str, Any], words: tuple[str, ...]) -> None:
     refuses(minimal(cors=cors), *words)
+
+
+# -- ids of ztmw's own rules, through the whole configuration ---------------------------------------------
+
+@pytest.mark.parametrize("rule_id", ["ztmw-metadata", "ztmw-", "ztmw-plugin-metrics-get"])
+def test_reserved_rule_ids_are_refused(issuer: DevIssuer, rule_id: str) -> None:
+    config = base_config(issuer)
+    config["rules"].append({"id": rule_id, "path": "/admin", "methods": ["GET"], "public": True})
+    with pytest.raises(ztmw.ConfigurationError, match="reserved"):
+        ztmw.load_config(config)

@@ -20,38 +20,17 @@ import ztmw
 from ztmw.errors import ConfigurationError
 from ztmw.testing import DevIssuer, DPoPKey, FakeClock
 
-from .conftest import base_config, decisions, raw, raw_get, with_query
-from .test_middleware import staged_app
-
-
-def whoami_app() -> web.Application:
-    """Answers with what the handler sees: the principal, trust and decision ztmw published on the request."""
-
-    async def whoami(request: web.Request) -> web.Response:
-        principal, trust, decision = request[ztmw.PRINCIPAL], request[ztmw.TRUST], request[ztmw.DECISION]
-        return web.json_response({"sub": principal.subject if principal else None, "aal": trust.aal,
-                                  "rule": decision.rule_id})
-
-    app = web.Application()
-    for path in ("/items", "/users/{user}/items", "/health"):
-        app.router.add_get(path, whoami)
-    return app
-
-
-async def protected(aiohttp_client: Any, config: dict[str, Any], clock: FakeClock,
-                    app: web.Application | None = None) -> tuple[Any, ztmw.Pipeline]:
-    app = app if app is not None else whoami_app()
-    pipeline = ztmw.setup(app, config, clock=clock)
-    return await aiohttp_client(app), pipeline
-
-
-async def call(client: Any, token: str | None = None, path: str = "/items", method: str = "GET",
-               **headers: Any) -> tuple[int, Any]:
-    if token is not None:
-        headers.setdefault("Authorization", f"Bearer {token}")
-    async with client.request(method, path, headers=headers) as response:
-        body = await response.json() if response.content_type == "application/json" else None
-        return response.status, body
+from .conftest import (
+    base_config,
+    call,
+    decisions,
+    protected,
+    raw,
+    raw_get,
+    staged_app,
+    whoami_app,
+    with_query,
+)
 
 
 def memo_size(pipeline: ztmw.Pipeline) -> int:
@@ -268,7 +247,7 @@ def window_around(now: float, *, minutes: int = 1) -> dict[str, str]:
     return {"start": f"{start // 60:02d}:{start % 60:02d}", "end": f"{end // 60:02d}:{end % 60:02d}"}
 
 
-# -- reserved rule ids, a failing trust check, query tokens, spellings of one token ---------------------------
+# -- reserved rule ids, a failing trust check, query tokens, spellings of one token --------------------------
 
 async def test_a_user_rule_cannot_take_the_metadata_rule_id(issuer: DevIssuer, clock: FakeClock) -> None:
     """The memo trusts rule ids to name one rule: ztmw's own ids ("ztmw-metadata") are reserved."""

@@ -20,10 +20,10 @@ from aiohttp import web
 import ztmw
 from ztmw.testing import DevIssuer, FakeClock
 
-from .conftest import raw, raw_get
-from .test_memo import echo_app, echo_config, memo_size, protected, warm
+from .conftest import protected, raw, raw_get
+from .test_memo import echo_app, echo_config, memo_size, warm
 
-# -- helpers ---------------------------------------------------------------------------------------------------
+# -- helpers -------------------------------------------------------------------------------------------------
 
 @pytest.fixture(params=["c", "python"])
 def parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
@@ -75,7 +75,7 @@ async def answer(client: Any, request: bytes) -> tuple[int, Any]:
         return status, body
 
 
-# -- every odd request target gets the full pipeline's answer, under both parsers -----------------------------
+# -- every odd request target gets the full pipeline's answer, under both parsers ----------------------------
 
 # (method, target, keyed): whether the memo may remember the target (None: not asserted: parser-dependent or open)
 TARGETS = [
@@ -192,7 +192,7 @@ async def test_the_istr_dpop_lookup_sees_any_spelling_under_both_parsers(
     assert runs == [1, 1] and memo_size(pipeline) == 1  # decided in full each time, never remembered
 
 
-# -- a replay needs the match info its decision was made on ---------------------------------------------------
+# -- a replay needs the match info its decision was made on --------------------------------------------------
 
 def rewriting_app(rewrite: Callable[[web.Request], Any]) -> Callable[[], web.Application]:
     """echo_app with an app middleware before ztmw's (setup appends its own last) that hands the handler the

@@ -10,10 +10,21 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 import ztmw
-from ztmw.testing import DevIssuer, FakeClock
+from ztmw.errors import InvalidDPoPProof
+from ztmw.testing import DevIssuer, DPoPKey, FakeClock
 from ztmw.testing.http import challenges
 
-from .conftest import AUDIENCE, base_config, items_app
+from .conftest import (
+    AUDIENCE,
+    base_config,
+    call,
+    decisions,
+    items_app,
+    protected,
+    raw,
+    staged_app,
+    with_query,
+)
 
 METADATA_URL = "https://api.example.com/.well-known/oauth-protected-resource"
 
@@ -23,22 +34,6 @@ async def client(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock) -> An
     app = items_app()
     ztmw.setup(app, base_config(issuer), clock=clock)
     return await aiohttp_client(app)
-
-
-def staged_app(pipeline: ztmw.Pipeline, app: web.Application | None = None) -> web.Application:
-    """An app (the items app by default) protected by the three stage middlewares used alone, as an app author
-    would compose them."""
-
-    async def lifetime(app: web.Application) -> Any:
-        await pipeline.start()
-        yield
-        await pipeline.close()
-
-    app = app if app is not None else items_app()
-    app.middlewares.extend([ztmw.audit_middleware(pipeline), ztmw.authentication_middleware(pipeline),
-                            ztmw.authorization_middleware(pipeline)])
-    app.cleanup_ctx.append(lifetime)
-    return app
 
 
 async def get(client: Any, path: str = "/items", **headers: str) -> Any:
@@ -382,3 +377,97 @@ async def test_stage_middlewares_audit_security_refusals_and_cache_results(
     # the downgrade is refused after the token check itself: its cache result is recorded too
     assert audited == [("ztmw.security", "dpop_bound_token_as_bearer", "miss"),
                        ("ztmw.decision", "allowed", "miss")]
+
+
+# -- the cache result a refusal after the token check records --------------------------------------------
+
+async def test_a_reused_refusal_instance_carries_each_request_s_own_cache_result(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A binding plugin that raises one module-level exception for every refusal: `cache` is set afresh by the
+    authenticator each time, and a refusal that comes before the token check records no cache result."""
+    config = base_config(issuer, verifiers={"enabled": ["bearer", "dpop"]})
+    client, pipeline = await protected(aiohttp_client, config, clock)
+    shared_refusal = InvalidDPoPProof("invalid_dpop_proof")
+
+    async def confirm(*args: Any, **kwargs: Any) -> str:
+        raise shared_refusal
+
+    monkeypatch.setattr(pipeline.authenticator._bindings["jkt"], "confirm", confirm)
+    token = issuer.mint(scope="items:read", cnf={"jkt": DPoPKey().thumbprint})
+    with capture_logs() as logs:
+        answers = [await call(client, None, Authorization=f"DPoP {token}", DPoP="x.y.z") for _ in range(3)]
+        answers.append(await call(client, None, Authorization="DPoP a b"))  # malformed: before the token check
+        answers.append(await call(client, None, Authorization=f"Bearer {token}"))  # downgrade, a hit
+    assert [status for status, _ in answers] == [401, 401, 401, 400, 401]
+    assert [e.get("cache") for e in decisions(logs)] == ["miss", "hit", "hit", None, "hit"]
+
+
+async def test_a_negatively_cached_token_records_no_cache_result(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    client, _ = await protected(aiohttp_client, base_config(issuer), clock)
+    forged = issuer.mint(scope="items:read")[:-4] + "AAAA"
+    with capture_logs() as logs:
+        assert [(await call(client, forged))[0] for _ in range(2)] == [401, 401]
+    assert [e.get("cache") for e in decisions(logs)] == [None, None]
+
+
+async def test_the_stage_middlewares_record_the_cache_result_of_a_refusal_too(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    config = ztmw.load_config(base_config(issuer, verifiers={"enabled": ["bearer", "dpop"]}))
+    token = issuer.mint(scope="items:read", cnf={"jkt": DPoPKey().thumbprint})
+    trails = []
+    for app in (None, staged_app(ztmw.Pipeline(config, clock=clock))):
+        if app is None:
+            client, _ = await protected(aiohttp_client, base_config(issuer, verifiers={"enabled": ["bearer", "dpop"]}),
+                                        clock)
+        else:
+            client = await aiohttp_client(app)
+        with capture_logs() as logs:
+            assert [(await call(client, token))[0] for _ in range(2)] == [401, 401]  # a DPoP token as Bearer
+        trails.append([(e["reason"], e.get("cache")) for e in decisions(logs)])
+    all_in_one, staged = trails
+    assert all_in_one == [("dpop_bound_token_as_bearer", "miss"), ("dpop_bound_token_as_bearer", "hit")]
+    assert staged == all_in_one
+
+
+# -- the query-token check: any spelling of access_token beside the header, and only that --------------
+
+@pytest.mark.parametrize("query", [
+    "access_token=x", "access_tok%65n=x", "%61ccess_token=x", "access%5Ftoken=x", "access_token",
+    "a=1&access_token=", "ACCESS=1&access_token=x&b=2",
+])
+async def test_http_06_any_spelling_of_the_access_token_parameter_beside_the_header_is_refused(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, query: str
+) -> None:
+    client, _ = await protected(aiohttp_client, base_config(issuer), clock)
+    token = issuer.mint(scope="items:read")
+    for _ in range(2):  # warm: the header alone is remembered
+        assert (await call(client, token))[0] == 200
+    request = with_query(query, token)
+    assert await raw(client, request) == 400
+
+
+@pytest.mark.parametrize("query", [
+    "access_token%00=x", "access_token+=x", "%2Baccess_token=x", "a=1;access_token=x", "x=access_token",
+    "access%20token=x",
+])
+async def test_names_that_only_resemble_access_token_are_not_a_second_transport(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, query: str
+) -> None:
+    """Neither ztmw nor a handler reading request.query sees an `access_token` parameter in these."""
+    seen: list[bool] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append("access_token" in request.query)
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_get("/items", handler)
+    client, _ = await protected(aiohttp_client, base_config(issuer), clock, app)
+    token = issuer.mint(scope="items:read")
+    request = with_query(query, token)
+    assert await raw(client, request) == 200
+    assert seen == [False]
