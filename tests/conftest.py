@@ -185,3 +185,37 @@ async def call(client: Any, token: str | None = None, path: str = "/items", meth
     async with client.request(method, path, headers=headers) as response:
         body = await response.json() if response.content_type == "application/json" else None
         return response.status, body
+
+
+# -- audit reasons and requests the checklist tests share ------------------------------------------------
+
+def reasons(events: list[Any]) -> list[str]:
+    """The audit reasons of the requests made while `events` was captured."""
+    return [str(e["reason"]) for e in events if e["event"] in ("ztmw.decision", "ztmw.security")]
+
+
+def dpop_headers(token: str, proof: str) -> dict[str, str]:
+    return {"Authorization": f"DPoP {token}", "DPoP": proof}
+
+
+async def bearer_client(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock,
+                        handler_calls: list[str] | None = None) -> Any:
+    """The base config (bearer only) with a POST route, on a real server; handler calls are recorded."""
+    async def ok(request: web.Request) -> web.Response:
+        if handler_calls is not None:
+            handler_calls.append(request.method)
+        return web.json_response({"ok": True})
+
+    return await post_route_client(aiohttp_client, issuer, clock, "/items", ok)
+
+
+async def post_route_client(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, path: str, handler: Any,
+                            app: web.Application | None = None) -> Any:
+    """`handler` as `POST path` (scope items:read) beside the base config's routes, protected, on a server."""
+    app = app if app is not None else items_app()
+    app.router.add_post(path, handler)
+    config = base_config(issuer)
+    config["rules"] = config["rules"] + [{"id": "post", "path": path, "methods": ["POST"],
+                                          "scopes": ["items:read"]}]
+    ztmw.setup(app, config, clock=clock)
+    return await aiohttp_client(app)

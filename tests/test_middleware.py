@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -17,9 +18,11 @@ from ztmw.testing.http import challenges
 from .conftest import (
     AUDIENCE,
     base_config,
+    bearer_client,
     call,
     decisions,
     items_app,
+    post_route_client,
     protected,
     raw,
     staged_app,
@@ -471,3 +474,155 @@ async def test_names_that_only_resemble_access_token_are_not_a_second_transport(
     request = with_query(query, token)
     assert await raw(client, request) == 200
     assert seen == [False]
+
+
+BEARER_ONLY = {"Bearer": {"realm": "api", "resource_metadata": METADATA_URL}}
+
+
+# -- RESP-19: CORS exposure of the challenge headers ---------------------------------------------------------
+
+def exposed(response: Any) -> set[str]:
+    return {v.strip().lower() for line in response.headers.getall("Access-Control-Expose-Headers", [])
+            for v in line.split(",")}
+
+
+async def test_resp_19_cors_expose_headers_is_configurable(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    app = items_app()
+    ztmw.setup(app, base_config(issuer, cors={"expose_headers": True}), clock=clock)
+    client = await aiohttp_client(app)
+    response = await client.get("/items", headers={"Origin": "https://spa.example.com"})
+    assert response.status == 401
+    assert {"www-authenticate", "dpop-nonce"} <= exposed(response)
+    token = issuer.mint(scope="items:read")
+    for _ in range(3):  # allowed answers too, also when the decision memo replays them
+        allowed = await client.get("/items", headers={"Authorization": f"Bearer {token}"})
+        assert allowed.status == 200 and exposed(allowed) == {"www-authenticate", "dpop-nonce"}
+
+
+async def test_resp_19_off_by_default_and_merged_with_the_app_s_own_exposed_headers(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    async def listed(request: web.Request) -> web.Response:
+        return web.json_response([], headers={"Access-Control-Expose-Headers": "X-Total-Count, dpop-nonce"})
+
+    plain = items_app()
+    ztmw.setup(plain, base_config(issuer), clock=clock)
+    assert exposed(await (await aiohttp_client(plain)).get("/items")) == set()
+    app = items_app()
+    app.router.add_get("/listed", listed)
+    config = base_config(issuer, cors={"expose_headers": True})
+    config["rules"] = config["rules"] + [{"id": "listed", "path": "/listed", "methods": ["GET"], "public": True}]
+    ztmw.setup(app, config, clock=clock)
+    response = await (await aiohttp_client(app)).get("/listed")
+    assert exposed(response) == {"x-total-count", "dpop-nonce", "www-authenticate"}
+    assert response.headers.getall("Access-Control-Expose-Headers") == ["X-Total-Count, dpop-nonce", "WWW-Authenticate"]
+
+
+# -- HTTP-06 / HTTP-09: the form-body transport -------------------------------------------------------------
+
+async def post_form_token(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, headers: dict[str, str],
+                          token: str | None = None) -> tuple[Any, str, Any, list[str]]:
+    """POST /items with `access_token=<token>` as an urlencoded form: client, token, response, handler calls."""
+    calls: list[str] = []
+    client = await bearer_client(aiohttp_client, issuer, clock, calls)
+    token = token or issuer.mint(scope="items:read")
+    response = await client.post("/items", data={"access_token": token}, headers=headers)
+    return client, token, response, calls
+
+
+async def test_http_09_form_body_token_is_not_a_transport(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    """Off by default (and ztmw has no switch for it): a body `access_token` is no credential -> R-NONE."""
+    with capture_logs() as events:
+        client, token, response, calls = await post_form_token(aiohttp_client, issuer, clock, {})
+        body = await response.text()
+    assert response.status == 401
+    assert challenges(response) == BEARER_ONLY  # R-NONE: no error, no error_description
+    assert calls == []
+    assert token not in body and token not in json.dumps(events, default=str)
+    # and a GET with a form body is no credential either
+    response = await client.request("GET", "/items", data={"access_token": token})
+    assert response.status == 401 and challenges(response) == BEARER_ONLY
+
+
+async def test_http_06_header_and_form_body_token_is_invalid_request(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    token = issuer.mint(scope="items:read")
+    _, _, response, calls = await post_form_token(aiohttp_client, issuer, clock,
+                                                  {"Authorization": f"Bearer {token}"}, token)
+    assert response.status == 400
+    assert challenges(response)["Bearer"]["error"] == "invalid_request"
+    assert calls == []
+
+
+async def test_http_06_a_remembered_decision_never_skips_the_body_check(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    """The decision memo keeps no form request: the same token allowed twice before still meets the check."""
+    calls: list[str] = []
+    client = await bearer_client(aiohttp_client, issuer, clock, calls)
+    token = issuer.mint(scope="items:read")
+    auth = {"Authorization": f"Bearer {token}"}
+    for _ in range(3):
+        assert (await client.post("/items", data={"note": "x"}, headers=auth)).status == 200
+    response = await client.post("/items", data={"access_token": token}, headers=auth)
+    assert response.status == 400 and challenges(response)["Bearer"]["error"] == "invalid_request"
+    encoded = await client.post("/items", data=b"access%5Ftoken=x", headers={
+        **auth, "Content-Type": "application/x-www-form-urlencoded"})  # the name as a form decoder reads it
+    assert encoded.status == 400
+    assert calls == ["POST"] * 3
+
+
+async def test_http_06_a_form_too_large_for_the_app_gets_aiohttp_s_own_413(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    """Reading the body to look for a token must not hand the handler half a body: too large is a 413."""
+    calls: list[str] = []
+
+    async def ok(request: web.Request) -> web.Response:
+        calls.append(str(len(await request.post())))
+        return web.json_response({})
+
+    client = await post_route_client(aiohttp_client, issuer, clock, "/items", ok,
+                                     app=web.Application(client_max_size=1024))
+    auth = {"Authorization": f"Bearer {issuer.mint(scope='items:read')}"}
+    with capture_logs() as events:
+        assert (await client.post("/items", data={"note": "x" * 4000}, headers=auth)).status == 413
+    assert [(e["decision"], e["reason"], e["status"]) for e in events if e.get("event") == "ztmw.decision"] \
+        == [("deny", "unreadable_body", 413)]
+    assert (await client.post("/items", data={"note": "x"}, headers=auth)).status == 200
+    assert calls == ["1"]
+
+
+async def test_http_06_ztmw_reads_no_large_form_body_for_a_request_it_may_deny(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    """Over 64 KiB the body is the handler's business only: an unauthenticated client cannot make ztmw buffer
+    it (the header alone decides, and a body token is never taken anyway)."""
+    calls: list[str] = []
+    client = await bearer_client(aiohttp_client, issuer, clock, calls)
+    padded = {"access_token": "x", "pad": "y" * (64 * 1024)}
+    refused = await client.post("/items", data=padded, headers={"Authorization": "Bearer not.a.token"})
+    assert refused.status == 401 and challenges(refused)["Bearer"]["error"] == "invalid_token"
+    allowed = await client.post("/items", data=padded,
+                                headers={"Authorization": f"Bearer {issuer.mint(scope='items:read')}"})
+    assert allowed.status == 200 and calls == ["POST"]
+
+
+async def test_http_06_only_a_form_body_is_a_transport_and_the_handler_still_reads_it(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    async def echo(request: web.Request) -> web.Response:
+        form = await request.post()  # ztmw read it first: aiohttp hands the same form again
+        return web.json_response({"note": form.get("note")})
+
+    client = await post_route_client(aiohttp_client, issuer, clock, "/echo", echo)
+    auth = {"Authorization": f"Bearer {issuer.mint(scope='items:read')}"}
+    response = await client.post("/echo", data={"note": "kept"}, headers=auth)
+    assert response.status == 200 and await response.json() == {"note": "kept"}
+    as_json = await client.post("/echo", json={"access_token": "x"}, headers=auth)  # JSON is no transport
+    assert as_json.status == 200

@@ -1293,3 +1293,18 @@ async def test_intro_09_token_never_logged_cached_in_clear_or_sent_elsewhere(
     cached = api.pipeline.cache.get(token_key(good))  # the cache key is SHA-256 of the token
     assert cached is not None and good not in repr(cached) and good not in json.dumps(dict(cached.claims))
     assert len(cached.token_id) == 16 and cached.token_id not in good  # no jti: a short hash, not the token
+
+
+# -- RESP-20: an unreachable introspection endpoint is a 503 without a challenge ---------------------------
+
+async def test_resp_20_introspection_endpoint_unreachable_is_503_without_challenge(
+    aiohttp_client: Any, issuer: DevIssuer, auth_server: Any, clock: FakeClock
+) -> None:
+    api = await start_api(aiohttp_client, issuer, auth_server, clock,
+                          plugin={"endpoint": f"http://127.0.0.1:{closed_port()}/introspect"})
+    token = opaque()
+    response = await api.get("/me", token)
+    assert_upstream(api, response)
+    assert json.loads(await response.text()) == {"error": "temporarily_unavailable"}
+    assert token not in json.dumps(api.events, default=str)
+    assert token not in str(dict(response.headers))
