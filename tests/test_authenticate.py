@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import redis.asyncio as redis
 from aiohttp import web
+from structlog.testing import capture_logs
 
 import ztmw
 from ztmw.cache import token_key
@@ -261,3 +262,34 @@ async def test_new_key_material_under_an_old_kid_does_not_inherit_cached_trust(
     clock.advance(31)
     assert await status(client, mint(new, "k2")) == 401  # an unknown kid makes the key set refetch
     assert await status(client, token) == 401  # the cached result named a key that is no longer published
+
+
+# -- RFC 7800 §3: a confirmation claim ztmw cannot check is never an unbound bearer token ----------------------
+
+@pytest.mark.parametrize(("cnf", "bearer_reason", "dpop_reason"), [
+    ({}, "unsupported_binding", "unsupported_binding"),    # a binding claimed, no key named
+    # only members no enabled verifier understands (with DPoP, the missing jkt is named first: DPOP-21)
+    ({"x5c": "MIIB"}, "unsupported_binding", "unbound_token_as_dpop"),
+    ({"kid": "k1", "jwk": {"kty": "EC"}}, "unsupported_binding", "unbound_token_as_dpop"),
+    ("jkt", "invalid_claim", "invalid_claim"),              # not an object at all
+    (["jkt"], "invalid_claim", "invalid_claim"),
+    (None, "invalid_claim", "invalid_claim"),
+])
+@pytest.mark.parametrize("scheme", ["Bearer", "DPoP"])
+async def test_cnf_without_a_member_ztmw_understands_is_invalid_token(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, cnf: Any, bearer_reason: str, dpop_reason: str,
+    scheme: str,
+) -> None:
+    config = base_config(issuer, verifiers={"enabled": ["bearer", "dpop", "mtls"]})
+    app = items_app()
+    ztmw.setup(app, config, clock=clock)
+    client = await aiohttp_client(app)
+    token = issuer.mint(scope="items:read", claims={"cnf": cnf})
+    with capture_logs() as events:
+        for _ in range(2):  # the second time from the caches (verification, negative, memo): still refused
+            async with client.get("/items", headers={"Authorization": f"{scheme} {token}"}) as response:
+                assert response.status == 401
+                challenges = " ".join(response.headers.getall("WWW-Authenticate"))
+                assert 'error="invalid_token"' in challenges
+    reason = bearer_reason if scheme == "Bearer" else dpop_reason
+    assert [e["reason"] for e in events if e["event"] in ("ztmw.decision", "ztmw.security")] == [reason] * 2

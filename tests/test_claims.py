@@ -95,3 +95,11 @@ class TestSharedValues:
         assert table.derive("z" * 9, len) == 9
         assert len(table) == 0
         assert table.share(("a", "b")) == ("a", "b") and len(table) == 1
+
+
+def test_an_empty_cnf_is_refused_not_taken_for_an_unbound_token() -> None:
+    """RFC 7800 §3: `cnf` says the token is bound; with no key named, nothing could confirm it."""
+    with pytest.raises(InvalidToken) as caught:
+        build(claims_of(cnf={}))
+    assert caught.value.reason == "unsupported_binding"
+    assert dict(build(claims_of(cnf={"jkt": "x" * 43})).cnf) == {"jkt": "x" * 43}

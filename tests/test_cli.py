@@ -191,3 +191,77 @@ def test_demo_runs_every_scenario_and_exits_0() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "scenarios behaved as expected" in result.stdout
     assert "FAIL" not in result.stdout
+
+
+# -- configuration problems: one line on stderr, exit 2, never a traceback ---------------------------------------
+
+def ztmw_without(module: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """`ztmw ARGS` in a Python where `module` cannot be imported, as on a machine without that extra."""
+    code = f"import sys; sys.modules[{module!r}] = None; from ztmw.cli import main; sys.exit(main({list(args)!r}))"
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def assert_one_line_config_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ztmw: invalid configuration:")]
+    assert len(errors) == 1, result.stderr
+    for needle in needles:
+        assert needle in errors[0]
+
+
+@pytest.mark.parametrize(("module", "setting", "extra"), [
+    ("redis", '[dpop]\nreplay_store = "redis://:s3cret-password@127.0.0.1:6379/0"\n', "redis"),
+    ("redis", '[cache]\nbackend = "redis://:s3cret-password@127.0.0.1:6379/0"\n', "redis"),
+    ("redis", '[identity]\nresolvers = ["config", "redis"]\n', "redis"),
+    ("prometheus_client", '[audit]\nsinks = ["structlog", "metrics"]\n', "metrics"),
+])
+@pytest.mark.parametrize("command", ["check", "serve"])
+def test_a_setting_whose_extra_is_missing_is_a_configuration_error(
+    tmp_path: Path, keyfile: tuple[Path, Path], module: str, setting: str, extra: str, command: str
+) -> None:
+    config = write_config(tmp_path / "ztmw.toml", issuer_table(keyfile[1]) + setting)
+    port = ["--port", str(free_port())] if command == "serve" else []
+    result = ztmw_without(module, command, "tests.factories:create_app", "--config", str(config), *port)
+    section, name = setting.split("\n")[0].strip("[]"), setting.split("\n")[1].split(" =")[0]
+    assert_one_line_config_error(result, f"pip install 'ztmw[{extra}]'", f"{section}.{name}")
+    assert "s3cret-password" not in result.stderr  # a Redis URL may carry a password: the setting is named, not shown
+
+
+def test_serve_reports_configuration_problems_without_a_traceback(
+    tmp_path: Path, keyfile: tuple[Path, Path]
+) -> None:
+    good = write_config(tmp_path / "ztmw.toml", issuer_table(keyfile[1]))
+    missing_jwks = write_config(tmp_path / "jwks.toml", issuer_table(tmp_path / "absent.json"))
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text("[resource\n", encoding="utf-8")
+    unset_secret = write_config(tmp_path / "secret.toml", issuer_table(keyfile[1])
+                                + '[cache]\nbackend = "redis://127.0.0.1:6379/0"\nsecret_env = "ZTMW_TEST_UNSET"\n')
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy_port = str(taken.getsockname()[1])
+        cases = {
+            "jwks_file": ("serve", "--config", str(missing_jwks)),
+            "invalid TOML": ("serve", "--config", str(bad_toml)),
+            "ZTMW_TEST_UNSET": ("serve", "--config", str(unset_secret)),
+            "--tls-cert": ("serve", "--config", str(good), "--tls-cert", str(tmp_path / "no.pem"),
+                           "--tls-key", str(tmp_path / "no.key")),
+            "cannot listen": ("serve", "--config", str(good), "--port", busy_port),
+            "cannot read config file": ("serve", "--config", str(tmp_path / "absent.toml")),
+        }
+        for needle, args in cases.items():
+            assert_one_line_config_error(ztmw(*args[:1], "tests.factories:create_app", *args[1:]), needle)
+
+
+def test_check_says_whether_owner_rules_need_a_link(tmp_path: Path, keyfile: tuple[Path, Path]) -> None:
+    one = write_config(tmp_path / "one.toml", issuer_table(keyfile[1]))
+    second = '[[issuers]]\nissuer = "https://social.test"\njwks_file = "' + str(keyfile[1]) + '"\n'
+    two = write_config(tmp_path / "two.toml", issuer_table(keyfile[1]) + second)
+    explicit = write_config(tmp_path / "explicit.toml", issuer_table(keyfile[1]) + second
+                            + "[identity]\nowner_requires_link = false\n")
+    said = {name: ztmw("check", "tests.factories:create_app", "--config", str(path)).stderr
+            for name, path in {"one": one, "two": two, "explicit": explicit}.items()}
+    assert "raw `sub` values (identity.owner_requires_link: default with 1 token source)" in said["one"]
+    assert "only linked subjects (identity.owner_requires_link: default with 2 token sources)" in said["two"]
+    assert "raw `sub` values (identity.owner_requires_link: explicit)" in said["explicit"]

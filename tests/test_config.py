@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -652,6 +653,78 @@ def test_cors_expose_headers_is_off_unless_asked_for() -> None:
 ])
 def test_cors_settings_are_checked(cors: dict[str, Any], words: tuple[str, ...]) -> None:
     refuses(minimal(cors=cors), *words)
+
+
+# -- optional extras: a setting that needs one fails at load time, naming the setting and the install ------------
+
+@pytest.mark.parametrize(("module", "sections", "named", "extra"), [
+    ("redis", {"dpop": {"replay_store": "redis://:pw@127.0.0.1:6379/0"}}, "dpop.replay_store", "redis"),
+    ("redis", {"cache": {"backend": "rediss://127.0.0.1:6380/0"}}, "cache.backend", "redis"),
+    ("redis", {"identity": {"resolvers": ["config", "redis"]}}, "identity.resolvers", "redis"),
+    ("prometheus_client", {"audit": {"sinks": ["metrics"]}}, "audit.sinks", "metrics"),
+])
+def test_a_setting_needing_a_missing_extra_is_refused_at_load_time(
+    monkeypatch: pytest.MonkeyPatch, module: str, sections: dict[str, Any], named: str, extra: str
+) -> None:
+    assert load_config(minimal(**sections))  # with the extra installed: valid
+    monkeypatch.setitem(sys.modules, module, None)  # as on a machine without the extra
+    with pytest.raises(ConfigurationError) as caught:
+        load_config(minimal(**sections))
+    message = str(caught.value)
+    assert named in message and f"pip install 'ztmw[{extra}]'" in message and "\n" not in message
+    assert ":pw@" not in message
+
+
+def test_memory_settings_need_no_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "redis", None)
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)
+    assert load_config(minimal(dpop={"replay_store": "memory"}, cache={"backend": "memory"}))
+
+
+# -- identity.owner_requires_link: true by default once two token sources could share a `sub` ---------------------
+
+def one_issuer(**sections: Any) -> dict[str, Any]:
+    return minimal(issuers=[issuer()], **sections)
+
+
+def two_issuers(**sections: Any) -> dict[str, Any]:
+    return minimal(issuers=[issuer(), issuer(issuer="https://social.example", jwks_uri="https://social.example/j")],
+                   **sections)
+
+
+def test_owner_requires_link_defaults_to_false_with_one_issuer() -> None:
+    config = load_config(one_issuer())
+    assert len(config.issuers) == 1
+    assert (config.owner_requires_link, config.owner_requires_link_why) == (False, "default with 1 token source")
+
+
+def test_owner_requires_link_defaults_to_true_with_two_issuers() -> None:
+    config = load_config(two_issuers())
+    assert (config.owner_requires_link, config.owner_requires_link_why) == (True, "default with 2 token sources")
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_owner_requires_link_explicit_value_wins_either_way(value: bool) -> None:
+    for config in (load_config(two_issuers(identity={"owner_requires_link": value})),
+                   load_config(one_issuer(identity={"owner_requires_link": value}))):
+        assert (config.owner_requires_link, config.owner_requires_link_why) == (value, "explicit")
+
+
+@pytest.mark.parametrize(("introspection_issuer", "expected"), [
+    ("https://as.example.com", False),  # the JWT issuer's own introspection endpoint: one namespace of `sub`
+    ("https://other-as.example", True),  # a second authorization server
+])
+def test_introspection_counts_as_a_token_source_by_its_issuer(introspection_issuer: str, expected: bool) -> None:
+    config = load_config(one_issuer(
+        verifiers={"enabled": ["bearer", "introspection"]},
+        plugins={"introspection": {"issuer": introspection_issuer}}))
+    assert config.owner_requires_link is expected
+
+
+def test_a_third_party_token_verifier_counts_as_a_token_source() -> None:
+    config = load_config(one_issuer(verifiers={"enabled": ["bearer", "dpop", "mtls", "api-key"]}))
+    assert config.owner_requires_link is True
+    assert load_config(one_issuer(verifiers={"enabled": ["bearer", "dpop", "mtls"]})).owner_requires_link is False
 
 
 # -- ids of ztmw's own rules, through the whole configuration ---------------------------------------------

@@ -337,6 +337,22 @@ async def test_an_unlinked_sub_equal_to_an_account_id_does_not_own_it_when_links
     assert (await api.bearer("GET", "/users/john/items", john)).status == 200
 
 
+async def test_with_two_issuers_owner_rules_require_a_link_by_default(
+    aiohttp_client: Any, issuer: DevIssuer, social: DevIssuer, clock: FakeClock
+) -> None:
+    links = [{"issuer": issuer.issuer, "subject": "19800101-1234", "account": "john"}]
+    impostor = social.mint("john", scope="items:read")  # the social IdP's "john" is not the bank's account john
+    api = await start(aiohttp_client, issuer, clock, issuers=with_second_issuer(issuer, social),
+                      identity={"links": links})
+    assert (await api.bearer("GET", "/users/john/items", impostor)).status == 403
+    assert (api.audit or {})["reason"] == "not_owner"
+    assert (await api.bearer("GET", "/users/john/items", issuer.mint("19800101-1234", scope="items:read"))).status == 200
+    # an operator who knows both issuers share one namespace of subjects can say so
+    trusting = await start(aiohttp_client, issuer, clock, issuers=with_second_issuer(issuer, social),
+                           identity={"links": links, "owner_requires_link": False})
+    assert (await trusting.bearer("GET", "/users/john/items", impostor)).status == 200
+
+
 # -- the Redis resolver --------------------------------------------------------------------------------------
 
 @pytest.fixture

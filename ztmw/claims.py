@@ -179,6 +179,10 @@ def verified_token(
         raise InvalidToken("invalid_claim")
     acr = optional(claims, "acr", str)
     cnf = optional(claims, "cnf", dict)  # confirmed per request by the core, never here
+    if cnf is not None and not cnf:
+        # RFC 7800 §3: the issuer claimed a binding and named no key: fail closed rather than accept it as
+        # an unbound bearer token (members nobody understands are refused per request, MTLS-15)
+        raise InvalidToken("unsupported_binding")
     actor = optional(claims, "act", dict)
     jti = optional(claims, "jti", str)
     share = _STRINGS.share

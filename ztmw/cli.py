@@ -88,15 +88,22 @@ def cmd_serve(args: argparse.Namespace, extra: Sequence[str]) -> int:
     ssl_context = None
     if args.tls_cert:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
+        try:
+            ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
+            if args.tls_client_ca:
+                ssl_context.load_verify_locations(args.tls_client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigurationError(f"--tls-cert/--tls-key/--tls-client-ca: cannot load: {exc}") from None
         if args.tls_client_ca:
-            ssl_context.load_verify_locations(args.tls_client_ca)
             # ask for a certificate; a missing one is then an HTTP 401 from ztmw, not a failed handshake
             ssl_context.verify_mode = ssl.CERT_REQUIRED if args.tls_require_client_cert else ssl.CERT_OPTIONAL
     # access_log=None: aiohttp's default line carries the query string (a refused ?access_token= would be logged);
     # a larger max_field_size lets ztmw's own cap answer oversize credentials with a proper challenge
-    web.run_app(app, host=args.host, port=args.port, ssl_context=ssl_context, print=None, access_log=None,
-                max_field_size=32768)
+    try:
+        web.run_app(app, host=args.host, port=args.port, ssl_context=ssl_context, print=None, access_log=None,
+                    max_field_size=32768)
+    except OSError as exc:  # the listening socket: taken port, unknown host, no permission
+        raise ConfigurationError(f"--host/--port: cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
     return 0
 
 
@@ -128,6 +135,9 @@ def cmd_check(args: argparse.Namespace, extra: Sequence[str]) -> int:
         print(f"{method + ' ' + pattern:<{width}}  {rule_id or 'DENIED'}")
     denied = sum(1 for _, _, r in rows if r is None)
     print(f"configuration valid; {len(rows)} routes, {denied} denied by default", file=sys.stderr)
+    owners = "only linked subjects" if config.owner_requires_link else "linked subjects and raw `sub` values"
+    print(f"owner rules accept {owners} (identity.owner_requires_link: {config.owner_requires_link_why})",
+          file=sys.stderr)
     return 1 if args.strict and denied else 0
 
 
@@ -212,7 +222,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "serve" and args.tls_cert and not args.tls_key:
         parser.error("--tls-cert needs --tls-key")
-    return int(args.func(args, extra) or 0)
+    try:
+        return int(args.func(args, extra) or 0)
+    except ConfigurationError as exc:  # wherever it surfaces (loading, setup, start-up): one line, no traceback
+        print(f"ztmw: invalid configuration: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

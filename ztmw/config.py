@@ -6,6 +6,7 @@ must stop start-up rather than silently allow. No I/O here beyond reading the fi
 
 from __future__ import annotations
 
+import importlib
 import ipaddress
 import math
 import os
@@ -174,6 +175,8 @@ class Config:
     identity_links: tuple[IdentityLink, ...] = ()
     identity_resolvers: tuple[str, ...] = ("config",)
     owner_requires_link: bool = False
+    owner_requires_link_why: str = "explicit"
+    """Why `owner_requires_link` has its value: "explicit", or the default and the token sources it counted."""
     require_known_subject: bool = False
     """RFC 8725 §3.8: refuse a token whose (iss, sub) no identity resolver links (401 `unknown_subject`)."""
     audit: AuditConfig = AuditConfig()
@@ -258,7 +261,8 @@ class _Reader:
         identity = _table(data, "identity")
         identity_links = self.identity(identity)
         identity_resolvers = _strings(identity.get("resolvers", ["config"]), "identity.resolvers")
-        return Config(
+        owner_requires_link, owner_requires_link_why = _owner_requires_link(identity, issuers, verifiers, plugins)
+        return _require_extras(Config(
             resource=resource,
             issuers=issuers,
             verifiers=verifiers,
@@ -268,7 +272,8 @@ class _Reader:
             trust=self.trust(_table(data, "trust")),
             identity_links=identity_links,
             identity_resolvers=identity_resolvers,
-            owner_requires_link=_bool(identity.get("owner_requires_link", False), "identity.owner_requires_link"),
+            owner_requires_link=owner_requires_link,
+            owner_requires_link_why=owner_requires_link_why,
             require_known_subject=_require_known_subject(identity, identity_links, identity_resolvers),
             audit=self.audit(_table(data, "audit")),
             metadata_enabled=_bool(metadata.get("enabled", True), "metadata.enabled"),
@@ -276,7 +281,7 @@ class _Reader:
             limits=self.limits(_table(data, "limits")),
             rules=rules,
             plugins={k: dict(v) for k, v in plugins.items()},
-        )
+        ))
 
     def resource(self, t: Mapping[str, Any]) -> ResourceConfig:
         _only(t, "resource", {"identifier", "public_origin", "realm"})
@@ -565,6 +570,50 @@ def _url(value: Any, key: str) -> str:
     if parts.scheme not in ("https", "http") or not parts.netloc:
         raise ConfigurationError(f"{key}: must be an absolute http(s) URL")
     return text
+
+
+_FIRST_PARTY_BINDINGS = {"bearer", "dpop", "mtls"}  # verifiers of the issuers' JWTs: no token source of their own
+_EXTRA_MODULES = {"redis": "redis", "metrics": "prometheus_client"}  # pyproject's optional extras -> what they bring
+
+
+def _require_extras(config: Config) -> Config:
+    """A setting that needs an optional extra that is not installed fails at load time, in one line naming the
+    setting (never its value: a Redis URL may hold a password) and the install command; found at the first
+    request, or as a start-up traceback, it is how a misconfiguration ships."""
+    needs = [
+        ("dpop.replay_store", "redis", config.dpop.replay_store != "memory"),
+        ("cache.backend", "redis", config.cache.backend != "memory"),
+        ("identity.resolvers = [\"redis\"]", "redis", "redis" in config.identity_resolvers),
+        ("audit.sinks = [\"metrics\"]", "metrics", "metrics" in config.audit.sinks),
+    ]
+    for setting, extra, needed in needs:
+        if not needed:
+            continue
+        try:
+            importlib.import_module(_EXTRA_MODULES[extra])
+        except ImportError:
+            raise ConfigurationError(
+                f"{setting} needs the '{extra}' extra, which is not installed: pip install 'ztmw[{extra}]'"
+            ) from None
+    return config
+
+
+def _owner_requires_link(identity: Mapping[str, Any], issuers: tuple[IssuerConfig, ...],
+                         verifiers: tuple[str, ...], plugins: Mapping[str, Any]) -> tuple[bool, str]:
+    """`owner` rules compare the canonical subject with the path; with several token sources, one source's raw
+    `sub` can equal another's account id, so only a linked subject may own a resource unless the config says
+    otherwise. Introspection counts as its issuer (the same namespace when it is also a JWT issuer); any other
+    token verifier (a third-party plugin) counts as a source of its own."""
+    if "owner_requires_link" in identity:
+        return _bool(identity["owner_requires_link"], "identity.owner_requires_link"), "explicit"
+    sources = {i.issuer for i in issuers}
+    for name in verifiers:
+        if name == "introspection":
+            settings = plugins.get("introspection", {})
+            sources.add(str(settings.get("issuer", "introspection")))
+        elif name not in _FIRST_PARTY_BINDINGS:
+            sources.add(f"verifier:{name}")
+    return len(sources) > 1, f"default with {len(sources)} token source{'s' if len(sources) != 1 else ''}"
 
 
 def _memory_or_redis(value: Any, key: str) -> str:

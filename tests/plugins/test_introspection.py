@@ -554,6 +554,7 @@ async def test_intro_03_audience_may_be_optional_and_configured(
     ({"acr": 2}, (), "invalid_claim"),
     ({"auth_time": "yesterday"}, (), "invalid_claim"),
     ({"cnf": "jkt"}, (), "invalid_claim"),
+    ({"cnf": {}}, (), "unsupported_binding"),  # RFC 7800 §3: a binding claimed with no key named fails closed
     ({"act": "agent"}, (), "invalid_claim"),
     ({"client_id": False}, (), "invalid_claim"),
     ({"aud": [AUDIENCE, 7]}, (), "invalid_claim"),
@@ -1293,6 +1294,16 @@ async def test_intro_09_token_never_logged_cached_in_clear_or_sent_elsewhere(
     cached = api.pipeline.cache.get(token_key(good))  # the cache key is SHA-256 of the token
     assert cached is not None and good not in repr(cached) and good not in json.dumps(dict(cached.claims))
     assert len(cached.token_id) == 16 and cached.token_id not in good  # no jti: a short hash, not the token
+
+
+@pytest.mark.parametrize("cnf", [{}, {"x5c": "MIIB"}, {"jwk": {"kty": "EC"}}])
+async def test_e2e_intro_08_cnf_without_a_member_ztmw_understands_is_invalid_token(
+    api: Api, auth_server: AuthorizationServer, clock: FakeClock, cnf: dict[str, Any]
+) -> None:
+    token = opaque()
+    auth_server.answers[token] = active(clock, cnf=cnf)
+    assert_invalid_token(await api.get("/me", token))
+    assert api.reason == "unsupported_binding"
 
 
 # -- RESP-20: an unreachable introspection endpoint is a 503 without a challenge ---------------------------
