@@ -30,3 +30,14 @@ def create_app_with_args(argv: list[str]) -> web.Application:
 
 def not_an_app() -> str:
     return "nope"
+
+
+async def _upload(request: web.Request) -> web.Response:
+    return web.json_response({"received": len(await request.read())})
+
+
+def create_upload_app() -> web.Application:
+    """`create_app` plus a route whose handler reads the body (test_parser_rejection: broken chunked framing)."""
+    app = create_app()
+    app.router.add_post("/upload", _upload)
+    return app

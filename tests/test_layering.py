@@ -1,4 +1,4 @@
-"""What ztmw may import: the core never imports aiohttp.web (only the adapter, and the CLI/demo/test kit,
+"""What ztmw may import: the core never imports aiohttp.web (only the adapters, and the CLI/demo/test kit,
 which run servers, may), plugins only public modules, and nothing imports a JWT library (IMPL-11)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import ztmw
 
-ADAPTERS = {"middleware.py", "cli.py", "demo.py", "sample_app.py", "pytest_plugin.py"}
+ADAPTERS = {"middleware.py", "parser_rejection.py", "cli.py", "demo.py", "sample_app.py", "pytest_plugin.py"}
 PACKAGE = Path(ztmw.__file__).parent
 
 

@@ -319,7 +319,9 @@ async def traffic(run: Run, key: DPoPKey, other_key: DPoPKey, alice_cert: Any, m
     await run.send("unbound as dpop", "/items", {"Authorization": f"DPoP {bearer}",
                                                  "DPoP": run.proof("unbound", key, "GET", "/items", bearer,
                                                                    nonce=nonce)}, expect=401)
-    run.clock.advance(61)  # the nonce is now from the previous window: allowed, and a fresh one comes back
+    # into the next 60 s nonce window (not a fixed 61 s, which from a window's last second skips one): the
+    # nonce is now from the previous window, allowed, and a fresh one comes back
+    run.clock.advance(60 - run.clock() % 60 + 1)
     rolled = run.proof("rolled", key, "GET", "/items", bound, nonce=nonce)
     await run.send("dpop previous-window nonce", "/items", {"Authorization": f"DPoP {bound}", "DPoP": rolled},
                    expect=200)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import ztmw
 
 
@@ -20,3 +22,12 @@ def test_contract_entry_points() -> None:
     assert issubclass(ztmw.ConfigurationError, ValueError)
     assert issubclass(ztmw.TokenBindingMismatch, ztmw.InvalidToken)
     assert ztmw.PRINCIPAL is not ztmw.TRUST
+
+
+def test_server_helpers_for_parser_rejections() -> None:
+    # ztmw.run_app / ParserSafeAppRunner replace aiohttp's; the filter is what ztmw.setup puts on aiohttp's logger
+    from aiohttp import web
+
+    assert callable(ztmw.run_app)
+    assert issubclass(ztmw.ParserSafeAppRunner, web.AppRunner)
+    assert isinstance(ztmw.RejectionLogFilter(), logging.Filter)

@@ -44,6 +44,7 @@ from .models import (
     TrustAssessment,
     VerifiedToken,
 )
+from .parser_rejection import ParserSafeAppRunner, RejectionLogFilter, run_app
 from .pipeline import Pipeline
 
 __version__ = "0.1.0"
@@ -68,8 +69,10 @@ __all__ = [
     "InvalidRequest",
     "InvalidToken",
     "MissingCredentials",
+    "ParserSafeAppRunner",
     "Pipeline",
     "Principal",
+    "RejectionLogFilter",
     "RequestView",
     "RouteRef",
     "Rule",
@@ -85,6 +88,7 @@ __all__ = [
     "authentication_middleware",
     "authorization_middleware",
     "load_config",
+    "run_app",
     "setup",
     "zero_trust_middleware",
 ]

@@ -23,6 +23,7 @@ from .config import Config, load_config
 from .errors import ConfigurationError
 from .middleware import setup
 from .models import RouteRef
+from .parser_rejection import run_app
 from .pipeline import Pipeline
 
 
@@ -99,9 +100,10 @@ def cmd_serve(args: argparse.Namespace, extra: Sequence[str]) -> int:
             ssl_context.verify_mode = ssl.CERT_REQUIRED if args.tls_require_client_cert else ssl.CERT_OPTIONAL
     # access_log=None: aiohttp's default line carries the query string (a refused ?access_token= would be logged);
     # a larger max_field_size lets ztmw's own cap answer oversize credentials with a proper challenge
+    # run_app: aiohttp's, on a runner whose parser rejections never echo the request (ztmw/parser_rejection.py)
     try:
-        web.run_app(app, host=args.host, port=args.port, ssl_context=ssl_context, print=None, access_log=None,
-                    max_field_size=32768)
+        run_app(app, host=args.host, port=args.port, ssl_context=ssl_context, print=None, access_log=None,
+                max_field_size=32768)
     except OSError as exc:  # the listening socket: taken port, unknown host, no permission
         raise ConfigurationError(f"--host/--port: cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
     return 0

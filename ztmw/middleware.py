@@ -22,6 +22,7 @@ from .config import Config, load_config
 from .errors import AccessDenied, AuthError, UpstreamUnavailable
 from .memo import MemoKey, memo_key
 from .models import ANONYMOUS_TRUST, Decision, Principal, RequestView, RouteRef, TrustAssessment
+from .parser_rejection import install_log_filter
 from .pipeline import Outcome, Pipeline
 from .typing import AuditSink, Clock, RouteProvider
 
@@ -65,6 +66,7 @@ def setup(
         for method, path, handler in plugin.instance.web_routes():
             app.router.add_route(method, path, handler, name=f"ztmw-plugin-{plugin.name}-{method.lower()}")
     app.middlewares.append(zero_trust_middleware(pipeline))
+    install_log_filter()  # aiohttp's records of requests its parser refused, before this middleware, lose the bytes
     if config.cors_expose_headers:
         app.on_response_prepare.append(expose_challenge_headers)
     return pipeline
