@@ -54,6 +54,24 @@ def test_plugins_use_only_public_ztmw_modules() -> None:
             assert not module.startswith("ztmw.middleware"), f"{path.name} imports the aiohttp adapter"
 
 
+GATEWAY_ADAPTERS = {"app.py", "forward_auth.py", "proxy.py", "command.py", "demo.py", "__init__.py"}
+
+
+def test_the_core_never_imports_the_gateway() -> None:
+    offenders = [p.name for p in core_modules() if any(m.startswith(("ztmw.gateway", "gateway"))
+                                                       for m in imported_modules(p))]
+    assert offenders == []
+
+
+def test_only_the_gateway_adapters_import_aiohttp_web() -> None:
+    plain = [p for p in (PACKAGE / "gateway").glob("*.py") if p.name not in GATEWAY_ADAPTERS]
+    assert {p.name for p in plain} >= {"decision.py", "routes.py", "assertion.py"}
+    offenders = {p.name: sorted(m for m in imported_modules(p)
+                                if m.startswith("aiohttp") or m.split(".")[0] in ("middleware", "app"))
+                 for p in plain}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

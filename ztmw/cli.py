@@ -126,6 +126,10 @@ def route_table(app: web.Application, pipeline: Pipeline) -> list[tuple[str, str
 def cmd_check(args: argparse.Namespace, extra: Sequence[str]) -> int:
     try:
         config = load_config(args.config)
+        if args.factory is None and config.gateway is not None:  # a gateway's rules are its only routes
+            from .gateway.command import check
+
+            return check(config)
         app = load_factory(args.factory, extra)
         pipeline = setup(app, config)
     except ConfigurationError as exc:
@@ -143,6 +147,13 @@ def cmd_check(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 1 if args.strict and denied else 0
 
 
+def cmd_gateway(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from .gateway.command import run
+
+    configure_json_logging()
+    return run(args, _config_or_exit(args.config))
+
+
 def cmd_token(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from . import devtokens
 
@@ -154,6 +165,10 @@ def cmd_demo(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
     if not args.verbose:  # the table tells the story; plugin start-up lines would only bury it
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    if args.gateway:
+        from .gateway.demo import run_gateway_demo
+
+        return asyncio.run(run_gateway_demo())
 
     return asyncio.run(run_demo(verbose=args.verbose))
 
@@ -178,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the scripted scenarios against a local issuer and sample API")
     demo.add_argument("--verbose", action="store_true", help="also print the audit events")
+    demo.add_argument("--gateway", action="store_true",
+                      help="a non-Python upstream protected by `ztmw gateway` (proxy mode, and nginx auth_request)")
     demo.set_defaults(func=cmd_demo)
 
     serve = sub.add_parser("serve", help="serve an aiohttp app factory behind the configured pipeline")
@@ -196,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", required=True)
     check.add_argument("--strict", action="store_true", help="exit 1 when any route would be denied")
     check.set_defaults(func=cmd_check)
+
+    gateway = sub.add_parser("gateway", help="forward-auth decision service or identity-aware reverse proxy")
+    from .gateway.command import add_arguments as gateway_arguments
+
+    gateway_arguments(gateway)
+    gateway.set_defaults(func=cmd_gateway)
 
     token = sub.add_parser("token", help="development keys, tokens and DPoP proofs for trying an API with curl")
     from . import devtokens
@@ -222,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("serve", "check", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command == "serve" and args.tls_cert and not args.tls_key:
+    if args.command in ("serve", "gateway") and args.tls_cert and not args.tls_key:
         parser.error("--tls-cert needs --tls-key")
     try:
         return int(args.func(args, extra) or 0)

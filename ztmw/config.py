@@ -51,7 +51,7 @@ class IssuerConfig:
     algorithms: tuple[str, ...] = ("ES256", "ES384", "PS256", "EdDSA", "RS256")
     leeway: float = 30.0
     refetch_cooldown: float = 30.0
-    profile: Literal["rfc9068", "jwt"] = "rfc9068"
+    profile: Literal["rfc9068", "jwt", "ztmw-identity"] = "rfc9068"
     kids: tuple[str, ...] = ()
     fetch_timeout: float = 5.0
     discovery: Literal["oauth", "openid"] | None = None
@@ -163,6 +163,34 @@ class Rule:
         return method in self.methods or (method == "HEAD" and "GET" in self.methods)
 
 
+# -- [gateway]: `ztmw gateway` (forward-auth decision service or identity-aware reverse proxy) -----------
+
+GATEWAY_MODES = ("forward-auth", "proxy")
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """`[gateway]`. The headers of a forward-auth question are believed only from `trusted_proxies`."""
+
+    mode: Literal["forward-auth", "proxy"]
+    upstream: str | None = None
+    """proxy mode: scheme://host[:port] of the protected service."""
+    method_header: str = "X-Forwarded-Method"
+    uri_header: str = "X-Forwarded-Uri"
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+    forward_credentials: bool = False
+    upstream_timeout: float = 30.0
+    signing_key: str | None = None
+    """A private JWK file (`ztmw token keygen`): sign an identity assertion for every allowed request."""
+    assertion_audience: str | None = None
+    assertion_ttl: float = 60.0
+    assertion_in_authorization: bool = False
+    """proxy mode: also send the assertion as `Authorization: Bearer` (credentials are then never forwarded)."""
+    combine_challenges: bool = False
+    """forward-auth: every challenge in one WWW-Authenticate line (RFC 9110 §11.6.1), for proxies that copy one
+    line only (nginx before 1.23 in `auth_request_set`)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     resource: ResourceConfig
@@ -186,6 +214,8 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     rules: tuple[Rule, ...] = ()
     plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    gateway: GatewayConfig | None = None
+    """`[gateway]`: only `ztmw gateway` reads it; an app protected with `setup()` ignores it."""
 
     @property
     def metadata_url(self) -> str:
@@ -237,7 +267,7 @@ class _Reader:
 
     def config(self, data: Mapping[str, Any]) -> Config:
         _only(data, "", {"resource", "issuers", "verifiers", "dpop", "mtls", "cache", "trust", "identity",
-                         "audit", "metadata", "limits", "rules", "plugins", "cors"})
+                         "audit", "metadata", "limits", "rules", "plugins", "cors", "gateway"})
         resource = self.resource(_table(data, "resource", required=True))
         issuers = tuple(
             self.issuer(item, f"issuers[{i}]", resource) for i, item in enumerate(_array(data, "issuers"))
@@ -281,6 +311,7 @@ class _Reader:
             limits=self.limits(_table(data, "limits")),
             rules=rules,
             plugins={k: dict(v) for k, v in plugins.items()},
+            gateway=self.gateway(data["gateway"]) if "gateway" in data else None,
         ))
 
     def resource(self, t: Mapping[str, Any]) -> ResourceConfig:
@@ -326,7 +357,7 @@ class _Reader:
         audiences = _strings(t.get("audiences", [resource.identifier]), f"{key}.audiences")
         if not audiences:
             raise ConfigurationError(f"{key}.audiences: must not be empty")
-        profile = _choice(t.get("profile", "rfc9068"), f"{key}.profile", ("rfc9068", "jwt"))
+        profile = _choice(t.get("profile", "rfc9068"), f"{key}.profile", ("rfc9068", "jwt", "ztmw-identity"))
         return IssuerConfig(
             issuer=issuer,
             audiences=audiences,
@@ -476,6 +507,63 @@ class _Reader:
             if any(not re.fullmatch(r"[\x21\x23-\x5b\x5d-\x7e]+", v) for v in value):
                 raise ConfigurationError(f"{key}.{name}: values must be printable ASCII without spaces or quotes")
         return rule
+
+    def gateway(self, t: Any) -> GatewayConfig:
+        t = _as_table(t, "gateway")
+        _only(t, "gateway", set(GatewayConfig.__dataclass_fields__))
+        mode = _choice(t.get("mode"), "gateway.mode", GATEWAY_MODES)
+        upstream = t.get("upstream")
+        if mode == "proxy":
+            upstream = _url(upstream, "gateway.upstream")
+            parts = urlsplit(upstream)
+            if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+                raise ConfigurationError("gateway.upstream: must be scheme://host[:port] with no path")
+            upstream = upstream.rstrip("/")
+        elif upstream is not None:
+            raise ConfigurationError("gateway.upstream: only in proxy mode (forward-auth has no upstream)")
+        proxies = _strings(t.get("trusted_proxies", list(_default(GatewayConfig, "trusted_proxies"))),
+                           "gateway.trusted_proxies")
+        for cidr in proxies:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ConfigurationError(f"gateway.trusted_proxies: {cidr!r} is not a CIDR") from None
+        headers = {}
+        for name in ("method_header", "uri_header"):
+            value = _str(t.get(name, _default(GatewayConfig, name)), f"gateway.{name}")
+            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", value):
+                raise ConfigurationError(f"gateway.{name}: not an HTTP header name")
+            headers[name] = value
+        signing_key = t.get("signing_key")
+        if signing_key is not None:
+            signing_key = str((self.base / _str(signing_key, "gateway.signing_key")).resolve())
+        audience = t.get("assertion_audience")
+        if audience is not None:
+            audience = _str(audience, "gateway.assertion_audience")
+        elif signing_key is not None and mode == "forward-auth":
+            raise ConfigurationError("gateway.assertion_audience: required with signing_key in forward-auth mode "
+                                     "(there is no upstream to default to)")
+        elif upstream is not None:
+            audience = upstream
+        forward_credentials = _bool(t.get("forward_credentials", False), "gateway.forward_credentials")
+        in_authorization = _bool(t.get("assertion_in_authorization", False), "gateway.assertion_in_authorization")
+        if in_authorization and (mode != "proxy" or signing_key is None or forward_credentials):
+            raise ConfigurationError("gateway.assertion_in_authorization: proxy mode only, needs signing_key, "
+                                     "and cannot be combined with forward_credentials")
+        return GatewayConfig(
+            mode=mode,  # type: ignore[arg-type]
+            upstream=upstream,
+            method_header=headers["method_header"],
+            uri_header=headers["uri_header"],
+            trusted_proxies=proxies,
+            forward_credentials=forward_credentials,
+            upstream_timeout=_number(t.get("upstream_timeout", 30), "gateway.upstream_timeout", 0.1, 3600),
+            signing_key=signing_key,
+            assertion_audience=audience,
+            assertion_ttl=_number(t.get("assertion_ttl", 60), "gateway.assertion_ttl", 1, 3600),
+            assertion_in_authorization=in_authorization,
+            combine_challenges=_bool(t.get("combine_challenges", False), "gateway.combine_challenges"),
+        )
 
 
 def _require_known_subject(

@@ -176,6 +176,7 @@ DESCRIPTIONS: dict[str, str] = {
     "no_credentials": "No credentials",
     "access_denied": "Access denied",
     "no_rule": "No rule allows this route",
+    "untrusted_peer": "Forward-auth questions are only answered for trusted proxies",
     "not_owner": "Access denied",
     "internal_error": "Invalid token",
     "client_not_allowed": "Access denied",

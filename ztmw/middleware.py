@@ -57,7 +57,7 @@ def setup(
         config = load_config(config)
     pipeline = Pipeline(config, clock=clock or time.time, audit_sink=audit_sink)
     app[PIPELINE] = pipeline
-    app.cleanup_ctx.append(_lifetime(pipeline))
+    app.cleanup_ctx.append(pipeline_lifetime(pipeline))
     if config.metadata_enabled:
         app.router.add_get(config.metadata_path, _metadata_handler(pipeline), name="ztmw-metadata")
     for plugin in pipeline.plugins:  # e.g. a metrics endpoint; still deny-by-default: a rule must allow it
@@ -86,7 +86,7 @@ async def expose_challenge_headers(request: web.Request, response: web.StreamRes
         response.headers.add(_EXPOSE, ", ".join(missing))
 
 
-def _lifetime(pipeline: Pipeline) -> Callable[[web.Application], AsyncIterator[None]]:
+def pipeline_lifetime(pipeline: Pipeline) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         await pipeline.start()
         try:
@@ -187,7 +187,7 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
                            exc.status, started)
             raise
         if outcome.error is not None:
-            response = _error_response(pipeline, outcome.error)
+            response = error_response(pipeline, outcome.error)
             pipeline.audit(view, outcome, response.status, started)
             return response
         if key is not None:
@@ -306,7 +306,8 @@ def _vary_on_certificate_header(pipeline: Pipeline, response: web.StreamResponse
         response.headers.add("Vary", pipeline.config.mtls.header)
 
 
-def _error_response(pipeline: Pipeline, error: AuthError | UpstreamUnavailable) -> web.Response:
+def error_response(pipeline: Pipeline, error: AuthError | UpstreamUnavailable) -> web.Response:
+    """The refusal as the client gets it: status, challenges, nonce, and a small JSON body (also the gateway's)."""
     rendered = pipeline.render(error)
     body: dict[str, str] = {}
     if isinstance(error, AuthError) and error.error:
@@ -400,7 +401,7 @@ def _refuse(request: web.Request, pipeline: Pipeline, error: AuthError | Upstrea
     request[_ERROR] = error
     if error.cache is not None:
         request[_CACHE] = error.cache
-    return _error_response(pipeline, error)
+    return error_response(pipeline, error)
 
 
 def _bare_view(request: web.Request) -> RequestView:

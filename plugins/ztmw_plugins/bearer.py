@@ -29,6 +29,10 @@ from ztmw.typing import PluginDeps
 from .jwks import KeySet
 
 _RFC9068_REQUIRED = frozenset({"sub", "client_id", "iat", "jti"})
+_IDENTITY_TYPE = "ztmw-id+jwt"
+_IDENTITY_REQUIRED = frozenset({"sub", "iat", "jti"})
+"""Profile "ztmw-identity": the identity assertion a ztmw gateway signs for its upstream (not an access token,
+so an access token can never pass for one and one can never pass for an access token)."""
 
 
 def create(settings: Mapping[str, Any], deps: PluginDeps) -> BearerVerifier:
@@ -48,6 +52,7 @@ class _Issuer:
     algorithms: frozenset[str]
     audiences: frozenset[str]
     strict: bool  # profile "rfc9068"
+    profile: str
 
 
 class BearerVerifier:
@@ -60,7 +65,7 @@ class BearerVerifier:
         self._log = deps.logger
         self._issuers = {
             cfg.issuer: _Issuer(cfg, KeySet(cfg, deps), frozenset(cfg.algorithms), frozenset(cfg.audiences),
-                                cfg.profile == "rfc9068")
+                                cfg.profile == "rfc9068", cfg.profile)
             for cfg in deps.config.issuers
         }
 
@@ -93,7 +98,7 @@ class BearerVerifier:
             raise InvalidToken("unknown_issuer")
         if alg not in issuer.algorithms:  # case-sensitive allowlist (JOSE-07, JOSE-20, BCP-01)
             raise InvalidToken("unsupported_algorithm")
-        _check_type(header.get("typ"), issuer.strict)
+        _check_type(header.get("typ"), issuer.profile)
 
         kid = header.get("kid")
         if kid is not None and (not isinstance(kid, str) or not kid):
@@ -130,6 +135,8 @@ class BearerVerifier:
                 kid: str | None, key_thumbprint: str) -> VerifiedToken:
         cfg = issuer.config
         if issuer.strict and not claims.keys() >= _RFC9068_REQUIRED:  # AT-08
+            raise InvalidToken("missing_claim")
+        if issuer.profile == "ztmw-identity" and not claims.keys() >= _IDENTITY_REQUIRED:
             raise InvalidToken("missing_claim")
         exp, nbf, iat = claims_.check_times(claims, now=self._clock(), leeway=cfg.leeway)  # JOSE-15/16, AT-06
         if exp is None:
@@ -171,10 +178,15 @@ def _unsecured(token: str) -> bool:
         return False
 
 
-def _check_type(typ: Any, strict: bool) -> None:
-    """AT-01/AT-13/BCP-11: rfc9068 wants at+jwt; the legacy profile also takes JWT or no typ, nothing else."""
+def _check_type(typ: Any, profile: str) -> None:
+    """AT-01/AT-13/BCP-11: rfc9068 wants at+jwt; the legacy profile also takes JWT or no typ, nothing else; a
+    gateway's identity assertion is `ztmw-id+jwt` and nothing else (RFC 8725 §3.11 explicit typing)."""
+    if profile == "ztmw-identity":
+        if media_type_is(typ, _IDENTITY_TYPE):
+            return
+        raise InvalidToken("wrong_token_type")
     if typ == "at+jwt" or media_type_is(typ, "at+jwt"):
         return
-    if not strict and (typ is None or media_type_is(typ, "jwt")):
+    if profile == "jwt" and (typ is None or media_type_is(typ, "jwt")):
         return
     raise InvalidToken("wrong_token_type")
