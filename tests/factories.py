@@ -32,6 +32,22 @@ def not_an_app() -> str:
     return "nope"
 
 
+async def _account_data(request: web.Request) -> web.Response:
+    return web.json_response({"account": request.match_info["account"], "data": [1, 2, 3]})
+
+
+async def _account_payment(request: web.Request) -> web.Response:
+    return web.json_response({"account": request.match_info["account"], "paid": True}, status=201)
+
+
+def create_accounts_app() -> web.Application:
+    """An account's data (owner rule) and its payments (owner rule plus a bank-ID login): account linking."""
+    app = web.Application()
+    app.router.add_get("/accounts/{account}/data", _account_data)
+    app.router.add_post("/accounts/{account}/payments", _account_payment)
+    return app
+
+
 async def _upload(request: web.Request) -> web.Response:
     return web.json_response({"received": len(await request.read())})
 

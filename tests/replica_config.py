@@ -107,14 +107,15 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def serving(name: str, config: Path, workdir: Path, env: Mapping[str, str]) -> AsyncIterator[Replica]:
+async def serving(name: str, config: Path, workdir: Path, env: Mapping[str, str], *,
+                  factory: str = "tests.factories:create_app") -> AsyncIterator[Replica]:
     """Run one `ztmw serve` replica on a free loopback port until the block ends, then stop and reap it."""
     port = free_port()
     log_path = workdir / f"{name}.log"
     environment = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "ztmw", "serve", "tests.factories:create_app", "--config", str(config),
+            [sys.executable, "-m", "ztmw", "serve", factory, "--config", str(config),
              "--port", str(port)],
             cwd=ROOT, env=environment, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
         )

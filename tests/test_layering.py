@@ -72,6 +72,25 @@ def test_only_the_gateway_adapters_import_aiohttp_web() -> None:
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
+LINKING_EDGE = {"web.py", "plugin.py"}  # the ceremony's handlers, and the route provider that mounts them
+
+
+def test_the_core_never_imports_linking() -> None:
+    """The link store reaches the pipeline only as an identity resolver (entry point `linking`)."""
+    offenders = [p.name for p in core_modules() if any(m.startswith(("ztmw.linking", "linking"))
+                                                       for m in imported_modules(p))]
+    assert offenders == []
+
+
+def test_only_the_linking_edge_imports_aiohttp_web() -> None:
+    plain = [p for p in (PACKAGE / "linking").glob("*.py") if p.name not in LINKING_EDGE]
+    assert {p.name for p in plain} >= {"store.py", "ceremony.py", "sqlite_store.py", "redis_store.py"}
+    offenders = {p.name: sorted(m for m in imported_modules(p)
+                                if m.startswith("aiohttp") or m.split(".")[0] in ("middleware", "web"))
+                 for p in plain}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -129,6 +129,24 @@ class Authenticator:
         )
         return Authentication(principal, cache, key)
 
+    async def verify(self, token: str) -> VerifiedToken:
+        """A token checked exactly as one presented in Authorization is, without a binding or identity step:
+        for a token that arrives another way (the account-linking ceremony's link token), whose binding the
+        caller checks itself. Raises `InvalidToken` or `UpstreamUnavailable`."""
+        try:
+            verified, _ = await self._verify_token(token, token_key(token))
+        except (InvalidToken, UpstreamUnavailable):
+            raise
+        except Exception:  # a plugin bug must refuse, never answer 500 (SEC-07), as in authenticate()
+            self._log.exception("ztmw.verifier_error")  # type: ignore[attr-defined]
+            raise InvalidToken("verifier_error") from None
+        self._check_still_valid(verified)
+        return verified
+
+    async def account_of(self, issuer: str, subject: str) -> str | None:
+        """The account the identity chain links a login to (None: none), as a request by it would resolve."""
+        return None if self._identity is None else await self._identity.resolve(issuer, subject)
+
     async def _verify_token(self, token: str, key: bytes) -> tuple[VerifiedToken, CacheResult]:
         """The cacheable half: a hash and a lookup on a hit; every result is re-checked per request after."""
         cached = self._cache.get(key)

@@ -42,8 +42,8 @@ class ChallengeRenderer:
     resource_metadata: str | None = None
 
     def render(self, error: AuthError) -> ErrorResponse:
-        if isinstance(error, AccessDenied):  # a policy "no": 403 needs no challenge
-            return ErrorResponse(403, ())
+        if isinstance(error, AccessDenied):  # a policy "no" (403) or a conflict (409) needs no challenge
+            return ErrorResponse(error.status, ())
         proof_error = isinstance(error, (InvalidDPoPProof, UseDPoPNonce))
         attempted = "dpop" if proof_error else error.scheme
         params = self._error_params(error)

@@ -187,6 +187,12 @@ def cmd_audit_verify(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return audit_chain.run_verify(args)
 
 
+def cmd_links(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from .linking import cli as links_cli
+
+    return links_cli.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ztmw", description="Zero-trust security layer for aiohttp servers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -237,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit_chain.add_arguments(audit_verify)
     audit_verify.set_defaults(func=cmd_audit_verify)
+
+    links = sub.add_parser("links", help="link, unlink and list logins of accounts in the [linking] store")
+    from .linking import cli as links_cli
+
+    links_cli.add_arguments(links)
+    links.set_defaults(func=cmd_links)
     return parser
 
 

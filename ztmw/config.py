@@ -124,6 +124,22 @@ class IdentityLink:
 
 
 @dataclass(frozen=True, slots=True)
+class LinkingConfig:
+    """`[linking]`: the self-service account-linking ceremony and the link store it writes (ztmw/linking/)."""
+
+    enabled: bool = False
+    path: str = "/account/links"
+    store: str = "sqlite:///ztmw-links.db"
+    """`sqlite:///relative.db` (to the working directory), `sqlite:////absolute.db`, or a redis:// URL."""
+    min_aal: int = 2
+    max_auth_age: int = 300
+    max_links: int = 10
+    issuers: tuple[str, ...] = ()
+    """Issuers whose logins may be linked; empty: every issuer whose tokens this API accepts."""
+    same_client: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class AuditConfig:
     enabled: bool = True
     subject: Literal["hash", "plain", "omit"] = "hash"
@@ -212,6 +228,7 @@ class Config:
     cors_expose_headers: bool = False
     """RESP-19: add `Access-Control-Expose-Headers: WWW-Authenticate, DPoP-Nonce` to every response."""
     limits: LimitsConfig = LimitsConfig()
+    linking: LinkingConfig = LinkingConfig()
     rules: tuple[Rule, ...] = ()
     plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     gateway: GatewayConfig | None = None
@@ -267,7 +284,8 @@ class _Reader:
 
     def config(self, data: Mapping[str, Any]) -> Config:
         _only(data, "", {"resource", "issuers", "verifiers", "dpop", "mtls", "cache", "trust", "identity",
-                         "audit", "metadata", "limits", "rules", "plugins", "cors", "gateway"})
+                         "audit", "metadata", "limits", "rules", "plugins", "cors", "gateway",
+                         "linking"})
         resource = self.resource(_table(data, "resource", required=True))
         issuers = tuple(
             self.issuer(item, f"issuers[{i}]", resource) for i, item in enumerate(_array(data, "issuers"))
@@ -291,6 +309,9 @@ class _Reader:
         identity = _table(data, "identity")
         identity_links = self.identity(identity)
         identity_resolvers = _strings(identity.get("resolvers", ["config"]), "identity.resolvers")
+        linking = self.linking(_table(data, "linking"), _token_issuers(issuers, plugins))
+        if linking.enabled and LINKING_RESOLVER not in identity_resolvers:
+            identity_resolvers = _with_linking_resolver(identity_resolvers)
         owner_requires_link, owner_requires_link_why = _owner_requires_link(identity, issuers, verifiers, plugins)
         return _require_extras(Config(
             resource=resource,
@@ -309,6 +330,7 @@ class _Reader:
             metadata_enabled=_bool(metadata.get("enabled", True), "metadata.enabled"),
             cors_expose_headers=_bool(cors.get("expose_headers", False), "cors.expose_headers"),
             limits=self.limits(_table(data, "limits")),
+            linking=linking,
             rules=rules,
             plugins={k: dict(v) for k, v in plugins.items()},
             gateway=self.gateway(data["gateway"]) if "gateway" in data else None,
@@ -467,6 +489,26 @@ class _Reader:
                                           "limits.max_credential_bytes", 256, 65536),
         )
 
+    def linking(self, t: Mapping[str, Any], known: set[Any]) -> LinkingConfig:
+        _only(t, "linking", set(LinkingConfig.__dataclass_fields__))
+        path = _str(t.get("path", _default(LinkingConfig, "path")), "linking.path")
+        if not path.startswith("/") or re.search(r"[{}?#]", path):
+            raise ConfigurationError("linking.path: a plain path starting with '/' (no '{', '}', '?' or '#')")
+        linkable = _strings(t.get("issuers", []), "linking.issuers")
+        unknown = [i for i in linkable if i not in known]
+        if unknown:
+            raise ConfigurationError(f"linking.issuers: {unknown[0]!r} is not a configured issuer")
+        return LinkingConfig(
+            enabled=_bool(t.get("enabled", False), "linking.enabled"),
+            path=path,
+            store=_link_store(t.get("store", _default(LinkingConfig, "store")), "linking.store"),
+            min_aal=_integer(t.get("min_aal", 2), "linking.min_aal", 0, 3),
+            max_auth_age=_integer(t.get("max_auth_age", 300), "linking.max_auth_age", 1, 86400),
+            max_links=_integer(t.get("max_links", 10), "linking.max_links", 2, 1000),
+            issuers=linkable,
+            same_client=_bool(t.get("same_client", True), "linking.same_client"),
+        )
+
     def rule(self, t: Any, key: str) -> Rule:
         t = _as_table(t, key)
         _only(t, key, set(Rule.__dataclass_fields__))
@@ -581,6 +623,40 @@ def _require_known_subject(
     return True
 
 
+LINKING_RESOLVER = "linking"
+"""The identity resolver `[linking]` adds: its link store, asked right after the static `config` links."""
+
+
+def _token_issuers(issuers: tuple[IssuerConfig, ...], plugins: Mapping[str, Any]) -> set[str]:
+    """Every issuer whose tokens this API may accept: the `[[issuers]]` and the introspection endpoint's."""
+    known = {i.issuer for i in issuers}
+    introspected = plugins.get("introspection", {}).get("issuer")
+    if isinstance(introspected, str):
+        known.add(introspected)
+    return known
+
+
+def _with_linking_resolver(resolvers: tuple[str, ...]) -> tuple[str, ...]:
+    if "config" in resolvers:
+        at = resolvers.index("config") + 1
+        return resolvers[:at] + (LINKING_RESOLVER,) + resolvers[at:]
+    return (LINKING_RESOLVER,) + resolvers
+
+
+def _link_store(value: Any, key: str) -> str:
+    """`sqlite:///rel.db` (relative to the working directory) or `sqlite:////abs.db` -> `sqlite:///<absolute>`,
+    or a Redis URL."""
+    text = _str(value, key)
+    if text.startswith("sqlite:///"):
+        file = text[len("sqlite:///"):]
+        if not file or file.endswith("/"):
+            raise ConfigurationError(f"{key}: sqlite:/// needs a file name")
+        return "sqlite:///" + str(Path.cwd() / file if not file.startswith("/") else Path(file))
+    if text.startswith(("redis://", "rediss://", "unix://")):
+        return text  # the `redis` extra is required by _require_extras
+    raise ConfigurationError(f"{key}: 'sqlite:///<file>' or a redis:// URL")
+
+
 # -- small typed readers; each names the key it failed on -------------------------------------------------
 
 def _only(table: Mapping[str, Any], key: str, allowed: Iterable[str]) -> None:
@@ -673,6 +749,7 @@ def _require_extras(config: Config) -> Config:
         ("cache.backend", "redis", config.cache.backend != "memory"),
         ("identity.resolvers = [\"redis\"]", "redis", "redis" in config.identity_resolvers),
         ("audit.sinks = [\"metrics\"]", "metrics", "metrics" in config.audit.sinks),
+        ("linking.store", "redis", not config.linking.store.startswith("sqlite:")),
     ]
     for setting, extra, needed in needs:
         if not needed:

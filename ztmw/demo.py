@@ -6,10 +6,13 @@ challenge). The demo exits non-zero if any scenario does not behave as expected,
 
 from __future__ import annotations
 
+import json
 import re
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -25,6 +28,7 @@ from .testing.issuer import DevIssuer
 AUDIENCE = "https://api.example.com"
 BANKID = "urn:example:acr:bankid"
 SOCIAL = "urn:example:acr:social"
+LINKS = "/account/links"
 
 
 class CapturingSink:
@@ -78,6 +82,7 @@ async def run_demo(*, verbose: bool = False) -> int:
     alice_cert, other_cert = ca.client_cert("alice-device"), ca.client_cert("mallory-device")
     sink = CapturingSink()
     async with DevIssuer(audience=AUDIENCE) as issuer:
+        links_dir = tempfile.TemporaryDirectory(prefix="ztmw-demo-")
         port = _free_port()
         origin = f"https://127.0.0.1:{port}"
         config = {
@@ -86,8 +91,12 @@ async def run_demo(*, verbose: bool = False) -> int:
             "verifiers": {"enabled": ["bearer", "dpop", "mtls"]},
             "dpop": {"require_nonce": True},
             "trust": SAMPLE_TRUST,
-            "identity": {"links": [{"issuer": issuer.issuer, "subject": "alice-social", "account": "alice"}]},
+            # alice's bank-ID login and one social login, linked by the operator; the ceremony adds another
+            "identity": {"links": [{"issuer": issuer.issuer, "subject": "alice", "account": "alice"},
+                                   {"issuer": issuer.issuer, "subject": "alice-social", "account": "alice"}]},
             "rules": SAMPLE_RULES,
+            # the self-service linking ceremony on /account/links, its links in a throw-away SQLite file
+            "linking": {"enabled": True, "store": f"sqlite:///{Path(links_dir.name) / 'links.db'}"},
         }
         app = create_app()
         setup(app, config, audit_sink=sink)
@@ -99,6 +108,7 @@ async def run_demo(*, verbose: bool = False) -> int:
             results = await _run_scenarios(issuer, ca, alice_cert, other_cert, origin, sink)
         finally:
             await runner.cleanup()
+            links_dir.cleanup()
     _print_table(results)
     if verbose:
         for event in sink.events:
@@ -122,7 +132,7 @@ async def _run_scenarios(
 
     async def call(name: str, expected: int, method: str, path: str, *, token: str | None = None,
                    scheme: str = "Bearer", proof: str | None = None, session: aiohttp.ClientSession = plain,
-                   raw_authorization: str | None = None) -> None:
+                   raw_authorization: str | None = None, json_body: Any = None) -> None:
         headers = {}
         if raw_authorization is not None:
             headers["Authorization"] = raw_authorization
@@ -131,11 +141,13 @@ async def _run_scenarios(
         if proof is not None:
             headers["DPoP"] = proof
         before = len(sink.events)
-        async with session.request(method, origin + path, headers=headers) as response:
-            await response.read()
+        async with session.request(method, origin + path, headers=headers, json=json_body) as response:
+            raw = await response.read()
             if "DPoP-Nonce" in response.headers:  # RFC 9449 §8/§9: use the newest nonce the server gave
                 nonce["value"] = response.headers["DPoP-Nonce"]
             reason = sink.events[-1].reason if len(sink.events) > before else "(not audited: no route)"
+            if path == LINKS and response.status >= 400:  # the route was allowed; the ceremony refused
+                reason = "ceremony: " + str(json.loads(raw).get("error_description", ""))
             results.append(Result(name, f"{method} {path}", expected, response.status, reason,
                                   _summarise_challenge(response)))
 
@@ -199,6 +211,25 @@ async def _run_scenarios(
         await call("mTLS-bound token with another certificate", 401, "POST", "/payments", token=cert_bound,
                    session=with_other)
         await call("mTLS-bound token without a certificate", 401, "POST", "/payments", token=cert_bound)
+
+        # account linking: the ceremony proves control of both logins; linking grants ownership, not trust
+        def social(sub: str) -> str:
+            return issuer.mint(sub, scope="transactions:read profile:write", acr=SOCIAL, amr=["pwd"],
+                               auth_time=time.time() - 20)
+
+        bank_alice = issuer.mint("alice", scope="transactions:read", **strong)  # type: ignore[arg-type]
+        await call("link a social login from a fresh bank-ID login", 201, "POST", LINKS,
+                   token=bank_alice, json_body={"link_token": social("alice-github")})
+        stale_alice = issuer.mint("alice", acr=BANKID, auth_time=now - 3600)
+        await call("the same from a stale bank-ID login: step-up", 401, "POST", LINKS,
+                   token=stale_alice, json_body={"link_token": social("alice-github")})
+        bank_bob = issuer.mint("bob", **strong)  # type: ignore[arg-type]
+        await call("bob links alice's social login: another account's", 409, "POST", LINKS,
+                   token=bank_bob, json_body={"link_token": social("alice-github")})
+        await call("linked social login reads the account's data", 200, "GET", "/users/alice/transactions",
+                   token=social("alice-github"))
+        await call("linked social login on a bank-ID route: step-up", 401, "PUT", "/profile",
+                   token=social("alice-github"))
     finally:
         for session in (plain, with_alice, with_other):
             await session.close()

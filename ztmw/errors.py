@@ -14,6 +14,8 @@
        +- InsufficientUserAuthentication 401  insufficient_user_authentication      RFC 9470 §3
        +- InsufficientScope              403  insufficient_scope                    RFC 6750 §3.1
        +- AccessDenied                   403  policy said no; no challenge
+          +- AccountConflict             409  account linking: the login is another account's
+          +- NotLinked                   404  account linking: no such login in this account
 
 Raising is separate from rendering (`ztmw.challenge`). The human text sent to clients comes from the fixed
 `DESCRIPTIONS` table keyed by reason id, never from exception text or token contents (RFC 6750 §3 charset).
@@ -135,8 +137,24 @@ class InsufficientScope(AuthError):
 
 class AccessDenied(AuthError):
     status = 403
-    error = None
+    error: ClassVar[str | None] = None
     default_reason = "access_denied"
+
+
+class AccountConflict(AccessDenied):
+    """Account linking: the login belongs to another account, or is the caller's own (409, no challenge)."""
+
+    status = 409
+    error = "conflict"
+    default_reason = "account_conflict"
+
+
+class NotLinked(AccessDenied):
+    """Account linking: the login to unlink is not one of the caller's account (404, no challenge)."""
+
+    status = 404
+    error = "not_found"
+    default_reason = "not_linked"
 
 
 # Fixed client-facing texts: RFC 6750 §3 allows only %x20-21 / %x23-5B / %x5D-7E in error_description.
@@ -189,4 +207,20 @@ DESCRIPTIONS: dict[str, str] = {
     "inactive_token": "Invalid token",
     "introspection_unavailable": "Introspection unavailable",
     "malformed_client_cert": "Malformed client certificate header",
+    # account linking (ztmw/linking/)
+    "malformed_link_request": "Malformed link request",
+    "invalid_link_token": "Invalid link token",
+    "link_token_replayed": "Link token already used",
+    "link_token_bound_elsewhere": "Link token is bound to a key this request does not prove",
+    "link_login_too_weak": "The current login needs a stronger authentication",
+    "link_login_too_old": "The current login needs a more recent authentication",
+    "link_token_login_too_old": "The login to link needs a more recent authentication",
+    "issuer_not_linkable": "Logins of this issuer cannot be linked",
+    "link_limit_reached": "The account has the most logins allowed",
+    "client_mismatch": "Both logins must come from the same client",
+    "account_conflict": "The login belongs to another account",
+    "account_exists": "An account with this id exists and the current login is not one of its logins",
+    "link_self": "The current login cannot be linked to itself",
+    "unlink_self": "The current login cannot unlink itself",
+    "not_linked": "The login is not linked to this account",
 }

@@ -38,6 +38,7 @@ from .typing import (
 )
 
 METADATA_RULE_ID = RESERVED_RULE_PREFIX + "metadata"
+LINKING_RULE_ID = RESERVED_RULE_PREFIX + "linking"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +114,9 @@ class Pipeline:
         if config.metadata_enabled:
             rules.insert(0, Rule(id=METADATA_RULE_ID, path=config.metadata_path, methods=frozenset({"GET"}),
                                  public=True))
+        if config.linking.enabled:  # the ceremony's route: any verified login; the handler asks for more
+            rules.insert(0, Rule(id=LINKING_RULE_ID, path=config.linking.path,
+                                 methods=frozenset({"GET", "POST", "DELETE"})))
         self.policy = RulePolicy(rules, acr_levels=config.trust.acr,
                                  conditions={p.name: p.instance for p in conditions},
                                  owner_requires_link=config.owner_requires_link, logger=self.log)

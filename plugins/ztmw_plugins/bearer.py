@@ -101,7 +101,7 @@ class BearerVerifier:
         _check_type(header.get("typ"), issuer.profile)
 
         kid = header.get("kid")
-        if kid is not None and (not isinstance(kid, str) or not kid):
+        if "kid" in header and (not isinstance(kid, str) or not kid):  # a JSON null is no absent kid (RFC 7515 §4.1.4)
             raise InvalidToken("malformed_token")
         # keys come only from the JWKS of the issuer the token names; jwk/jku/x5u/x5c in the header are never
         # read (AT-05, BCP-07, BCP-10)

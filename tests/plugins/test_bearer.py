@@ -302,6 +302,16 @@ async def test_jose_10_header_keys_and_urls_are_never_used(issuer: DevIssuer, ve
         assert (await verifier.verify_token(issuer.mint(header=smuggled))).subject == "alice"
 
 
+@pytest.mark.parametrize("kid", [None, "", 7, ["k"], {"kid": "k"}, True])
+async def test_a_kid_that_is_not_a_non_empty_string_is_malformed_even_when_signed(
+    issuer: DevIssuer, verifier: BearerVerifier, kid: Any
+) -> None:
+    """RFC 7515 §4.1.4: `kid` is a string; `"kid": null` is no absent kid (found by the end-to-end fuzzer)."""
+    token = resign(issuer, issuer.mint(), header={"kid": kid})
+    assert decode(token)[0]["kid"] == kid
+    await rejects(verifier, token, "malformed_token")
+
+
 async def test_jose_11_degenerate_ecdsa_signatures_are_rejected(issuer: DevIssuer, verifier: BearerVerifier) -> None:
     token = issuer.mint()
     for signature in (ECDSA_R_S_ZERO, ECDSA_R_S_ORDER, ECDSA_R_S_ZERO_DER, b64(b"\x01" * 65), b64(b"\x01" * 63)):
