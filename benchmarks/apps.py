@@ -8,8 +8,11 @@ between scenarios is the security layer in front of it:
   pyjwt-rs256    the middleware people write by hand: `jwt.decode()` (PyJWT) on every request, RS256 key
   pyjwt-es256    the same with an ES256 key
   hash-cache     the cache people write by hand in front of that: SHA-256 of the Authorization header -> dict
-                 of claims (PyJWT ES256 on a miss, no bound, no expiry, no binding): the least a cached
-                 token can cost, the reference the issue's targets were set against
+                 of claims, PyJWT ES256 (and the scope check) on a miss, `exp` compared on a hit: the peer of
+                 ztmw's cached scenarios
+  dpop-peer      the DPoP check people write by hand: the token cached as in hash-cache (plus `cnf.jkt`), the
+                 proof verified with PyJWT against its own `jwk` (typ, alg), `htm`, `htu`, `iat` window, `ath`,
+                 the key's RFC 7638 thumbprint against `jkt`, and `jti` in a dict of recent proofs
   es256-only     a middleware that checks the token's ES256 signature and nothing else (no header, no
                  claims, no expiry): what any verifier must at least pay, live, for a token it has not seen
   busy-2us       a middleware that spins 2 microseconds: what 2 us of work per request costs in the ratio on
@@ -25,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import hmac
+import json
 import ssl
 import time
 from typing import Any, Awaitable, Callable
@@ -34,6 +39,7 @@ from aiohttp import web
 AUDIENCE = "https://api.example.com"
 ISSUER = "https://issuer.test"
 SCOPE = "hello:read"
+PUBLIC_ORIGIN = "https://api.example.com"  # what ztmw and the DPoP peer rebuild htu from
 
 
 async def hello(request: web.Request) -> web.Response:
@@ -82,31 +88,112 @@ def pyjwt_middleware(public_key_pem: bytes, algorithm: str) -> Any:
     return jwt_auth
 
 
-def hash_cache_middleware(public_key_pem: bytes) -> Any:
-    """The hand-written cache: verify once with PyJWT, then a SHA-256 of the header and a dict lookup."""
-    import jwt
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+def _refuse(status: int, error: str) -> web.Response:
+    return web.json_response({"error": error}, status=status,
+                             headers={"WWW-Authenticate": f'Bearer realm="api", error="{error}"'})
 
-    key = load_pem_public_key(public_key_pem)
-    cache: dict[bytes, dict[str, Any]] = {}
+
+class _TokenCache:
+    """The hand-written token cache: SHA-256 of the token -> its claims, PyJWT on a miss, `exp` on a hit."""
+
+    def __init__(self, public_key_pem: bytes) -> None:
+        import jwt
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+        self._jwt = jwt
+        self._key = load_pem_public_key(public_key_pem)
+        self._claims: dict[bytes, dict[str, Any]] = {}
+
+    def claims(self, token: str) -> dict[str, Any] | None:
+        digest = hashlib.sha256(token.encode()).digest()
+        claims = self._claims.get(digest)
+        if claims is not None:
+            return claims if claims["exp"] > time.time() else None
+        try:
+            claims = self._jwt.decode(token, self._key, algorithms=["ES256"], audience=AUDIENCE, issuer=ISSUER,
+                                      options={"require": ["exp", "iat", "sub"]})
+        except self._jwt.PyJWTError:
+            return None
+        if SCOPE not in str(claims.get("scope", "")).split():
+            return None
+        self._claims[digest] = claims
+        return claims
+
+
+def hash_cache_middleware(public_key_pem: bytes) -> Any:
+    """The hand-written cache: verify once with PyJWT, then a SHA-256, a dict lookup and the `exp` check."""
+    cache = _TokenCache(public_key_pem)
 
     @web.middleware
     async def cached_jwt_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         header = request.headers.get("Authorization", "")
-        digest = hashlib.sha256(header.encode()).digest()
-        claims = cache.get(digest)
+        if not header.startswith("Bearer "):
+            return _refuse(401, "invalid_request")
+        claims = cache.claims(header[7:])
         if claims is None:
-            if not header.startswith("Bearer "):
-                return web.json_response({"error": "unauthorized"}, status=401)
-            try:
-                claims = jwt.decode(header[7:], key, algorithms=["ES256"], audience=AUDIENCE, issuer=ISSUER)
-            except jwt.PyJWTError:
-                return web.json_response({"error": "invalid_token"}, status=401)
-            cache[digest] = claims
+            return _refuse(401, "invalid_token")
         request["claims"] = claims
         return await handler(request)
 
     return cached_jwt_auth
+
+
+def dpop_peer_middleware(public_key_pem: bytes, public_origin: str) -> Any:
+    """The hand-written DPoP check (RFC 9449 §4.3 as a careful user would write it with PyJWT)."""
+    import base64
+
+    import jwt
+
+    cache = _TokenCache(public_key_pem)
+    seen: dict[str, float] = {}  # jti -> iat, pruned as proofs leave the window
+    max_age, skew = 60, 5
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    def thumbprint(jwk: dict[str, Any]) -> str:
+        members = {"crv": jwk["crv"], "kty": jwk["kty"], "x": jwk["x"], "y": jwk["y"]}
+        return b64(hashlib.sha256(json.dumps(members, separators=(",", ":"), sort_keys=True).encode()).digest())
+
+    @web.middleware
+    async def dpop_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        header = request.headers.get("Authorization", "")
+        proof = request.headers.get("DPoP")
+        if not header.startswith("DPoP ") or not proof:
+            return _refuse(401, "invalid_request")
+        token = header[5:]
+        claims = cache.claims(token)
+        if claims is None or not isinstance(claims.get("cnf"), dict):
+            return _refuse(401, "invalid_token")
+        try:
+            head = jwt.get_unverified_header(proof)
+            jwk = head.get("jwk")
+            if head.get("typ") != "dpop+jwt" or head.get("alg") != "ES256" or not isinstance(jwk, dict):
+                return _refuse(401, "invalid_dpop_proof")
+            key = jwt.PyJWK(jwk, algorithm="ES256").key
+            proof_claims = jwt.decode(proof, key, algorithms=["ES256"],
+                                      options={"require": ["jti", "htm", "htu", "iat", "ath"]})
+            now = time.time()
+            expected_ath = b64(hashlib.sha256(token.encode()).digest())
+            if (proof_claims["htm"] != request.method
+                    or proof_claims["htu"] != public_origin + request.path
+                    or not now - max_age <= proof_claims["iat"] <= now + skew
+                    or not hmac.compare_digest(proof_claims["ath"], expected_ath)
+                    or not hmac.compare_digest(thumbprint(jwk), claims["cnf"].get("jkt", ""))):
+                return _refuse(401, "invalid_dpop_proof")
+        except (jwt.PyJWTError, KeyError, TypeError, ValueError):
+            return _refuse(401, "invalid_dpop_proof")
+        jti = proof_claims["jti"]
+        if jti in seen:
+            return _refuse(401, "invalid_dpop_proof")
+        seen[jti] = proof_claims["iat"]
+        if len(seen) > 200_000:  # prune what can no longer pass the iat window
+            for old in [k for k, iat in seen.items() if iat < now - max_age - skew]:
+                del seen[old]
+        request["claims"] = claims
+        return await handler(request)
+
+    return dpop_auth
 
 
 def es256_only_middleware(public_key_pem: bytes) -> Any:
@@ -147,13 +234,15 @@ def build(kind: str, public_key: str | None) -> web.Application:
         app.middlewares.append(noop_middleware)
     elif kind == "busy-2us":
         app.middlewares.append(busy_2us_middleware)
-    elif kind in ("pyjwt-rs256", "pyjwt-es256", "hash-cache", "es256-only"):
+    elif kind in ("pyjwt-rs256", "pyjwt-es256", "hash-cache", "es256-only", "dpop-peer"):
         if public_key is None:
             raise SystemExit("--public-key is needed for the PyJWT middleware")
         with open(public_key, "rb") as fh:
             pem = fh.read()
         if kind == "hash-cache":
             app.middlewares.append(hash_cache_middleware(pem))
+        elif kind == "dpop-peer":
+            app.middlewares.append(dpop_peer_middleware(pem, PUBLIC_ORIGIN))
         elif kind == "es256-only":
             app.middlewares.append(es256_only_middleware(pem))
         else:
@@ -163,10 +252,12 @@ def build(kind: str, public_key: str | None) -> web.Application:
     return app
 
 
+KINDS = ["bare", "noop", "busy-2us", "hash-cache", "es256-only", "pyjwt-rs256", "pyjwt-es256", "dpop-peer"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kind", required=True, choices=["bare", "noop", "busy-2us", "hash-cache", "es256-only", "pyjwt-rs256",
-                                                          "pyjwt-es256"])
+    parser.add_argument("--kind", required=True, choices=KINDS)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--public-key", help="PEM public key for the PyJWT middleware")

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jwt as pyjwt
-from apps import AUDIENCE, ISSUER, SCOPE
+from apps import AUDIENCE, ISSUER, PUBLIC_ORIGIN, SCOPE
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
@@ -28,7 +27,6 @@ from ztmw.testing import DevIssuer, TestCA
 from ztmw.testing.dpop import access_token_hash, jwk_thumbprint
 
 PATH = "/hello/ann"
-PUBLIC_ORIGIN = "https://api.example.com"
 HTU = PUBLIC_ORIGIN + PATH
 REDIS_URL = "redis://127.0.0.1:6379/0"
 TOKEN_LIFETIME = 4 * 3600  # long enough for any run; ztmw re-checks exp on every request anyway
@@ -75,6 +73,8 @@ class ProofMaker:
 
 
 def pem_of_public_jwk(jwk: dict[str, Any]) -> bytes:
+    import jwt as pyjwt  # PyJWT (the `bench` extra): imported here so run.py can say it is missing
+
     key = pyjwt.PyJWK(jwk).key
     return key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
 
@@ -155,11 +155,11 @@ def make_material(root: Path) -> Material:
 def ztmw_config(material: Material, *, verifiers: list[str], audit: bool = True, cache_entries: int | None = None,
                 replay_store: str = "memory", dpop_max_age: int | None = None,
                 jwks_uri: str | None = None, refetch_cooldown: int | None = None,
-                audit_sink: str = "jsonl", audit_path: str = "/dev/null") -> str:
+                audit_sink: str = "default", audit_path: str = "/dev/null") -> str:
     """A ztmw TOML config protecting `GET /hello/{name}` (scope hello:read) with the given verifiers.
 
-    Audit goes through the recommended `jsonl` sink to `audit_path`, or with `audit_sink="structlog"` through
-    the default sink (`ztmw serve` prints its structlog JSON lines on stdout)."""
+    Audit is what a user gets without an `[audit]` section (`audit_sink="default"`: the structlog sink, which
+    `ztmw serve` prints as JSON lines on stdout), or the `jsonl` sink writing to `audit_path`."""
     key_source = f'jwks_uri = "{jwks_uri}"' if jwks_uri else f'jwks_file = "{material.jwks}"'
     lines = [
         "[resource]",

@@ -1,6 +1,6 @@
 -- wrk script used by every scenario: GET a path, optionally with per-request headers from a file.
 --
---   wrk -t1 -c50 -d10s -s rotate.lua http://127.0.0.1:PORT -- PATH [LINES_FILE [once|cycle] [LIMIT [DONE_FILE [OFFSET]]]]
+--   wrk -t2 -c64 -d10s -s rotate.lua http://127.0.0.1:PORT -- PATH [LINES_FILE [once|cycle] [LIMIT [DONE_FILE [OFFSET [THREADS]]]]]
 --
 -- LINES_FILE: one request per line, its headers separated by TAB ("Authorization: Bearer x<TAB>DPoP: y").
 --   cycle: rotate through the lines (distinct tokens: the cache never sees the same one twice in a row);
@@ -11,28 +11,46 @@
 --   watches for this file and sends wrk SIGINT, which ends the run and keeps its req/s honest.
 -- OFFSET: line to start after (run.py continues where the previous run of the same file stopped, so a
 --   small verification cache cannot still hold the first tokens from the run before).
+-- THREADS: wrk's -t; thread k of them sends only the lines k, k+THREADS, k+2*THREADS... so that two threads
+--   never send the same DPoP proof (a replay) and together cycle through distinct tokens.
 -- done() prints one JSON line that run.py parses (wrk's own text summary is printed before it).
 
 local reqs, n, i, mode, limit, seen, done_file = {}, 0, 0, "cycle", 0, 0, nil
 local plain
+local next_thread = 0
+
+function setup(thread)
+  thread:set("thread_index", next_thread)
+  next_thread = next_thread + 1
+end
 
 function init(args)
   local path = args[1] or "/"
   local host = wrk.host .. ":" .. tostring(wrk.port)
   local head = "GET " .. path .. " HTTP/1.1\r\nHost: " .. host .. "\r\n"
   plain = head .. "\r\n"
+  local threads = tonumber(args[7] or "1") or 1
+  local index = thread_index or 0
   if args[2] and args[2] ~= "" and args[2] ~= "-" then
+    local all, k = {}, 0
     for line in io.lines(args[2]) do
       if line ~= "" then
-        n = n + 1
-        reqs[n] = head .. string.gsub(line, "\t", "\r\n") .. "\r\n\r\n"
+        k = k + 1
+        all[k] = head .. string.gsub(line, "\t", "\r\n") .. "\r\n\r\n"
+        if (k - 1) % threads == index then
+          n = n + 1
+          reqs[n] = all[k]
+        end
       end
+    end
+    if n == 0 and k > 0 then  -- fewer lines than threads (one cached token): every thread sends them all
+      reqs, n = all, k
     end
   end
   mode = args[3] or "cycle"
   limit = tonumber(args[4] or "0") or 0
   done_file = args[5]
-  if n > 0 then i = (tonumber(args[6] or "0") or 0) % n end
+  if n > 0 then i = math.floor((tonumber(args[6] or "0") or 0) / threads) % n end
 end
 
 local function finish()

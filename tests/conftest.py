@@ -162,8 +162,10 @@ def whoami_app() -> web.Application:
 
     async def whoami(request: web.Request) -> web.Response:
         principal, trust, decision = request[ztmw.PRINCIPAL], request[ztmw.TRUST], request[ztmw.DECISION]
-        return web.json_response({"sub": principal.subject if principal else None, "aal": trust.aal,
-                                  "rule": decision.rule_id})
+        seen = {"sub": principal.subject if principal else None, "aal": trust.aal, "rule": decision.rule_id}
+        if trust.auth_age is not None:
+            seen["auth_age"] = trust.auth_age
+        return web.json_response(seen)
 
     app = web.Application()
     for path in ("/items", "/users/{user}/items", "/health"):

@@ -78,6 +78,16 @@ class Replica:
     def log_text(self) -> str:
         return self.log_path.read_text(encoding="utf-8")
 
+    async def audit_events(self, count: int, timeout: float = 15.0) -> list[dict[str, Any]]:
+        """The audit events once `count` of them are written: `ztmw serve` writes decisions in batches (at most
+        0.2 s late; security events at once, with everything queued before them)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            events = [e for e in self.events() if e.get("event") in ("ztmw.decision", "ztmw.security")]
+            if len(events) >= count or time.monotonic() > deadline:
+                return events
+            await asyncio.sleep(0.05)
+
 
 async def _wait_until_listening(process: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
     """Poll the port without blocking the event loop: the replica fetches its JWKS from an issuer in it."""

@@ -172,13 +172,38 @@ async def test_a_dpop_header_always_takes_the_full_path(aiohttp_client: Any, iss
     assert (await call(client, bound))[0] == 401
 
 
-async def test_a_token_with_auth_time_is_never_remembered(
+async def test_a_token_with_auth_time_is_replayed_with_its_current_age(
     aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
 ) -> None:
     client, pipeline = await protected(aiohttp_client, base_config(issuer), clock)
-    token = issuer.mint(scope="items:read", auth_time=clock() - 10)  # its age, and so its trust, moves
+    token = issuer.mint(scope="items:read", auth_time=clock() - 10)
+    with capture_logs() as logs:
+        assert [(await call(client, token))[0] for _ in range(2)] == [200] * 2
+        assert memo_size(pipeline) == 1  # remembered like any plain bearer token
+        clock.advance(100)
+        status, body = await call(client, token)
+    assert status == 200 and body["auth_age"] == 110  # trust evaluated against the clock, not replayed stale
+    decisions = [e for e in logs if e["event"] == "ztmw.decision"]
+    assert [e["cache"] for e in decisions] == ["miss", "hit", "hit"]
+    assert "auth_age=110s" in decisions[-1]["trust_inputs"]  # the audit trail records the age of this request
+
+
+async def test_max_auth_age_holds_for_a_remembered_token(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    """STEP-04: the memo replays an allowed decision only while the login is still fresh enough."""
+    config = base_config(issuer)
+    config["rules"][1]["max_auth_age"] = 300
+    client, pipeline = await protected(aiohttp_client, config, clock)
+    token = issuer.mint(scope="items:read", auth_time=clock() - 10)
     assert [(await call(client, token))[0] for _ in range(3)] == [200] * 3
-    assert memo_size(pipeline) == 0
+    assert memo_size(pipeline) == 1
+    clock.advance(295)  # 305 s since the login
+    async with client.get("/items", headers={"Authorization": f"Bearer {token}"}) as response:
+        assert response.status == 401
+        assert 'error="insufficient_user_authentication"' in response.headers["WWW-Authenticate"]
+        assert 'max_age="300"' in response.headers["WWW-Authenticate"]
+    assert (await call(client, token))[0] == 401  # and again: a stale entry never allows
 
 
 async def test_rules_with_conditions_are_never_remembered(

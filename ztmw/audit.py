@@ -10,13 +10,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-from typing import Any, Callable, Generic, Literal, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generic, Literal, Mapping, Sequence, TypeVar
 
 import structlog
 
 from .config import check_plugin_settings
 from .models import AuditEvent
 from .typing import AuditSink, PluginDeps, ReusingAuditSink
+
+if TYPE_CHECKING:  # pragma: no cover - the jsonl sink imports this module
+    from .audit_jsonl import JsonLinesAuditSink
 
 
 @functools.lru_cache(maxsize=16384)  # the same subjects recur request after request; bounded
@@ -54,19 +57,45 @@ class RenderedTemplates(Generic[R]):
 
 
 class StructlogAuditSink:
-    """The default sink. Renders nothing itself: the application's structlog processors decide the format."""
+    """The default sink. Renders nothing itself: the application's structlog processors decide the format.
+
+    Under `ztmw serve`'s own structlog configuration (nobody else's processors to run) the events go straight
+    to the stdout writer that configuration prints through, as the same JSON lines, rendered in batches:
+    decided when the pipeline starts, so an app factory that configures structlog is still obeyed."""
 
     name = "structlog"
 
     def __init__(self, logger_name: str = "ztmw.audit", logger: Any = None) -> None:
         self._logger = logger if logger is not None else structlog.get_logger(logger_name)
         self._template_fields = RenderedTemplates(_fields)  # what emit_again reuses
+        self._direct: JsonLinesAuditSink | None = None
+
+    async def start(self) -> None:
+        # imported here: it builds on the jsonl sink, which imports this module
+        from .serve_logging import direct_audit_writer
+
+        self._direct = direct_audit_writer()
+
+    async def aclose(self) -> None:
+        """Flush what the stdout writer holds (it is the process's, and stays open for later log lines)."""
+        if self._direct is not None:
+            self._direct.flush()
 
     def emit(self, event: AuditEvent) -> None:
+        if self._direct is not None:
+            self._direct.emit(event)
+            return
         self._log(event, _fields(event))
 
     def emit_again(self, template: AuditEvent, status: int, duration_ms: float) -> None:
+        if self._direct is not None:
+            self._direct.emit_again(template, status, duration_ms)
+            return
         self._log(template, {**self._template_fields.get(template), "status": status, "duration_ms": duration_ms})
+
+    def direct(self) -> JsonLinesAuditSink | None:
+        """The writer events go to without structlog (None: through structlog), for the fanout to call."""
+        return self._direct
 
     def _log(self, event: AuditEvent, fields: dict[str, Any]) -> None:
         try:
@@ -87,7 +116,10 @@ def subject_for_audit(subject: str | None, mode: Literal["hash", "plain", "omit"
 def create_structlog_sink(settings: Mapping[str, Any], deps: PluginDeps) -> StructlogAuditSink:
     """Entry point `structlog` in `ztmw.audit_sinks` (the default)."""
     check_plugin_settings(settings, "structlog", hint="use [audit] logger")
-    return StructlogAuditSink(deps.config.audit.logger)
+    sink = StructlogAuditSink(deps.config.audit.logger)
+    deps.on_startup(sink.start)
+    deps.on_cleanup(sink.aclose)
+    return sink
 
 
 class AuditFanout:
@@ -96,6 +128,17 @@ class AuditFanout:
     def __init__(self, sinks: Sequence[AuditSink]) -> None:
         self._sinks = tuple(sinks)
         self._reusing = tuple(isinstance(sink, ReusingAuditSink) for sink in self._sinks)  # checked once
+        self._only: ReusingAuditSink | None = None
+
+    async def start(self) -> None:
+        """After the sinks started: one sink that reuses templates (the default) is called without the loop,
+        and the structlog sink under `ztmw serve` without its own hop (a replayed request's audit is a few
+        calls shorter)."""
+        self._only = None
+        if len(self._sinks) == 1 and self._reusing[0]:
+            only = self._sinks[0]
+            direct = only.direct() if isinstance(only, StructlogAuditSink) else None
+            self._only = direct if direct is not None else only  # type: ignore[assignment]
 
     def emit(self, event: AuditEvent) -> None:
         for sink in self._sinks:
@@ -106,6 +149,13 @@ class AuditFanout:
 
     def emit_again(self, template: AuditEvent, status: int, duration_ms: float) -> None:
         """Sinks that can reuse the template do; the others get a full event, built once for all of them."""
+        only = self._only
+        if only is not None:
+            try:
+                only.emit_again(template, status, duration_ms)
+            except Exception:
+                pass
+            return
         event: AuditEvent | None = None
         for sink, reusing in zip(self._sinks, self._reusing):
             try:

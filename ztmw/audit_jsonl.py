@@ -166,9 +166,31 @@ class JsonLinesAuditSink:
         self._append(event, event, _UNRENDERED_SIZE, event.status, event.duration_ms)
 
     def emit_again(self, template: AuditEvent, status: int, duration_ms: float) -> None:
-        """The decision `template` records, for another request: its fragment is rendered once."""
-        fragment = self._fragments.get(template)
-        self._append(template, fragment, len(fragment), status, duration_ms)
+        """The decision `template` records, for another request: its fragment is rendered once. The path of
+        most requests (a replayed decision), so `_append` is written out for the non-security case."""
+        if template.security:
+            fragment = self._fragments.get(template)
+            self._append(template, fragment, len(fragment), status, duration_ms)
+            return
+        try:
+            fragment = self._fragments.get(template)
+            self._pending.append((fragment, status, duration_ms, self._clock(), False))
+            self._size += len(fragment) + _LINE_OVERHEAD
+            if self._size >= self._buffer_bytes:
+                self.flush()
+            elif self._timer is None:
+                self._arm_timer()
+        except Exception as exc:  # an audit sink must never turn a decision into a 500
+            self._failed(1, type(exc).__name__)
+
+    def write_line(self, line: str) -> None:
+        """Another JSON line (a log line, already rendered) for the same stream: written at once, after the
+        audit lines queued before it, so the stream stays in order (`ztmw.serve_logging`)."""
+        try:
+            self._pending.append((line, -1, 0.0, 0.0, False))
+            self.flush()
+        except Exception as exc:  # logging must never raise into the caller
+            self._failed(1, type(exc).__name__)
 
     def _append(self, event: AuditEvent, fragment: str | AuditEvent, size: int, status: int,
                 duration_ms: float) -> None:
@@ -184,16 +206,26 @@ class JsonLinesAuditSink:
             self._failed(1, type(exc).__name__)
 
     def _lines(self, pending: list[tuple[str | AuditEvent, int, float, float, bool]]) -> list[str]:
-        """The JSON lines of a batch; one that cannot be rendered is counted lost, the others are kept."""
-        lines = []
+        """The JSON lines of a batch; one that cannot be rendered is counted lost, the others are kept.
+        One tight loop (the timestamp's date and time part formatted once a second, as `_timestamp` does)."""
+        lines: list[str] = []
+        append = lines.append
+        second, second_text = self._second, self._second_text
         for fragment, status, duration_ms, now, security in pending:
             try:
+                if status < 0:  # a whole line from `write_line`
+                    append(f"{fragment}\n")
+                    continue
                 if fragment.__class__ is not str:
                     fragment = _fragment(fragment)  # type: ignore[arg-type]
-                lines.append(f'{{"timestamp":"{self._timestamp(now)}{_HEADS[security]}{fragment}'
-                             f'"status":{int(status)},"duration_ms":{float(duration_ms)!r}}}\n')
+                whole = int(now)
+                if whole != second:
+                    second, second_text = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+                append(f'{{"timestamp":"{second_text}.{int((now - whole) * 1_000_000):06d}Z{_HEADS[security]}'
+                       f'{fragment}"status":{int(status)},"duration_ms":{float(duration_ms)!r}}}\n')
             except Exception as exc:
                 self._failed(1, type(exc).__name__)
+        self._second, self._second_text = second, second_text
         return lines
 
     def _timestamp(self, now: float) -> str:

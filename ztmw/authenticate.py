@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
+from ._frozen import quick_init
 from .cache import NegativeCache, SharedVerificationCache, token_key
 from .client_cert import describe_certificate
 from .errors import AuthError, InvalidToken, TokenBindingMismatch, UpstreamUnavailable
@@ -33,6 +34,7 @@ NEGATIVE_CACHEABLE = frozenset({
 })
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Authentication:
     principal: Principal
@@ -84,7 +86,7 @@ class Authenticator:
         return self._schemes
 
     async def authenticate(self, credential: Credential, request: RequestView) -> Authentication:
-        key = token_key(credential.token)
+        key = credential.digest or token_key(credential.token)
         cache: CacheResult | None = None
         try:
             verified, cache = await self._verify_token(credential.token, key)

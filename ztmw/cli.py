@@ -28,17 +28,11 @@ from .pipeline import Pipeline
 
 
 def configure_json_logging() -> None:
-    """The recommended production setup: cheap processors, one JSON line per event."""
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.JSONRenderer(),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.WriteLoggerFactory(),  # a plain write per line: cheaper than print()
-        cache_logger_on_first_use=True,
-    )
+    """The recommended production setup: cheap processors, one JSON line per event, one writer of stdout
+    that the default audit sink shares (`ztmw.serve_logging`)."""
+    from .serve_logging import configure
+
+    configure()
 
 
 def load_factory(spec: str | None, extra_args: Sequence[str]) -> web.Application:

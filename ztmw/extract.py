@@ -6,6 +6,7 @@ Only the Authorization header transport is read (HTTP-07); query and body tokens
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from .errors import InvalidRequest
@@ -44,7 +45,7 @@ def extract_credential(
     token = rest.lstrip(" ")  # 1*SP: several spaces are valid, HTAB is not
     if not _TOKEN68.fullmatch(token):
         raise InvalidRequest("malformed_authorization", scheme=scheme)
-    return Credential(scheme=scheme, token=token)
+    return Credential(scheme=scheme, token=token, digest=hashlib.sha256(token.encode("ascii")).digest())
 
 
 def _scheme_of(line: str) -> str:

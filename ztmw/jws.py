@@ -16,6 +16,7 @@ import math
 import re
 import weakref
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from cryptography.exceptions import InvalidSignature
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
+from ._frozen import quick_init
 from .errors import ZtmwError
 from .lru import LRU
 
@@ -56,6 +58,7 @@ class MalformedJWS(ZtmwError, ValueError):
         self.reason = reason
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class CompactJWS:
     header: Mapping[str, Any]
@@ -127,8 +130,9 @@ def strict_json_object(data: bytes) -> dict[str, Any]:
 
 
 # Checked headers by their base64url text: an issuer signs every token with one of a few headers (alg, kid,
-# typ), so a token costs one dict lookup for its header. Only small headers of scalar members are kept (a caller
-# gets its own copy, and nothing nested is shared); bounded, and emptied when full, so a flood of distinct
+# typ), and a DPoP client every proof with one (typ, alg, jwk), so a JWS costs one dict lookup for its header.
+# Only small headers of scalar members or objects of scalars are kept (a caller gets its own copy of the
+# header, and a nested object is a read-only view); bounded, and emptied when full, so a flood of distinct
 # headers costs nothing but the parse it would have cost anyway.
 _HEADERS: dict[str, dict[str, Any]] = {}
 _HEADERS_MAX = 256
@@ -152,11 +156,19 @@ def parse_compact(token: str, *, max_bytes: int = 16384) -> CompactJWS:
     signature = b64url_decode(signature_b64)
     if known is None:
         _check_header(header)
-        if len(header_b64) <= _HEADER_MAX_CHARS and all(type(v) in _SCALARS for v in header.values()):
+        if len(header_b64) <= _HEADER_MAX_CHARS and all(_shareable(v) for v in header.values()):
             if len(_HEADERS) >= _HEADERS_MAX:
                 _HEADERS.clear()
-            _HEADERS[header_b64] = dict(header)
+            _HEADERS[header_b64] = {name: MappingProxyType(dict(v)) if type(v) is dict else v
+                                    for name, v in header.items()}
     return CompactJWS(header, claims, token[:len(header_b64) + len(payload_b64) + 1].encode("ascii"), signature)
+
+
+def _shareable(value: Any) -> bool:
+    """A scalar, or an object of scalars (a DPoP proof's `jwk`), kept read-only: callers share it."""
+    if type(value) in _SCALARS:
+        return True
+    return type(value) is dict and all(type(v) in _SCALARS for v in value.values())
 
 
 def _check_header(header: dict[str, Any]) -> None:

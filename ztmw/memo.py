@@ -10,7 +10,9 @@ What keeps it correct:
 - only allowed outcomes of a *second* sighting (a verification-cache hit) are remembered, so a flood of distinct
   tokens fills nothing here, and every refusal is decided afresh;
 - only plain bearer tokens: no `cnf` (a DPoP proof or certificate must be checked on every request), no
-  `auth_time` (trust would age), no caller certificate, no rule with conditions;
+  caller certificate, no rule with conditions;
+- a token with `auth_time` is remembered too, but its trust ages: every replay evaluates trust and the rule
+  again against the clock (`MemoEntry.ages`), so `max_auth_age` and the published auth age stay exact;
 - only when every trust evaluator, identity resolver and response decorator declares `memo_safe = True`
   (its answer for a principal does not depend on the request; see docs/plugins.md), and mTLS is off;
 - an entry lives only while the verification cache still holds the very result it was built on (so never
@@ -51,6 +53,8 @@ class MemoEntry:
     """The audit event each replay is recorded from (status and duration filled in per request)."""
     still_trusted: Callable[[VerifiedToken], bool] | None
     """The verifier's own check that what it concluded still stands (None: it cannot tell)."""
+    ages: bool = False
+    """The token has `auth_time`: trust and the rule are decided again on each replay (the age moves)."""
 
 
 def memo_key(route: Hashable, method: str, path: str, authorization: str) -> MemoKey:
@@ -112,7 +116,6 @@ class DecisionMemo:
             or principal.binding is not None
             or principal.caller.certificate is not None
             or principal.token.cnf
-            or principal.token.auth_time is not None
         )
 
     def remember(self, key: MemoKey, view: RequestView, outcome: Outcome, audit: AuditEvent | None) -> None:
@@ -122,6 +125,8 @@ class DecisionMemo:
         # the view keeps what the audit event reads, not the Authorization value the request carried
         bare = RequestView(method=view.method, path=view.path, route=view.route, match_info=view.match_info)
         token = outcome.principal.token
-        entries[key] = MemoEntry(bare, outcome, token, outcome.cache_key, audit, self._trust_check(token))
+        ages = token.auth_time is not None
+        entries[key] = MemoEntry(bare, outcome, token, outcome.cache_key, None if ages else audit,
+                                 self._trust_check(token), ages)
         if len(entries) > self._max_entries:
             del entries[next(iter(entries))]

@@ -20,7 +20,7 @@ from yarl import URL
 from .client_cert import certificate_from_request
 from .config import Config, load_config
 from .errors import AccessDenied, AuthError, UpstreamUnavailable
-from .memo import MemoKey, memo_key
+from .memo import MemoEntry, MemoKey, memo_key
 from .models import ANONYMOUS_TRUST, Decision, Principal, RequestView, RouteRef, TrustAssessment
 from .parser_rejection import install_log_filter
 from .pipeline import Outcome, Pipeline
@@ -154,7 +154,6 @@ def request_view(
 def zero_trust_middleware(pipeline: Pipeline) -> Any:
     """All stages in one middleware: decide, audit, then call the handler only when allowed."""
     memo = pipeline.memo
-    audit_again = pipeline.audit_again
 
     @web.middleware
     async def zero_trust(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -169,17 +168,9 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
             # info (an app middleware before this one may have cloned the request to another path without
             # resolving it again, or set its match info: an owner rule reads the match info, not the path)
             if entry is not None and entry.view.match_info == match_info:
-                # nothing to decorate: the memo only exists when decorators add nothing to plain bearer
-                # requests and mTLS is off
-                outcome = entry.outcome
-                request[PRINCIPAL] = outcome.principal
-                request[TRUST] = outcome.trust
-                request[DECISION] = outcome.decision
-                template = entry.audit
-                if template is None:  # audit is off: nothing to record
-                    return await handler(request)
-                return await _handle_and_record(
-                    request, handler, lambda status: audit_again(template, status, started))
+                outcome = pipeline.replayed(entry) if entry.ages else entry.outcome
+                if outcome is not None:
+                    return await _replay(request, handler, pipeline, entry, outcome, started)
         try:
             view, outcome = await _decide(request, pipeline)
         except web.HTTPException as exc:  # aiohttp's own answer while reading the body (413): still recorded
@@ -251,7 +242,9 @@ def _has_query_token(url: URL) -> bool:
 
 async def _decide(request: web.Request, pipeline: Pipeline) -> tuple[RequestView, Outcome]:
     try:
-        view = request_view(request, pipeline, has_body_token=await _has_body_token(request))
+        # a request without a Content-Type has no form body: no coroutine for it (most requests)
+        body_token = hdrs.CONTENT_TYPE in request.headers and await _has_body_token(request)
+        view = request_view(request, pipeline, has_body_token=body_token)
     except AuthError as error:  # a malformed forwarded-certificate header
         view = _bare_view(request)
         # a route no rule covers is 403 whatever else is wrong with the request
@@ -262,6 +255,30 @@ async def _decide(request: web.Request, pipeline: Pipeline) -> tuple[RequestView
     request[TRUST] = outcome.trust
     request[DECISION] = outcome.decision
     return view, outcome
+
+
+async def _replay(request: web.Request, handler: Handler, pipeline: Pipeline, entry: MemoEntry, outcome: Outcome,
+                  started: float) -> web.StreamResponse:
+    """Answer from the decision memo. Nothing to decorate: the memo only exists when decorators add nothing to
+    plain bearer requests and mTLS is off."""
+    request[PRINCIPAL] = outcome.principal
+    request[TRUST] = outcome.trust
+    request[DECISION] = outcome.decision
+    template = entry.audit
+    if template is not None:  # _handle_and_record, written out: this is the path of most requests
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            pipeline.audit_again(template, status, started)
+    if entry.ages:  # trust was evaluated anew: a full audit event (none when audit is off)
+        return await _call_handler(request, handler, pipeline, entry.view, outcome, started)
+    return await handler(request)  # audit is off: nothing to record
 
 
 async def _handle_and_record(

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, Mapping
 
+from ._frozen import quick_init
+
 if TYPE_CHECKING:  # pragma: no cover
     from .client_cert import CertificateInfo
 
@@ -25,6 +27,7 @@ def frozen_mapping(data: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return MappingProxyType(dict(data)) if data else _EMPTY
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class RouteRef:
     """The aiohttp route a request matched: a rule covers a pattern and methods, never a raw path."""
@@ -41,6 +44,7 @@ class ClientCertificate:
     source: Literal["tls", "header"]
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class RequestView:
     """What the pipeline may know about a request; built once by the adapter.
@@ -62,17 +66,22 @@ class RequestView:
     """An `access_token` field in a form body beside the Authorization header (read only then)."""
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Credential:
     """A token as the client presented it. `scheme` is lower-case ("bearer" or "dpop")."""
 
     scheme: str
     token: str
+    digest: bytes = field(default=b"", compare=False)
+    """SHA-256 of `token` when the extractor computed it (empty otherwise): the one hash of a token that its
+    verification-cache key and a DPoP proof's `ath` share."""
 
     def __repr__(self) -> str:  # a token must never reach a log through a repr
         return f"Credential(scheme={self.scheme!r}, token=<redacted>)"
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class VerifiedToken:
     """The result of a token check that depends on the token alone, and so may be cached.
@@ -105,6 +114,7 @@ class VerifiedToken:
     issuer still publishes that very key material (a new key under an old kid must not inherit trust)."""
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Caller:
     """Who presents the token, as opposed to whom it speaks for.
@@ -121,6 +131,7 @@ class Caller:
     """The certificate the caller presented (subject, SANs), even when the token is not bound to it."""
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Principal:
     """The verified identity behind a request: the subject (canonical) and the caller, kept apart."""
@@ -144,6 +155,7 @@ class Principal:
         return self.caller.proof
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class TrustAssessment:
     """Trust on separate axes; `inputs` names what produced each level so a decision can be explained."""
@@ -159,6 +171,7 @@ class TrustAssessment:
 ANONYMOUS_TRUST = TrustAssessment()
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Decision:
     """The outcome for one request. `reason` is a stable snake_case id used in audit and metrics."""
@@ -170,6 +183,7 @@ class Decision:
     failed_requirement: str | None = None
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class AuditEvent:
     """One event per decision. Holds no token, proof or secret by construction: only ids and hashes."""

@@ -14,6 +14,7 @@ from typing import Any, Awaitable, Callable, cast
 import aiohttp
 import structlog
 
+from ._frozen import quick_init
 from .audit import AuditFanout, subject_for_audit
 from .authenticate import Authentication, Authenticator, CacheResult
 from .cache import MemoryVerificationCache, NegativeCache, SharedVerificationCache
@@ -22,7 +23,7 @@ from .config import RESERVED_RULE_PREFIX, Config, Rule
 from .errors import AccessDenied, AuthError, ConfigurationError, UpstreamUnavailable
 from .extract import extract_credential
 from .identity import IdentityChain
-from .memo import DecisionMemo, MemoKey, plugins_are_memo_safe
+from .memo import DecisionMemo, MemoEntry, MemoKey, plugins_are_memo_safe
 from .metadata import resource_metadata
 from .models import ANONYMOUS_TRUST, AuditEvent, Decision, Principal, RequestView, TrustAssessment
 from .policy import RulePolicy
@@ -41,6 +42,7 @@ METADATA_RULE_ID = RESERVED_RULE_PREFIX + "metadata"
 LINKING_RULE_ID = RESERVED_RULE_PREFIX + "linking"
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Outcome:
     decision: Decision
@@ -179,6 +181,8 @@ class Pipeline:
         try:
             for hook in self._startup:
                 await hook()
+            if self.audit_sink is not None:  # after the sinks' own start-up hooks
+                await self.audit_sink.start()
         except BaseException:
             await self.close()
             raise
@@ -291,6 +295,25 @@ class Pipeline:
             duration_ms=duration_ms,
             security=bool(getattr(error, "security", False)),
         )
+
+    def replayed(self, entry: MemoEntry) -> Outcome | None:
+        """The outcome a memo entry replays now; None when the full pipeline must decide. For a token with
+        `auth_time` trust and the rule are evaluated again (its age moved): any change or refusal (a step-up
+        once `max_auth_age` has passed) goes to the full pipeline, which answers it properly."""
+        outcome = entry.outcome
+        if not entry.ages:
+            return outcome
+        rule = self.rule_for(entry.view)
+        if rule is None:
+            return None
+        try:
+            trust = self.trust.evaluate(outcome.principal, entry.view)
+            decision = self.policy.decide(rule, outcome.principal, trust, entry.view)
+        except (AuthError, UpstreamUnavailable):
+            return None
+        if decision != outcome.decision:
+            return None
+        return Outcome(decision, outcome.principal, trust, None, outcome.cache, outcome.cache_key)
 
     def remember(self, key: MemoKey, request: RequestView, outcome: Outcome) -> None:
         """Offer an outcome to the decision memo, with the audit template its replays will be recorded from."""

@@ -19,7 +19,7 @@ class MappingTrustEvaluator:
     """The default evaluator: reads the `[trust.acr]` and `[trust.amr]` tables."""
 
     name = "mapping"
-    memo_safe = True  # reads only the token (auth_time tokens are never memoised: their age moves)
+    memo_safe = True  # reads only the token and the clock (a replay of an auth_time token evaluates it again)
 
     def __init__(self, config: TrustConfig, clock: Clock) -> None:
         # (levels, explanation) per known value, built once: the per-request work is two dict lookups

@@ -29,6 +29,7 @@ MAX_PROOF_BYTES = 8192  # DPOP-28: checked before any decoding
 MAX_PROOF_RSA_BITS = 4096  # DPOP-28: a 16k-bit RSA key would make every verification expensive
 _MAX_RSA_N_CHARS = -(-MAX_PROOF_RSA_BITS // 6)  # base64url characters of a MAX_PROOF_RSA_BITS modulus
 MAX_JTI_CHARS = 256  # DPOP-23
+_HEADER_CACHE_MAX_CHARS = 1024  # a checked proof header is remembered up to this size (an RSA-4096 jwk fits)
 LONG_TOKEN_SECONDS = 3600  # DPOP-29: warn when long-lived DPoP tokens meet a server without nonces
 _COMPACT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 _JKT = re.compile(r"[A-Za-z0-9_-]{43}")
@@ -78,18 +79,20 @@ class DPoPVerifier:
         # proofs whose nonce `confirm` found in the previous window, for `response_headers` of the same request,
         # by digest (no proof is kept); bounded: a request refused after `confirm` never collects its entry
         self._stale_nonce_proofs: LRU[bytes, bool] = LRU(1024)
+        # checked proof headers by their base64url text -> (key, RFC 7638 thumbprint)
+        self._checked_headers: LRU[str, tuple[Any, str]] = LRU(1024)
 
     async def confirm(self, verified: VerifiedToken, credential: Credential, request: RequestView) -> str:
         """Every check of RFC 9449 §4.3 plus the key binding; returns the matched `jkt` or raises."""
         jkt = self._bound_thumbprint(verified, credential)
         proof = self._parse(request.dpop)
-        key = self._check_header(proof)
+        key, key_thumbprint = self._checked_header(request.dpop[0], proof)
         claims = _Claims.read(proof.claims)
         now = self._clock()
-        self._check_request(claims, request, credential.token, now)
+        self._check_request(claims, request, credential.token, credential.digest, now)
         if not jws.verify_signature(proof, key, proof.header["alg"]):
             raise _proof_error("dpop_bad_signature")
-        if not jws.constant_time_equals(jws.thumbprint(key), jkt):
+        if not jws.constant_time_equals(key_thumbprint, jkt):
             raise TokenBindingMismatch("dpop_key_mismatch", scheme="dpop")
         if self._check_nonce(claims.nonce) is NonceAge.PREVIOUS:
             self._stale_nonce_proofs.put(_proof_digest(request.dpop[0]), True)
@@ -146,6 +149,20 @@ class DPoPVerifier:
             crit = exc.reason == "unsupported_crit"
             raise _proof_error("dpop_unsupported_crit" if crit else "dpop_malformed") from None
 
+    def _checked_header(self, value: str, proof: jws.CompactJWS) -> tuple[Any, str]:
+        """The proof's key and its thumbprint, after `_check_header`. A client signs every proof under the
+        same protected header (typ, alg, jwk), so the outcome is remembered by the header's text (bounded):
+        its key is imported and thumbprinted once, not per request. Refusals are never remembered."""
+        head = value[:value.index(".")]
+        known = self._checked_headers.get(head)
+        if known is not None:
+            return known
+        key = self._check_header(proof)
+        checked = (key, jws.thumbprint(key))
+        if len(head) <= _HEADER_CACHE_MAX_CHARS:
+            self._checked_headers.put(head, checked)
+        return checked
+
     def _check_header(self, proof: jws.CompactJWS) -> Any:
         header = proof.header
         if not jws.media_type_is(header.get("typ"), "dpop+jwt"):
@@ -153,7 +170,7 @@ class DPoPVerifier:
         if header["alg"] not in self._allowed:  # case-sensitive; none, HS* and unlisted algorithms fail here
             raise _proof_error("dpop_bad_alg")
         jwk = header.get("jwk")
-        if not isinstance(jwk, dict):  # DPOP-06: the only key source; kid, jku, x5u, x5c are ignored
+        if not isinstance(jwk, Mapping):  # DPOP-06: the only key source; kid, jku, x5u, x5c are ignored
             raise _proof_error("dpop_missing_jwk")
         if jwk.get("kty") == "oct":
             raise _proof_error("dpop_private_key")
@@ -168,7 +185,7 @@ class DPoPVerifier:
             raise _proof_error("dpop_bad_alg")
         return key
 
-    def _check_request(self, claims: "_Claims", request: RequestView, token: str, now: float) -> None:
+    def _check_request(self, claims: "_Claims", request: RequestView, token: str, digest: bytes, now: float) -> None:
         if claims.htm != request.method:  # RFC 9110 §9.1: methods are case-sensitive
             raise _proof_error("dpop_htm_mismatch")
         if "?" in claims.htu or "#" in claims.htu:
@@ -181,7 +198,7 @@ class DPoPVerifier:
         if claims.exp is not None and claims.exp <= now:
             raise _proof_error("dpop_expired")
         try:
-            ath = jws.b64url_encode(hashlib.sha256(token.encode("ascii")).digest())
+            ath = jws.b64url_encode(digest or hashlib.sha256(token.encode("ascii")).digest())
         except UnicodeEncodeError:
             raise _proof_error("dpop_ath_mismatch") from None
         if not jws.constant_time_equals(ath, claims.ath):

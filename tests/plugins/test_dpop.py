@@ -28,6 +28,7 @@ from ztmw.errors import (
     UpstreamUnavailable,
     UseDPoPNonce,
 )
+from ztmw.extract import extract_credential
 from ztmw.models import Credential, RequestView, VerifiedToken
 from ztmw.testing.dpop import OMIT, DPoPKey, access_token_hash
 from ztmw.typing import PluginDeps
@@ -352,6 +353,36 @@ async def test_dpop_06_signature_must_verify_with_the_header_jwk(env: Env) -> No
     other = DPoPKey()
     forged = env.proof(key=other, header_overrides={"jwk": env.key.jwk})  # claims env.key, signed by other
     await env.reject(InvalidDPoPProof, "dpop_bad_signature", forged)
+
+
+async def test_dpop_06_a_header_checked_before_still_needs_a_signature_by_its_key(env: Env) -> None:
+    """The checked header (key, thumbprint) is remembered by its text; every proof is still verified."""
+    assert await env.confirm(env.proof()) == env.key.thumbprint  # the header is now remembered
+    forged = env.proof(key=DPoPKey(), header_overrides={"jwk": env.key.jwk})
+    assert forged.split(".")[0] == env.proof().split(".")[0]  # the very same header text
+    await env.reject(InvalidDPoPProof, "dpop_bad_signature", forged)
+    assert await env.confirm(env.proof()) == env.key.thumbprint
+
+
+async def test_dpop_06_a_refused_header_is_refused_again(env: Env) -> None:
+    bad = env.proof(header_overrides={"jwk": {**env.key.jwk, "d": "AAAA"}})
+    for _ in range(2):  # nothing about a refused header is remembered
+        await env.reject(InvalidDPoPProof, "dpop_private_key", bad)
+
+
+async def test_dpop_10_ath_from_the_extracted_digest(env: Env) -> None:
+    """The hash extraction made of the token (the verification cache's key) is the one `ath` is checked on."""
+    view = RequestView(method="GET", path=PATH, route=None, authorization=(f"DPoP {TOKEN}",),
+                       dpop=(env.proof(),))
+    credential = extract_credential(view, schemes=frozenset({"bearer", "dpop"}))
+    assert credential is not None and credential.digest == hashlib.sha256(TOKEN.encode()).digest()
+    verified = bound_token(env.key.thumbprint, clock=env.clock.now)
+    assert await env.verifier.confirm(verified, credential, view) == env.key.thumbprint
+    other = env.proof(access_token=TOKEN + "x")
+    view = RequestView(method="GET", path=PATH, route=None, authorization=(f"DPoP {TOKEN}",), dpop=(other,))
+    with pytest.raises(InvalidDPoPProof) as info:
+        await env.verifier.confirm(verified, credential, view)
+    assert info.value.reason == "dpop_ath_mismatch"
 
 
 async def test_dpop_06_tampered_payload_fails_the_signature(env: Env) -> None:
