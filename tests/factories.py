@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from aiohttp import web
 
 
@@ -30,6 +32,18 @@ def create_app_with_args(argv: list[str]) -> web.Application:
 
 def not_an_app() -> str:
     return "nope"
+
+
+async def _hello_from(request: web.Request) -> web.Response:
+    return web.json_response({"hello": request.match_info.get("name"), "pid": os.getpid()})
+
+
+def create_worker_app() -> web.Application:
+    """The app of the multi-process tests: its answers name the process that served them."""
+    app = web.Application()
+    app.router.add_get("/hello/{name}", _hello_from)
+    app.router.add_get("/open", _hello_from)
+    return app
 
 
 async def _account_data(request: web.Request) -> web.Response:

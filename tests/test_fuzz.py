@@ -604,7 +604,7 @@ async def test_e2e_forwarded_certificate_headers_never_500_and_bind_only_the_rig
 def _negative_serial(der: bytes) -> bytes:
     """The same certificate with its serial number's sign bit set (RFC 5280 §4.1.2.2 forbids it)."""
     cert = x509.load_der_x509_certificate(der)
-    serial = cert.serial_number.to_bytes((cert.serial_number.bit_length() + 7) // 8, "big")
+    serial = cert.serial_number.to_bytes(cert.serial_number.bit_length() // 8 + 1, "big")  # DER: sign-safe length
     at = der.index(b"\x02" + bytes([len(serial)]) + serial)
     return der[: at + 2] + bytes([serial[0] | 0x80]) + der[at + 3:]
 

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import structlog
 from aiohttp import web
 
+from . import workers
 from .config import Config, load_config
 from .errors import ConfigurationError
 from .middleware import setup
@@ -74,6 +75,9 @@ def _config_or_exit(path: str) -> Config:
 def cmd_serve(args: argparse.Namespace, extra: Sequence[str]) -> int:
     configure_json_logging()
     config = _config_or_exit(args.config)
+    if workers.is_supervisor(args):  # --workers N: this process only starts and watches N of these
+        return workers.supervise(args, config, args.argv)
+    config = workers.enter_worker(args, config)
     app = load_factory(args.factory, extra)
     try:
         setup(app, config)
@@ -94,10 +98,11 @@ def cmd_serve(args: argparse.Namespace, extra: Sequence[str]) -> int:
             ssl_context.verify_mode = ssl.CERT_REQUIRED if args.tls_require_client_cert else ssl.CERT_OPTIONAL
     # access_log=None: aiohttp's default line carries the query string (a refused ?access_token= would be logged);
     # a larger max_field_size lets ztmw's own cap answer oversize credentials with a proper challenge
-    # run_app: aiohttp's, on a runner whose parser rejections never echo the request (ztmw/parser_rejection.py)
+    # run_app: aiohttp's, on a runner whose parser rejections never echo the request (ztmw/parser_rejection.py);
+    # a worker of `--workers N` shares the port with its siblings (SO_REUSEPORT)
     try:
         run_app(app, host=args.host, port=args.port, ssl_context=ssl_context, print=None, access_log=None,
-                max_field_size=32768)
+                max_field_size=32768, reuse_port=args.worker_id is not None)
     except OSError as exc:  # the listening socket: taken port, unknown host, no permission
         raise ConfigurationError(f"--host/--port: cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
     return 0
@@ -206,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key")
     serve.add_argument("--tls-client-ca")
     serve.add_argument("--tls-require-client-cert", action="store_true")
+    workers.add_arguments(serve)
     serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("check", help="validate the config and show which rule covers each route")
@@ -249,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what `serve --workers` starts its children with
     if extra and args.command not in ("serve", "check", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command in ("serve", "gateway") and args.tls_cert and not args.tls_key:

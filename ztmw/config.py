@@ -399,7 +399,7 @@ class _Reader:
         algorithms = _strings(t.get("algorithms", list(_default(DPoPConfig, "algorithms"))), "dpop.algorithms")
         if not algorithms or any(a not in ASYMMETRIC_ALGORITHMS for a in algorithms):
             raise ConfigurationError(f"dpop.algorithms: only asymmetric algorithms {sorted(ASYMMETRIC_ALGORITHMS)}")
-        store = _memory_or_redis(t.get("replay_store", "memory"), "dpop.replay_store")
+        store = _replay_store(t.get("replay_store", "memory"))
         return DPoPConfig(
             algorithms=algorithms,
             max_age=_number(t.get("max_age", 60), "dpop.max_age", 1, 3600),
@@ -818,3 +818,24 @@ def is_loopback_host(host: str | None) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+SQLITE_PREFIX = "sqlite://"
+
+
+def _replay_store(value: Any) -> str:
+    """Where DPoP proof ids live: "memory" (this process), "sqlite:///abs/path" (this host), a Redis URL (all).
+
+    The SQLite form is a file URL (everything after `sqlite://` is the path), so the path must be absolute: a
+    relative one would depend on each worker's working directory, and workers that disagree share nothing.
+    """
+    key = "dpop.replay_store"
+    text = _str(value, key)
+    if text.startswith(SQLITE_PREFIX):
+        path = text[len(SQLITE_PREFIX):]
+        if not path.startswith("/") or path.endswith("/") or "\x00" in path:
+            raise ConfigurationError(f"{key}: a SQLite store is sqlite:///absolute/path/to/file")
+        return text
+    if text != "memory" and not text.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigurationError(f"{key}: 'memory', 'sqlite:///absolute/path' or a redis:// URL")
+    return text

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -21,6 +22,7 @@ from ztmw.errors import ConfigurationError, InvalidDPoPProof, InvalidToken, Toke
 from ztmw.lru import LRU
 from ztmw.models import Credential, RequestView, VerifiedToken
 from ztmw.typing import Clock, PluginDeps, ReplayStore
+from ztmw.workers import refuse_per_process_state
 
 from .nonce import NonceAge, NonceManager, load_secret
 from .replay import DEFAULT_MAX_ENTRIES, DEFAULT_REDIS_TIMEOUT, create_replay_store
@@ -364,6 +366,7 @@ def create(settings: Mapping[str, Any], deps: PluginDeps) -> DPoPVerifier:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 30:
         raise ConfigurationError("plugins.dpop.redis_timeout: a number of seconds in (0, 30]")
     config = deps.config.dpop
+    refuse_per_process_state(config, os.environ)
     store = create_replay_store(
         config.replay_store, deps.clock, max_entries=max_entries, timeout=float(timeout)
     )

@@ -18,8 +18,11 @@ import math
 import time
 from typing import Any
 
+from ztmw.config import SQLITE_PREFIX
 from ztmw.errors import ConfigurationError, UpstreamUnavailable
 from ztmw.typing import Clock
+
+from .replay_sqlite import SQLiteReplayStore
 
 REDIS_PREFIX = "ztmw:dpop:"
 DEFAULT_MAX_ENTRIES = 200_000
@@ -264,7 +267,7 @@ def open_redis_client(url: str, timeout: float, *, what: str) -> Any:
     )
 
 
-ReplayStoreImpl = MemoryReplayStore | RedisReplayStore
+ReplayStoreImpl = MemoryReplayStore | RedisReplayStore | SQLiteReplayStore
 
 
 def create_replay_store(
@@ -274,7 +277,10 @@ def create_replay_store(
     max_entries: int = DEFAULT_MAX_ENTRIES,
     timeout: float = DEFAULT_REDIS_TIMEOUT,
 ) -> ReplayStoreImpl:
-    """The store `dpop.replay_store` names: "memory" for one process, a redis:// URL for several replicas."""
+    """The store `dpop.replay_store` names: "memory" for one process, sqlite:/// for the processes of one host,
+    a redis:// URL for several replicas."""
     if url == "memory":
         return MemoryReplayStore(max_entries=max_entries, clock=clock)
+    if url.startswith(SQLITE_PREFIX):
+        return SQLiteReplayStore(url, max_entries=max_entries, clock=clock, timeout=timeout)
     return RedisReplayStore(url, timeout=timeout)

@@ -1,0 +1,97 @@
+"""`ztmw.setup` under `gunicorn -k aiohttp.GunicornWebWorker -w 2` (ztmw/workers.py: refuse_per_process_state).
+
+A real gunicorn with two worker processes serves tests/gunicorn_app.py. gunicorn can add workers at any time
+(TTIN) and replaces them (max_requests, timeouts), so its start-up worker count proves nothing: DPoP state
+kept in one process (the "memory" replay store, a per-process nonce secret) is refused at start-up, and with
+a shared store and a shared secret every guarantee holds across the workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ztmw.testing import DevIssuer, DPoPKey
+from ztmw.testing.http import free_port
+
+from .replica_config import AUDIENCE, PUBLIC_ORIGIN, ROOT, write_replica_config
+from .worker_servers import dpop_error, environment, pinned_to_two_workers, running, served_by
+
+pytest.importorskip("gunicorn", reason="the test extra installs gunicorn")
+
+PATH = "/hello/x"
+HTU = PUBLIC_ORIGIN + PATH
+SECRET = "gunicorn-test-nonce-secret-shared"
+
+
+def gunicorn(port: int) -> list[str]:
+    return [sys.executable, "-m", "gunicorn", "tests.gunicorn_app:create_app", "-k", "aiohttp.GunicornWebWorker",
+            "-w", "2", "-b", f"127.0.0.1:{port}", "--graceful-timeout", "5"]
+
+
+@pytest.fixture
+async def dev_issuer() -> Any:
+    async with DevIssuer(audience=AUDIENCE) as issuer:
+        yield issuer
+
+
+def config(tmp_path: Path, issuer: DevIssuer, replay_store: str) -> Path:
+    return write_replica_config(tmp_path / "ztmw.toml", issuer=issuer.issuer, jwks_uri=issuer.jwks_uri,
+                                replay_store=replay_store)
+
+
+async def start_up(path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run, gunicorn(free_port()), cwd=ROOT, env={**environment(), **env,
+                                                              "ZTMW_TEST_CONFIG": str(path)},
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+async def test_memory_replay_store_under_gunicorn_is_a_start_up_error(
+    dev_issuer: DevIssuer, tmp_path: Path
+) -> None:
+    result = await start_up(config(tmp_path, dev_issuer, "memory"), {"ZTMW_DPOP_NONCE_SECRET": SECRET})
+    assert result.returncode != 0  # gunicorn: "Worker failed to boot", the master stops
+    assert 'dpop.replay_store = "memory" keeps proof ids in one process' in result.stderr
+    assert "Worker failed to boot" in result.stderr
+
+
+async def test_per_process_nonce_secret_under_gunicorn_is_a_start_up_error(
+    dev_issuer: DevIssuer, tmp_path: Path
+) -> None:
+    store = f"sqlite://{tmp_path}/replay.sqlite3"
+    result = await start_up(config(tmp_path, dev_issuer, store), {})
+    assert result.returncode != 0
+    assert "ZTMW_DPOP_NONCE_SECRET unset gives each process its own nonce secret" in result.stderr
+    assert "dpop.replay_store" not in result.stderr  # the shared store itself is fine
+    assert SECRET not in result.stderr
+
+
+async def test_shared_store_and_secret_hold_across_gunicorn_workers(dev_issuer: DevIssuer, tmp_path: Path) -> None:
+    path = config(tmp_path, dev_issuer, f"sqlite://{tmp_path}/replay.sqlite3")
+    port = free_port()
+    key = DPoPKey()
+    token = dev_issuer.mint("alice", scope="hello:read", cnf={"jkt": key.thumbprint})
+    auth = {"Authorization": f"DPoP {token}"}
+    env = {"ZTMW_DPOP_NONCE_SECRET": SECRET, "ZTMW_TEST_CONFIG": str(path)}
+    async with running(gunicorn(port), port, env=env) as server, \
+            pinned_to_two_workers(server, {}) as (one, other):
+        for first, second in ((one, other), (other, one)):
+            # a nonce from one worker is good at the other
+            status, headers, _ = await served_by(first, server.base + PATH, {
+                **auth, "DPoP": key.proof("GET", HTU, access_token=token)})
+            assert status == 401 and dpop_error(headers) == "use_dpop_nonce"
+            proof = key.proof("GET", HTU, access_token=token, nonce=headers["DPoP-Nonce"])
+            status, _, body = await served_by(second, server.base + PATH, {**auth, "DPoP": proof})
+            assert status == 200 and body["hello"] == "x"
+            # and a proof accepted by one worker is a replay at the other
+            status, headers, _ = await served_by(first, server.base + PATH, {**auth, "DPoP": proof})
+            assert status == 401 and dpop_error(headers) == "invalid_dpop_proof"
+            status, _, again = await served_by(first, server.base + "/open", {})
+            assert again["pid"] != body["pid"]
