@@ -10,7 +10,6 @@ import asyncio
 import importlib
 import inspect
 import logging
-import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +18,11 @@ from typing import Any, Sequence
 import structlog
 from aiohttp import web
 
-from . import workers
+from . import listener, workers
 from .config import Config, load_config
 from .errors import ConfigurationError
 from .middleware import setup
 from .models import RouteRef
-from .parser_rejection import run_app
 from .pipeline import Pipeline
 
 
@@ -84,27 +82,7 @@ def cmd_serve(args: argparse.Namespace, extra: Sequence[str]) -> int:
     except ConfigurationError as exc:
         print(f"ztmw: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    ssl_context = None
-    if args.tls_cert:
-        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        try:
-            ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
-            if args.tls_client_ca:
-                ssl_context.load_verify_locations(args.tls_client_ca)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigurationError(f"--tls-cert/--tls-key/--tls-client-ca: cannot load: {exc}") from None
-        if args.tls_client_ca:
-            # ask for a certificate; a missing one is then an HTTP 401 from ztmw, not a failed handshake
-            ssl_context.verify_mode = ssl.CERT_REQUIRED if args.tls_require_client_cert else ssl.CERT_OPTIONAL
-    # access_log=None: aiohttp's default line carries the query string (a refused ?access_token= would be logged);
-    # a larger max_field_size lets ztmw's own cap answer oversize credentials with a proper challenge
-    # run_app: aiohttp's, on a runner whose parser rejections never echo the request (ztmw/parser_rejection.py);
-    # a worker of `--workers N` shares the port with its siblings (SO_REUSEPORT)
-    try:
-        run_app(app, host=args.host, port=args.port, ssl_context=ssl_context, print=None, access_log=None,
-                max_field_size=32768, reuse_port=args.worker_id is not None)
-    except OSError as exc:  # the listening socket: taken port, unknown host, no permission
-        raise ConfigurationError(f"--host/--port: cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+    listener.listen(app, args, reuse_port=args.worker_id is not None)
     return 0
 
 
@@ -204,13 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve an aiohttp app factory behind the configured pipeline")
     serve.add_argument("factory", nargs="?", help="module:function returning an aiohttp app (default: sample API)")
-    serve.add_argument("--config", required=True)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--tls-cert")
-    serve.add_argument("--tls-key")
-    serve.add_argument("--tls-client-ca")
-    serve.add_argument("--tls-require-client-cert", action="store_true")
+    listener.add_arguments(serve)
     workers.add_arguments(serve)
     serve.set_defaults(func=cmd_serve)
 

@@ -3,49 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import ssl
 import sys
 
+from .. import listener
 from ..config import Config
 from ..errors import ConfigurationError
-from ..parser_rejection import run_app
 from .app import GATEWAY, create_gateway_app
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--tls-cert")
-    parser.add_argument("--tls-key")
-    parser.add_argument("--tls-client-ca")
-    parser.add_argument("--tls-require-client-cert", action="store_true")
+    listener.add_arguments(parser)  # `ztmw serve`'s listening flags, so both listeners behave alike
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
     """Raises ConfigurationError (the command line prints it in one line, exit 2) for anything that stops
-    start-up: the config, the signing key, the TLS files, the listening socket. The TLS and listening part is
-    `ztmw serve`'s, so both listeners behave alike."""
+    start-up: the config, the signing key, the TLS files, the listening socket."""
     app = create_gateway_app(config)
-    ssl_context = None
-    if args.tls_cert:
-        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        try:
-            ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
-            if args.tls_client_ca:
-                ssl_context.load_verify_locations(args.tls_client_ca)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigurationError(f"--tls-cert/--tls-key/--tls-client-ca: cannot load: {exc}") from None
-        if args.tls_client_ca:
-            ssl_context.verify_mode = ssl.CERT_REQUIRED if args.tls_require_client_cert else ssl.CERT_OPTIONAL
-    # access_log=None: a forwarded URI may carry a refused ?access_token=; a large max_field_size lets ztmw's
-    # own cap answer oversize credentials with a challenge; run_app is aiohttp's on a runner whose parser
-    # rejections never echo the request (ztmw/parser_rejection.py)
-    try:
-        run_app(app, host=args.host, port=args.port, ssl_context=ssl_context, print=None, access_log=None,
-                    max_field_size=32768)
-    except OSError as exc:
-        raise ConfigurationError(f"--host/--port: cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+    listener.listen(app, args)
     return 0
 
 
