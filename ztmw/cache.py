@@ -50,6 +50,17 @@ class _ExpiringLRU(Generic[V]):
             return None
         return entry[1]
 
+    def holds(self, key: bytes, value: V) -> bool:
+        """Whether this very value is held under `key` and unexpired (made the most recent): `get` and the
+        identity check in one call on the decision memo's path; an expired entry is dropped as by `get`."""
+        entry = self._entries.get(key)
+        if entry is None or entry[1] is not value:
+            return False
+        if entry[0] <= self._clock():
+            self._entries.pop(key)
+            return False
+        return True
+
     def put(self, key: bytes, value: V, expires: float) -> None:
         if expires > self._clock():
             self._entries.put(key, (expires, value))
@@ -91,7 +102,7 @@ class MemoryVerificationCache:
     def holds(self, key: bytes, value: VerifiedToken) -> bool:
         """Whether this very result is still cached under the key (the decision memo's check: no hit counted,
         the entry's recency refreshed as by a lookup)."""
-        return self._lru.get(key) is value
+        return self._lru.holds(key, value)
 
     def discard(self, key: bytes) -> None:
         self._lru.pop(key)
