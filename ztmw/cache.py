@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import hmac
 import json
-from typing import Any, Generic, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 from .lru import LRU
 from .models import VerifiedToken, frozen_mapping
@@ -79,6 +79,10 @@ class MemoryVerificationCache:
         self._lru: _ExpiringLRU[VerifiedToken] = _ExpiringLRU(max_entries=max_entries, clock=clock)
         self._max_ttl = max_ttl
         self._clock = clock
+        # Whether this very result is still cached under the key, unexpired (the decision memo's check on every
+        # replay: no hit counted, the entry's recency refreshed as by a lookup). The LRU's own method: one call
+        # less on the path of most requests.
+        self.holds: Callable[[bytes, VerifiedToken], bool] = self._lru.holds
         self.hits = 0
         self.misses = 0
 
@@ -99,10 +103,6 @@ class MemoryVerificationCache:
         expires = min(self._clock() + self._max_ttl, value.expires_at)
         self._lru.put(key, value, expires if until is None else min(expires, until))
 
-    def holds(self, key: bytes, value: VerifiedToken) -> bool:
-        """Whether this very result is still cached under the key (the decision memo's check: no hit counted,
-        the entry's recency refreshed as by a lookup)."""
-        return self._lru.holds(key, value)
 
     def discard(self, key: bytes) -> None:
         self._lru.pop(key)
