@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 from typing import Any, AsyncIterator, Callable
@@ -10,6 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+import ztmw
 from ztmw.testing import DevIssuer, FakeClock
 from ztmw.testing.certs import TestCA
 
@@ -89,3 +91,133 @@ AppFactory = Callable[..., web.Application]
 def ca() -> TestCA:
     """A throw-away certificate authority (trustme underneath) for the client-certificate tests."""
     return TestCA()
+
+
+# -- raw requests and audit trails, for the modules that send bytes as they are or read decisions ----------
+
+def raw_get(path: str, header_lines: bytes) -> bytes:
+    """A GET request as bytes, `header_lines` (each ending in CRLF) sent exactly as given."""
+    return f"GET {path} HTTP/1.1\r\nHost: x\r\n".encode() + header_lines + b"Connection: close\r\n\r\n"
+
+
+async def raw(client: Any, request: bytes) -> int:
+    """Send bytes as they are (no client-side normalisation) and return the status code of the answer."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        status_line = await reader.readline()
+        return int(status_line.split()[1])
+    finally:
+        writer.close()
+
+
+def decisions(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] in ("ztmw.decision", "ztmw.security")]
+
+
+def with_query(query: str, token: str, path: str = "/items") -> bytes:
+    """A request with `query` sent byte for byte (an HTTP client would normalise the percent-encoding)."""
+    return raw_get(f"{path}?{query}", f"Authorization: Bearer {token}\r\n".encode("ascii"))
+
+
+@pytest.fixture
+def full_runs(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """`full_runs(pipeline)` -> a list that grows by one each time the full pipeline (not the memo) decides."""
+
+    def install(pipeline: ztmw.Pipeline) -> list[int]:
+        runs: list[int] = []
+        evaluate = pipeline.evaluate
+
+        async def counted(view: Any) -> Any:
+            runs.append(1)
+            return await evaluate(view)
+
+        monkeypatch.setattr(pipeline, "evaluate", counted)
+        return runs
+
+    return install
+
+
+# -- protected apps and calls, for the modules that drive ztmw.setup or the stage middlewares -------------
+
+def staged_app(pipeline: ztmw.Pipeline, app: web.Application | None = None) -> web.Application:
+    """An app (the items app by default) protected by the three stage middlewares used alone, as an app author
+    would compose them."""
+
+    async def lifetime(app: web.Application) -> Any:
+        await pipeline.start()
+        yield
+        await pipeline.close()
+
+    app = app if app is not None else items_app()
+    app.middlewares.extend([ztmw.audit_middleware(pipeline), ztmw.authentication_middleware(pipeline),
+                            ztmw.authorization_middleware(pipeline)])
+    app.cleanup_ctx.append(lifetime)
+    return app
+
+
+def whoami_app() -> web.Application:
+    """Answers with what the handler sees: the principal, trust and decision ztmw published on the request."""
+
+    async def whoami(request: web.Request) -> web.Response:
+        principal, trust, decision = request[ztmw.PRINCIPAL], request[ztmw.TRUST], request[ztmw.DECISION]
+        seen = {"sub": principal.subject if principal else None, "aal": trust.aal, "rule": decision.rule_id}
+        if trust.auth_age is not None:
+            seen["auth_age"] = trust.auth_age
+        return web.json_response(seen)
+
+    app = web.Application()
+    for path in ("/items", "/users/{user}/items", "/health"):
+        app.router.add_get(path, whoami)
+    return app
+
+
+async def protected(aiohttp_client: Any, config: dict[str, Any], clock: FakeClock,
+                    app: web.Application | None = None) -> tuple[Any, ztmw.Pipeline]:
+    app = app if app is not None else whoami_app()
+    pipeline = ztmw.setup(app, config, clock=clock)
+    return await aiohttp_client(app), pipeline
+
+
+async def call(client: Any, token: str | None = None, path: str = "/items", method: str = "GET",
+               **headers: Any) -> tuple[int, Any]:
+    if token is not None:
+        headers.setdefault("Authorization", f"Bearer {token}")
+    async with client.request(method, path, headers=headers) as response:
+        body = await response.json() if response.content_type == "application/json" else None
+        return response.status, body
+
+
+# -- audit reasons and requests the checklist tests share ------------------------------------------------
+
+def reasons(events: list[Any]) -> list[str]:
+    """The audit reasons of the requests made while `events` was captured."""
+    return [str(e["reason"]) for e in events if e["event"] in ("ztmw.decision", "ztmw.security")]
+
+
+def dpop_headers(token: str, proof: str) -> dict[str, str]:
+    return {"Authorization": f"DPoP {token}", "DPoP": proof}
+
+
+async def bearer_client(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock,
+                        handler_calls: list[str] | None = None) -> Any:
+    """The base config (bearer only) with a POST route, on a real server; handler calls are recorded."""
+    async def ok(request: web.Request) -> web.Response:
+        if handler_calls is not None:
+            handler_calls.append(request.method)
+        return web.json_response({"ok": True})
+
+    return await post_route_client(aiohttp_client, issuer, clock, "/items", ok)
+
+
+async def post_route_client(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, path: str, handler: Any,
+                            app: web.Application | None = None) -> Any:
+    """`handler` as `POST path` (scope items:read) beside the base config's routes, protected, on a server."""
+    app = app if app is not None else items_app()
+    app.router.add_post(path, handler)
+    config = base_config(issuer)
+    config["rules"] = config["rules"] + [{"id": "post", "path": path, "methods": ["POST"],
+                                          "scopes": ["items:read"]}]
+    ztmw.setup(app, config, clock=clock)
+    return await aiohttp_client(app)

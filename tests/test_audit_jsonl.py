@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -201,3 +206,207 @@ def test_a_rendered_line_reads_back_as_the_events_fields(reason: str, route: str
         expected["trust_inputs"] = list(inputs)
     assert json.loads("{" + fragment[:-1] + "}") == expected
 
+
+# -- every outage of the audit file is reported; a non-blocking stdout loses and glues no line ------------
+
+def test_every_outage_of_the_audit_file_is_reported_not_only_the_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sink = JsonLinesAuditSink(tmp_path / "a.jsonl", buffer_bytes=0, clock=FakeClock())
+    real_write, disk = os.write, {"full": False}
+
+    def write(fd: int, data: Any) -> int:
+        if disk["full"]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    with capture_logs() as logs:
+        disk["full"] = True
+        sink.emit(EVENT)  # the disk is full: reported
+        disk["full"] = False
+        sink.emit(EVENT)  # space freed: written
+        disk["full"] = True
+        sink.emit(EVENT)  # full again, later: must be reported again
+        disk["full"] = False
+    sink.close()
+    assert sink.dropped == 2 and len(read_lines(tmp_path / "a.jsonl")) == 1
+    assert [e["event"] for e in logs].count("ztmw.audit_write_failed") == 2
+
+
+_PARTIAL_WRITE_CHILD = textwrap.dedent("""
+    import asyncio, fcntl, os, sys, threading, time
+    from dataclasses import replace
+    out_path = sys.argv[1]
+    r, w = os.pipe()
+    os.dup2(w, 1)  # stdout ("-") is a pipe someone made non-blocking (O_NONBLOCK is shared by every holder)
+    os.close(w)
+    fcntl.fcntl(1, fcntl.F_SETFL, fcntl.fcntl(1, fcntl.F_GETFL) | os.O_NONBLOCK)
+    fcntl.fcntl(r, fcntl.F_SETFL, fcntl.fcntl(r, fcntl.F_GETFL) | os.O_NONBLOCK)
+    from ztmw.audit_jsonl import JsonLinesAuditSink
+    from ztmw.models import AuditEvent
+    from ztmw.testing import FakeClock
+    event = AuditEvent(decision="allow", reason="allowed", status=200, method="GET", route="/items",
+                       client_id="c" * 200)
+    received = bytearray()
+    done = threading.Event()
+
+    def drain():  # a slow reader: starts late, reads in small steps, until the writer has been quiet a while
+        time.sleep(0.3)
+        quiet_since = None
+        while True:
+            try:
+                chunk = os.read(r, 4096)
+            except BlockingIOError:
+                chunk = b""
+            if chunk:
+                received.extend(chunk)
+                quiet_since = None
+            elif done.is_set():
+                quiet_since = quiet_since or time.monotonic()
+                if time.monotonic() - quiet_since > 0.3:
+                    return
+            time.sleep(0.001)
+
+    async def main():
+        sink = JsonLinesAuditSink("-", buffer_bytes=1 << 30, clock=FakeClock(1.7e9))
+        for _ in range(2000):  # about 600 KB buffered (the timer is armed, it has not fired)
+            sink.emit(event)
+        sink.flush()  # the pipe takes what fits, then EAGAIN: the writer waits for the reader
+        sink.emit(replace(event, reason="after_the_outage", security=True))
+        await sink.aclose()
+        sys.stderr.write(f"dropped={sink.dropped}\\n")
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    asyncio.run(main())
+    done.set()
+    reader.join()
+    with open(out_path, "wb") as out:
+        out.write(bytes(received))
+""")
+
+
+def test_a_non_blocking_stdout_neither_loses_nor_glues_a_line(tmp_path: Path) -> None:
+    """EAGAIN mid-batch: the sink's pipe writer waits for the reader instead of cutting a line."""
+    out = tmp_path / "stdout.bin"
+    root = str(Path(__file__).resolve().parents[1])  # the checkout, so the child imports this ztmw
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", _PARTIAL_WRITE_CHILD, str(out)], check=True, env=env,
+                          timeout=120, capture_output=True, text=True)
+    assert "dropped=0" in done.stderr
+    lines = out.read_bytes().split(b"\n")
+    assert lines[-1] == b""
+    parsed = [json.loads(line) for line in lines[:-1]]  # every line parses
+    assert len(parsed) == 2001 and parsed[-1]["reason"] == "after_the_outage"
+
+
+# -- hostile claims, template reuse, flush timing, unwritable files, stdout ---------------------------------
+
+async def test_hostile_token_claims_stay_inside_their_json_strings_end_to_end(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, tmp_path: Path
+) -> None:
+    """client_id, sub (audit subject = plain) and acr come from the token: each stays one JSON string; a jti
+    that is not a printable id is logged as a short hash of the token instead."""
+    path = tmp_path / "audit.jsonl"
+    config = base_config(issuer, audit={"sinks": ["jsonl"], "subject": "plain"},
+                         plugins={"jsonl": {"path": str(path), "buffer_bytes": 0}},
+                         trust={"acr": {'urn:"x"\n': {"aal": 1}}})
+    app = items_app()
+    ztmw.setup(app, config, clock=clock)
+    client = await aiohttp_client(app)
+    hostile = 'x"}\n{"decision":"allow","reason":"allowed","rule_id":"admin"}\r\u2028\u0085\x00é\\'
+    token = issuer.mint(hostile, scope="items:read", client_id=hostile, acr='urn:"x"\n',
+                        claims={"jti": hostile})
+    statuses = []
+    for path_ in ("/items", "/items", "/items", "/admin"):
+        async with client.get(path_, headers={"Authorization": f"Bearer {token}"}) as response:
+            statuses.append(response.status)
+    await client.close()
+    raw_bytes = path.read_bytes()
+    assert raw_bytes.isascii() and raw_bytes.count(b"\n") == len(statuses) == 4
+    lines = read_lines(path)
+    assert [line["status"] for line in lines] == statuses == [200, 200, 200, 403]
+    for line in lines[:3]:
+        assert (line["client_id"], line["subject"]) == (hostile, hostile)
+        assert line["token_id"] != hostile and line["token_id"].isalnum()  # an unprintable jti: a short hash
+        assert line["rule_id"] == "read"
+    assert lines[3]["reason"] == "no_rule" and "rule_id" not in lines[3] and "client_id" not in lines[3]
+    assert all(part not in raw_bytes.decode() for part in token.split("."))
+
+
+def test_emit_again_never_renders_another_template_s_fields(tmp_path: Path) -> None:
+    """RenderedTemplates is keyed by id(): it holds the template itself, so an id cannot be recycled while it
+    is kept, and after the bound is reached it starts afresh. Thousands of short-lived templates each render
+    their own fields."""
+    sink = JsonLinesAuditSink(tmp_path / "a.jsonl", buffer_bytes=0, clock=FakeClock())
+    count = 9000  # more than twice the 4096 templates kept
+    for i in range(count):
+        sink.emit_again(replace(EVENT, reason=f"r{i}", client_id=f"c{i}", status=0, duration_ms=0.0), 200, 0.5)
+    sink.close()
+    lines = read_lines(tmp_path / "a.jsonl")
+    assert [(line["reason"], line["client_id"]) for line in lines] == [(f"r{i}", f"c{i}") for i in range(count)]
+
+
+async def test_lines_buffered_for_a_long_flush_interval_are_written_at_app_cleanup(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, tmp_path: Path
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    client, _ = await jsonl_client(aiohttp_client, issuer, clock, path=str(path), flush_interval=60,
+                                   buffer_bytes=1 << 24)
+    token = issuer.mint(scope="items:read")
+    for _ in range(5):
+        async with client.get("/items", headers={"Authorization": f"Bearer {token}"}) as response:
+            assert response.status == 200
+    assert not path.exists() or path.stat().st_size == 0  # still buffered: the 60 s timer has not fired
+    await client.close()  # app cleanup
+    assert [line["status"] for line in read_lines(path)] == [200] * 5
+
+
+async def test_flush_interval_is_honoured_without_further_traffic(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, tmp_path: Path
+) -> None:
+    import asyncio
+
+    path = tmp_path / "audit.jsonl"
+    client, _ = await jsonl_client(aiohttp_client, issuer, clock, path=str(path), flush_interval=0.05,
+                                   buffer_bytes=1 << 24)
+    async with client.get("/items", headers={"Authorization": f"Bearer {issuer.mint(scope='items:read')}"}) as r:
+        assert r.status == 200
+    for _ in range(1000):  # a bounded wait for the timer; no timing is asserted
+        if path.exists() and path.stat().st_size:
+            break
+        await asyncio.sleep(0.01)
+    assert [line["status"] for line in read_lines(path)] == [200]
+
+
+async def test_an_unwritable_audit_file_never_fails_a_request_and_is_reported(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    client, pipeline = await jsonl_client(aiohttp_client, issuer, clock, path="/dev/full",  # every write: ENOSPC
+                                          buffer_bytes=0)
+    token = issuer.mint(scope="items:read")
+    with capture_logs() as logs:
+        statuses = []
+        for headers in ({}, {"Authorization": f"Bearer {token}"}, {"Authorization": f"Bearer {token}"},
+                        {"Authorization": "Bearer not.a.token"}):
+            async with client.get("/items", headers=headers) as response:
+                statuses.append(response.status)
+        assert statuses == [401, 200, 200, 401]
+        [sink] = [p.instance for p in pipeline.plugins if p.name == "jsonl"]
+        await sink.written()  # /dev/full is no regular file: the sink's pipe writer thread meets the ENOSPC
+    assert sink.dropped == 4
+    failures = [e for e in logs if e["event"] == "ztmw.audit_write_failed"]
+    assert len(failures) == 1 and failures[0]["error"] == os.strerror(errno.ENOSPC)
+
+
+def test_stdout_is_written_and_never_closed(capfd: pytest.CaptureFixture[str]) -> None:
+    sink = JsonLinesAuditSink("-", buffer_bytes=0, clock=FakeClock())
+    sink.emit(EVENT)
+    sink.close()
+    sink.close()
+    os.fstat(1)  # fd 1 is still open
+    sink.emit(EVENT)  # a late event after close still goes to stdout
+    sink.close()
+    out = capfd.readouterr().out
+    assert [json.loads(line)["client_id"] for line in out.splitlines()] == ["demo-client"] * 2

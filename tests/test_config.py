@@ -10,8 +10,12 @@ from typing import Any
 
 import pytest
 
+import ztmw
 from ztmw import ConfigurationError, load_config
 from ztmw.config import Config, Levels
+from ztmw.testing import DevIssuer
+
+from .conftest import base_config
 
 DESIGN_EXAMPLE = """
 [resource]
@@ -721,3 +725,13 @@ def test_a_third_party_token_verifier_counts_as_a_token_source() -> None:
     config = load_config(one_issuer(verifiers={"enabled": ["bearer", "dpop", "mtls", "api-key"]}))
     assert config.owner_requires_link is True
     assert load_config(one_issuer(verifiers={"enabled": ["bearer", "dpop", "mtls"]})).owner_requires_link is False
+
+
+# -- ids of ztmw's own rules, through the whole configuration ---------------------------------------------
+
+@pytest.mark.parametrize("rule_id", ["ztmw-metadata", "ztmw-", "ztmw-plugin-metrics-get"])
+def test_reserved_rule_ids_are_refused(issuer: DevIssuer, rule_id: str) -> None:
+    config = base_config(issuer)
+    config["rules"].append({"id": rule_id, "path": "/admin", "methods": ["GET"], "public": True})
+    with pytest.raises(ztmw.ConfigurationError, match="reserved"):
+        ztmw.load_config(config)

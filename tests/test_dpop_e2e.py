@@ -22,7 +22,7 @@ import ztmw
 from ztmw.testing import DevIssuer, DPoPKey, FakeClock
 from ztmw.testing.http import challenges, free_port
 
-from .conftest import base_config, items_app
+from .conftest import base_config, dpop_headers, items_app
 
 METADATA_URL = "https://api.example.com/.well-known/oauth-protected-resource"
 DEFAULT_ALGS = "ES256 EdDSA PS256"
@@ -471,3 +471,180 @@ async def test_replay_is_a_security_event_without_token_or_proof_text(
         text = repr(event)
         for secret in secrets:
             assert secret not in text
+
+
+# -- MTLS-15: an unknown cnf member beside a satisfied jkt fails closed ------------------------------------
+
+async def test_mtls_15_unknown_cnf_member_beside_a_satisfied_jkt_is_invalid_token(
+    api: Api, issuer: DevIssuer
+) -> None:
+    key = DPoPKey()
+    for extra in ({"x5t": "abc"}, {"JKT": key.thumbprint}, {"kid": "k1"}):
+        token = issuer.mint("alice", scope="items:read", cnf={"jkt": key.thumbprint, **extra})
+        response = await api.dpop_get("/me", token, api.proof(key, "GET", "/me", token))
+        assert response.status == 401, extra
+        parsed = challenges(response)
+        assert parsed["DPoP"]["error"] == "invalid_token"
+        assert "error" not in parsed["Bearer"]
+        assert api.reason == "unsupported_binding"
+
+
+# -- IMPL-01..IMPL-03: every field line read, htu from the configured origin, htm from the method ---------
+
+async def test_impl_01_every_authorization_and_dpop_field_line_is_read(
+    api: Api, issuer: DevIssuer
+) -> None:
+    """`headers.get` would see only the first line; a second Authorization or DPoP line must be noticed."""
+    key = DPoPKey()
+    good = issuer.mint(scope="items:read")
+    response = await api.get("/me", [("Authorization", f"Bearer {good}"), ("Authorization", "Bearer x.y.z")])
+    assert response.status == 400
+    assert challenges(response)["Bearer"]["error"] == "invalid_request"
+    token = bound_token(issuer, key)
+    proof = api.proof(key, "GET", "/me", token)
+    response = await api.get("/me", [("Authorization", f"DPoP {token}"), ("DPoP", proof), ("DPoP", proof)])
+    assert_proof_error(api, response, "dpop_multiple_proofs")  # even two copies of one good proof
+
+
+async def test_impl_02_htu_is_the_configured_origin_and_raw_path_never_the_host_header(
+    api: Api, issuer: DevIssuer
+) -> None:
+    key = DPoPKey()
+    token = bound_token(issuer, key)
+    spoofed = {"Host": "evil.example", "X-Forwarded-Host": "evil.example", "X-Forwarded-Proto": "https"}
+    # a proof for the origin the client really talks to is good whatever Host and X-Forwarded-* say
+    proof = api.proof(key, "GET", "/me", token)
+    response = await api.get("/me", {**dpop_headers(token, proof), **spoofed})
+    assert response.status == 200
+    # a proof for the origin the Host header names is refused
+    for htu in ("http://evil.example/me", "https://evil.example/me"):
+        forged = key.proof("GET", htu, access_token=token, iat=int(api.clock()))
+        response = await api.get("/me", {**dpop_headers(token, forged), **spoofed})
+        assert response.status == 401
+        assert_proof_error(api, response, api.reason)
+    # the query is not part of htu: the same proof target with a query string is accepted
+    response = await api.get("/me?page=2", dpop_headers(token, api.proof(key, "GET", "/me", token)))
+    assert response.status == 200
+
+
+async def test_impl_03_htm_is_the_request_method_never_an_override_header(api: Api, issuer: DevIssuer) -> None:
+    key = DPoPKey()
+    token = bound_token(issuer, key)
+    post_proof = api.proof(key, "POST", "/me", token)
+    overrides = {"X-HTTP-Method-Override": "POST", "X-HTTP-Method": "POST", "X-Method-Override": "POST"}
+    response = await api.get("/me", {**dpop_headers(token, post_proof), **overrides})
+    assert response.status == 401
+    assert_proof_error(api, response, "dpop_htm_mismatch")
+
+
+# -- VEC-9449-3 / -4 / -8 / -9 ------------------------------------------------------------------------------
+
+RFC_NONCES = ("eyJ7S_zG.eyJH0-Z.HX4w-7v", "eyJ7S_zG.eyJbYu3.xQmBj-1")  # VEC-9449-9
+NQCHAR = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+VEC_9449_JKT = "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"
+VEC_9449_3 = (
+    "eyJ0eXAiOiJkcG9wK2p3dCIsImFsZyI6IkVTMjU2IiwiandrIjp7Imt0eSI6IkVDIiwieCI6Imw4dEZyaHgtMzR0VjNoUklDUkRZOXpD"
+    "a0RscEJoRjQyVVFVZldWQVdCRnMiLCJ5IjoiOVZFNGpmX09rX282NHpiVFRsY3VOSmFqSG10NnY5VERWclUwQ2R2R1JEQSIsImNydiI6"
+    "IlAtMjU2In19.eyJqdGkiOiItQndDM0VTYzZhY2MybFRjIiwiaHRtIjoiUE9TVCIsImh0dSI6Imh0dHBzOi8vc2VydmVyLmV4YW1wbGUu"
+    "Y29tL3Rva2VuIiwiaWF0IjoxNTYyMjYyNjE2fQ.2-GxA6T8lP4vfrg8v-FdWP0A0zdrj8igiMLvqRMUvwnQg4PtFLbdLXiOSsX0x7NVY-FN"
+    "yJK70nfbV37xRZT3Lg"
+)
+VEC_9449_4 = (
+    "eyJ0eXAiOiJkcG9wK2p3dCIsImFsZyI6IkVTMjU2IiwiandrIjp7Imt0eSI6IkVDIiwieCI6Imw4dEZyaHgtMzR0VjNoUklDUkRZOXpD"
+    "a0RscEJoRjQyVVFVZldWQVdCRnMiLCJ5IjoiOVZFNGpmX09rX282NHpiVFRsY3VOSmFqSG10NnY5VERWclUwQ2R2R1JEQSIsImNydiI6"
+    "IlAtMjU2In19.eyJqdGkiOiItQndDM0VTYzZhY2MybFRjIiwiaHRtIjoiUE9TVCIsImh0dSI6Imh0dHBzOi8vc2VydmVyLmV4YW1wbGUu"
+    "Y29tL3Rva2VuIiwiaWF0IjoxNTYyMjY1Mjk2fQ.pAqut2IRDm_De6PR93SYmGBPXpwrAk90e8cP2hjiaG5QsGSuKDYW7_X620BxqhvYC8yn"
+    "rrvZLTk41mSRroapUA"
+)
+
+
+@pytest.mark.parametrize("proof", [VEC_9449_3, VEC_9449_4], ids=["vec_9449_3", "vec_9449_4"])
+async def test_vec_9449_3_and_vec_9449_4_token_endpoint_proofs_are_refused_at_the_resource(
+    api: Api, issuer: DevIssuer, proof: str
+) -> None:
+    """The AS-side proofs (POST https://server.example.com/token, no ath, 2019) are not resource proofs."""
+    token = issuer.mint("alice", scope="items:read", cnf={"jkt": VEC_9449_JKT})
+    response = await api.dpop_get("/me", token, proof)
+    assert response.status == 401
+    assert_proof_error(api, response, "dpop_missing_claim")  # no ath: the first of several failed checks
+
+
+async def test_vec_9449_8_challenges_as_printed(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, api: Api
+) -> None:
+    key, other = DPoPKey(), DPoPKey()
+    token = bound_token(issuer, key)
+    # no credentials: "DPoP algs=..." beside a bare Bearer challenge (ours always has realm, RESP-02)
+    response = await api.get("/me")
+    assert response.status == 401
+    assert challenges(response) == {"Bearer": {"realm": "api", "resource_metadata": METADATA_URL},
+                                    "DPoP": {"algs": DEFAULT_ALGS, "resource_metadata": METADATA_URL}}
+    # key binding: DPoP error="invalid_token", error_description="Invalid DPoP key binding"
+    response = await api.dpop_get("/me", token, api.proof(other, "GET", "/me", token))
+    assert response.status == 401
+    assert challenges(response)["DPoP"] == {"algs": DEFAULT_ALGS, "error": "invalid_token",
+                                            "error_description": "Invalid DPoP key binding",
+                                            "resource_metadata": METADATA_URL}
+    # an invalid Bearer token: Bearer error="invalid_token", error_description="Invalid token", bare DPoP
+    response = await api.get("/me", {"Authorization": "Bearer " + issuer.mint(scope="items:read", audience="x")})
+    parsed = challenges(response)
+    assert response.status == 401 and parsed["Bearer"]["error"] == "invalid_token"
+    assert parsed["DPoP"] == {"algs": DEFAULT_ALGS, "resource_metadata": METADATA_URL}
+    # Bearer and DPoP lines with the same token: 400, invalid_request on both schemes
+    response = await api.get("/me", [("Authorization", f"Bearer {token}"), ("Authorization", f"DPoP {token}"),
+                                     ("DPoP", api.proof(key, "GET", "/me", token))])
+    assert response.status == 400
+    parsed = challenges(response)
+    assert parsed["Bearer"]["error"] == parsed["DPoP"]["error"] == "invalid_request"
+    # nonce required: DPoP error="use_dpop_nonce" and one DPoP-Nonce (nonce_of checks the whole R-NONCE shape)
+    monkeypatch.setenv(NONCE_SECRET_ENV, "gap-test-secret-of-32-bytes-long!")
+    nonce_api = await start_api(aiohttp_client, issuer, clock, require_nonce=True,
+                                nonce_secret_env=NONCE_SECRET_ENV, nonce_lifetime=NONCE_LIFETIME)
+    nonce_of(await nonce_api.dpop_get("/me", token, nonce_api.proof(key, "GET", "/me", token)))
+
+
+async def test_vec_9449_9_nonces_are_nqchar_and_the_next_one_comes_on_a_2xx_with_no_store(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for value in RFC_NONCES:
+        assert NQCHAR.fullmatch(value)
+    monkeypatch.setenv(NONCE_SECRET_ENV, "gap-test-secret-of-32-bytes-long!")
+    api = await start_api(aiohttp_client, issuer, clock, require_nonce=True,
+                          nonce_secret_env=NONCE_SECRET_ENV, nonce_lifetime=NONCE_LIFETIME)
+    key = DPoPKey()
+    token = bound_token(issuer, key)
+    first = nonce_of(await api.dpop_get("/me", token, api.proof(key, "GET", "/me", token)))
+    api.clock.advance(NONCE_LIFETIME)  # the nonce is now from the previous window: still good, a new one is due
+    response = await api.dpop_get("/me", token, api.proof(key, "GET", "/me", token, nonce=first))
+    assert response.status == 200
+    nonces = response.headers.getall("DPoP-Nonce", [])
+    assert len(nonces) == 1 and nonces[0] != first and NQCHAR.fullmatch(nonces[0])
+    assert response.headers.getall("Cache-Control") == ["no-store"]
+    # the RFC's own sample nonces come from another server: refused with a fresh nonce of ours
+    for value in RFC_NONCES:
+        assert nonce_of(await api.dpop_get("/me", token, api.proof(key, "GET", "/me", token, nonce=value)))
+
+
+# -- SEC-01 / SEC-02 (SHOULD): sender-constrained and audience-restricted tokens ----------------------------
+
+async def test_sec_01_a_binding_rule_refuses_a_bearer_token_and_takes_a_dpop_bound_one(
+    api: Api, issuer: DevIssuer
+) -> None:
+    key = DPoPKey()
+    response = await api.get("/bound", {"Authorization": "Bearer " + issuer.mint("alice", scope="items:read")})
+    assert response.status == 401 and api.reason == "binding_required"
+    assert challenges(response)["Bearer"]["error"] == "invalid_token"
+    token = bound_token(issuer, key)
+    response = await api.dpop_get("/bound", token, api.proof(key, "GET", "/bound", token))
+    assert response.status == 200 and (await response.json())["binding"] == "dpop"
+
+
+async def test_sec_02_a_token_for_another_audience_is_refused_on_either_scheme(api: Api, issuer: DevIssuer) -> None:
+    key = DPoPKey()
+    foreign = issuer.mint("alice", scope="items:read", audience="https://other-api.example.com")
+    response = await api.get("/me", {"Authorization": f"Bearer {foreign}"})
+    assert response.status == 401 and challenges(response)["Bearer"]["error"] == "invalid_token"
+    bound = issuer.mint("alice", scope="items:read", audience=["https://other-api.example.com"],
+                        cnf={"jkt": key.thumbprint})
+    response = await api.dpop_get("/me", bound, api.proof(key, "GET", "/me", bound))
+    assert response.status == 401 and challenges(response)["DPoP"]["error"] == "invalid_token"

@@ -26,12 +26,13 @@ from typing import Any, AsyncIterator
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from structlog.testing import capture_logs
 
 import ztmw
 from ztmw.testing import DevIssuer, DPoPKey, FakeClock
 from ztmw.testing.http import free_port
 
-from .conftest import AUDIENCE, items_app
+from .conftest import AUDIENCE, items_app, reasons
 
 FETCH_TIMEOUT = 0.5  # seconds for one JWKS fetch: a slow key server must cost a request this much, no more
 COOLDOWN = 30  # refetch_cooldown of the issuer under test
@@ -584,3 +585,18 @@ async def test_redis_stalled_dpop_is_503_within_the_store_timeout_not_a_hang(
     second = await dpop_api.dpop(stalled)
     assert [first[0], second[0]].count(200) <= 1
     assert second[0] == 401
+
+
+# -- RESP-20: an unreachable key source is a 503 without a challenge, the token never echoed or logged ---
+
+async def test_resp_20_key_source_unreachable_is_503_without_challenge(
+    aiohttp_client: Any, keys: KeyServer, clock: FakeClock
+) -> None:
+    client = await protected_client(aiohttp_client, keys, clock)  # the key server never comes up
+    token = keys.issuer.mint(scope="items:read")
+    with capture_logs() as events:
+        result = await bearer(client, token)
+    assert_unavailable(result)
+    assert token not in result[2] and token not in str(dict(result[1]))
+    assert token not in json.dumps(events, default=str)
+    assert reasons(events) == ["jwks_unavailable"]

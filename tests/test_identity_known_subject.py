@@ -20,8 +20,8 @@ from ztmw.errors import InvalidToken, UnknownSubject
 from ztmw.identity import ConfigIdentityResolver, IdentityChain
 from ztmw.testing import DevIssuer, FakeClock
 
-from .conftest import AUDIENCE, base_config
-from .test_memo import call, memo_size, protected
+from .conftest import AUDIENCE, base_config, call, protected
+from .test_memo import memo_size
 from .test_trust_e2e import closed_port
 
 ALICE_LOGIN, ALICE = "alice-login", "acct-alice"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -25,6 +26,11 @@ from ztmw.jws import (
     thumbprint,
     verify_signature,
 )
+from ztmw.testing import DevIssuer, FakeClock
+from ztmw.testing.http import challenges
+
+from .conftest import AUDIENCE, bearer_client
+from .test_faults import bearer
 
 
 def b64(data: bytes) -> str:
@@ -536,3 +542,122 @@ class TestKeyFitsAlgorithm:
         assert verify_signature(jws, import_public_jwk(VEC_7638_1), "RS256") is False
         assert verify_signature(jws, import_public_jwk(VEC_8037_1), "EdDSA") is False
         assert verify_signature(jws, import_public_jwk(VEC_9449_1), "ES256") is False
+
+
+# -- IMPL-06..IMPL-10 end to end: numeric dates, aud/iss, base64url and UTF-8 as a client sends them --------
+
+def raw_token(issuer: DevIssuer, payload: bytes) -> str:
+    """A token signed by the issuer's real key over exactly these claim bytes (for JSON no AS would send)."""
+    header = json.dumps({"alg": issuer.algorithm, "kid": issuer.kid, "typ": "at+jwt"}).encode()
+    return issuer.sign(header, payload)
+
+
+def claims_json(issuer: DevIssuer, clock: FakeClock, **raw: str) -> bytes:
+    """The claims of a good token as JSON text, with members replaced by raw JSON text (`exp="1e400"`)."""
+    now = int(clock())
+    members = {"iss": json.dumps(issuer.issuer), "sub": '"alice"', "aud": json.dumps(AUDIENCE),
+               "exp": str(now + 300), "iat": str(now), "nbf": str(now), "jti": '"gap-jti"',
+               "client_id": '"demo-client"', "scope": '"items:read"'}
+    members.update(raw)
+    return ("{" + ",".join(f'"{name}":{value}' for name, value in members.items()) + "}").encode("utf-8")
+
+
+async def test_impl_06_booleans_are_not_numeric_dates_and_aud_iss_are_not_substrings(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    client = await bearer_client(aiohttp_client, issuer, clock)
+    cases = [
+        {"exp": "true"}, {"iat": "true"}, {"nbf": "false"},
+        {"aud": json.dumps(AUDIENCE + ".evil.test")}, {"aud": json.dumps("x" + AUDIENCE)},
+        {"aud": json.dumps(AUDIENCE[:-1])}, {"aud": json.dumps([AUDIENCE + "/x"])},
+        {"iss": json.dumps(issuer.issuer + "x")}, {"iss": json.dumps(issuer.issuer[:-1])},
+    ]
+    good = raw_token(issuer, claims_json(issuer, clock))
+    assert (await bearer(client, good))[0] == 200
+    for case in cases:
+        status, headers, _ = await bearer(client, raw_token(issuer, claims_json(issuer, clock, **case)))
+        assert status == 401, case
+        assert challenges_of(headers)["Bearer"]["error"] == "invalid_token", case
+
+
+def challenges_of(headers: Any) -> dict[str, dict[str, str]]:
+    """`challenges` for the (status, headers, body) results of test_faults' `bearer`."""
+    return challenges(SimpleNamespace(headers=headers))
+
+
+@pytest.mark.parametrize("case", [
+    {"exp": "1e400"},  # json turns this into inf: `now >= exp` would never hold
+    {"nbf": "-1e400"},
+    {"iat": "-1e400"},
+    {"exp": "1e400", "nbf": "-1e400", "iat": "-1e400"},
+])
+async def test_impl_07_non_finite_numeric_dates_are_invalid_token(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, case: dict[str, str]
+) -> None:
+    client = await bearer_client(aiohttp_client, issuer, clock)
+    status, headers, _ = await bearer(client, raw_token(issuer, claims_json(issuer, clock, **case)))
+    assert status == 401
+    assert challenges_of(headers)["Bearer"]["error"] == "invalid_token"
+
+
+async def test_impl_08_base64url_alphabet_is_checked_before_decoding(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    """`urlsafe_b64decode` drops characters outside the alphabet and takes `+` `/` `=`: none may get through."""
+    client = await bearer_client(aiohttp_client, issuer, clock)
+    token = issuer.mint(scope="items:read")
+    header, payload, signature = token.split(".")
+    spellings = [
+        f"{header}.{payload}.{signature[:10]}!{signature[10:]}",  # a dropped character, same bytes
+        f"{header}.{payload}.{signature[:10]}*{signature[10:]}",
+        f"{header}.{payload.replace('-', '+').replace('_', '/')}.{signature}x",
+        f"{header}.{payload}=.{signature}",
+        f"{header}.{payload}.{signature.replace('-', '+').replace('_', '/')}",
+    ]
+    swapped = signature.replace("-", "+").replace("_", "/")
+    assert swapped != signature or "-" not in signature  # the last spelling differs when it can
+    for spelling in spellings:
+        if spelling == token:
+            continue
+        status, headers, _ = await bearer(client, spelling)
+        assert status in (400, 401), spelling
+        error = challenges_of(headers)["Bearer"]["error"]
+        assert error == ("invalid_request" if status == 400 else "invalid_token"), spelling
+
+
+@pytest.mark.parametrize("payload", [
+    "BOM",
+    "SURROGATE",
+    "LATIN1",
+])
+async def test_impl_09_claims_are_strict_utf8_without_bom_or_lone_surrogates(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, payload: str
+) -> None:
+    client = await bearer_client(aiohttp_client, issuer, clock)
+    good = claims_json(issuer, clock)
+    raw = {
+        "BOM": b"\xef\xbb\xbf" + good,
+        "SURROGATE": claims_json(issuer, clock, sub='"\\ud800"'),
+        "LATIN1": claims_json(issuer, clock, sub='"al\xefce"').decode("utf-8").encode("latin-1"),
+    }[payload]
+    status, headers, _ = await bearer(client, raw_token(issuer, raw))
+    assert status == 401
+    assert challenges_of(headers)["Bearer"]["error"] == "invalid_token"
+
+
+@pytest.mark.parametrize("case", [
+    {"exp": "1e300"},
+    {"exp": "9007199254740993"},
+    {"exp": str(10 ** 30)},
+    {"iat": "1e300"},
+    {"nbf": "-1e300"},
+    {"auth_time": "1e300"},
+    {"auth_time": "-1e300"},
+])
+async def test_impl_10_huge_numeric_dates_are_invalid_token_never_500(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, case: dict[str, str]
+) -> None:
+    client = await bearer_client(aiohttp_client, issuer, clock)
+    status, headers, body = await bearer(client, raw_token(issuer, claims_json(issuer, clock, **case)))
+    assert status == 401, body
+    assert challenges_of(headers)["Bearer"]["error"] == "invalid_token"

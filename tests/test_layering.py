@@ -1,4 +1,5 @@
-"""The core never imports aiohttp.web: only the adapters (and the CLI/demo/test kit, which run servers) may."""
+"""What ztmw may import: the core never imports aiohttp.web (only the adapters, and the CLI/demo/test kit,
+which run servers, may), plugins only public modules, and nothing imports a JWT library (IMPL-11)."""
 
 from __future__ import annotations
 
@@ -88,3 +89,26 @@ def test_only_the_linking_edge_imports_aiohttp_web() -> None:
                                 if m.startswith("aiohttp") or m.split(".")[0] in ("middleware", "web"))
                  for p in plain}
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_impl_11_no_jwt_library_with_known_bypasses_is_used() -> None:
+    """ztmw verifies JWS with `cryptography` itself; PyJWT, python-jose and Authlib are never imported, and
+    joserfc (JWK import only) is not asked to treat key material as an HMAC secret."""
+    banned = {"jwt", "jose", "authlib", "python_jose"}
+    for folder in (ROOT / "ztmw", ROOT / "plugins" / "ztmw_plugins"):
+        for source in folder.rglob("*.py"):
+            tree = ast.parse(source.read_text(encoding="utf-8"))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for name in names:
+                    assert name.split(".")[0] not in banned, f"{source.relative_to(ROOT)} imports {name}"
+                    if name.startswith("joserfc"):
+                        assert "OctKey" not in ast.unparse(node), f"{source.relative_to(ROOT)} imports OctKey"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -10,10 +11,23 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 import ztmw
-from ztmw.testing import DevIssuer, FakeClock
+from ztmw.errors import InvalidDPoPProof
+from ztmw.testing import DevIssuer, DPoPKey, FakeClock
 from ztmw.testing.http import challenges
 
-from .conftest import AUDIENCE, base_config, items_app
+from .conftest import (
+    AUDIENCE,
+    base_config,
+    bearer_client,
+    call,
+    decisions,
+    items_app,
+    post_route_client,
+    protected,
+    raw,
+    staged_app,
+    with_query,
+)
 
 METADATA_URL = "https://api.example.com/.well-known/oauth-protected-resource"
 
@@ -23,22 +37,6 @@ async def client(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock) -> An
     app = items_app()
     ztmw.setup(app, base_config(issuer), clock=clock)
     return await aiohttp_client(app)
-
-
-def staged_app(pipeline: ztmw.Pipeline, app: web.Application | None = None) -> web.Application:
-    """An app (the items app by default) protected by the three stage middlewares used alone, as an app author
-    would compose them."""
-
-    async def lifetime(app: web.Application) -> Any:
-        await pipeline.start()
-        yield
-        await pipeline.close()
-
-    app = app if app is not None else items_app()
-    app.middlewares.extend([ztmw.audit_middleware(pipeline), ztmw.authentication_middleware(pipeline),
-                            ztmw.authorization_middleware(pipeline)])
-    app.cleanup_ctx.append(lifetime)
-    return app
 
 
 async def get(client: Any, path: str = "/items", **headers: str) -> Any:
@@ -382,3 +380,249 @@ async def test_stage_middlewares_audit_security_refusals_and_cache_results(
     # the downgrade is refused after the token check itself: its cache result is recorded too
     assert audited == [("ztmw.security", "dpop_bound_token_as_bearer", "miss"),
                        ("ztmw.decision", "allowed", "miss")]
+
+
+# -- the cache result a refusal after the token check records --------------------------------------------
+
+async def test_a_reused_refusal_instance_carries_each_request_s_own_cache_result(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A binding plugin that raises one module-level exception for every refusal: `cache` is set afresh by the
+    authenticator each time, and a refusal that comes before the token check records no cache result."""
+    config = base_config(issuer, verifiers={"enabled": ["bearer", "dpop"]})
+    client, pipeline = await protected(aiohttp_client, config, clock)
+    shared_refusal = InvalidDPoPProof("invalid_dpop_proof")
+
+    async def confirm(*args: Any, **kwargs: Any) -> str:
+        raise shared_refusal
+
+    monkeypatch.setattr(pipeline.authenticator._bindings["jkt"], "confirm", confirm)
+    token = issuer.mint(scope="items:read", cnf={"jkt": DPoPKey().thumbprint})
+    with capture_logs() as logs:
+        answers = [await call(client, None, Authorization=f"DPoP {token}", DPoP="x.y.z") for _ in range(3)]
+        answers.append(await call(client, None, Authorization="DPoP a b"))  # malformed: before the token check
+        answers.append(await call(client, None, Authorization=f"Bearer {token}"))  # downgrade, a hit
+    assert [status for status, _ in answers] == [401, 401, 401, 400, 401]
+    assert [e.get("cache") for e in decisions(logs)] == ["miss", "hit", "hit", None, "hit"]
+
+
+async def test_a_negatively_cached_token_records_no_cache_result(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    client, _ = await protected(aiohttp_client, base_config(issuer), clock)
+    forged = issuer.mint(scope="items:read")[:-4] + "AAAA"
+    with capture_logs() as logs:
+        assert [(await call(client, forged))[0] for _ in range(2)] == [401, 401]
+    assert [e.get("cache") for e in decisions(logs)] == [None, None]
+
+
+async def test_the_stage_middlewares_record_the_cache_result_of_a_refusal_too(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    config = ztmw.load_config(base_config(issuer, verifiers={"enabled": ["bearer", "dpop"]}))
+    token = issuer.mint(scope="items:read", cnf={"jkt": DPoPKey().thumbprint})
+    trails = []
+    for app in (None, staged_app(ztmw.Pipeline(config, clock=clock))):
+        if app is None:
+            client, _ = await protected(aiohttp_client, base_config(issuer, verifiers={"enabled": ["bearer", "dpop"]}),
+                                        clock)
+        else:
+            client = await aiohttp_client(app)
+        with capture_logs() as logs:
+            assert [(await call(client, token))[0] for _ in range(2)] == [401, 401]  # a DPoP token as Bearer
+        trails.append([(e["reason"], e.get("cache")) for e in decisions(logs)])
+    all_in_one, staged = trails
+    assert all_in_one == [("dpop_bound_token_as_bearer", "miss"), ("dpop_bound_token_as_bearer", "hit")]
+    assert staged == all_in_one
+
+
+# -- the query-token check: any spelling of access_token beside the header, and only that --------------
+
+@pytest.mark.parametrize("query", [
+    "access_token=x", "access_tok%65n=x", "%61ccess_token=x", "access%5Ftoken=x", "access_token",
+    "a=1&access_token=", "ACCESS=1&access_token=x&b=2",
+])
+async def test_http_06_any_spelling_of_the_access_token_parameter_beside_the_header_is_refused(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, query: str
+) -> None:
+    client, _ = await protected(aiohttp_client, base_config(issuer), clock)
+    token = issuer.mint(scope="items:read")
+    for _ in range(2):  # warm: the header alone is remembered
+        assert (await call(client, token))[0] == 200
+    request = with_query(query, token)
+    assert await raw(client, request) == 400
+
+
+@pytest.mark.parametrize("query", [
+    "access_token%00=x", "access_token+=x", "%2Baccess_token=x", "a=1;access_token=x", "x=access_token",
+    "access%20token=x",
+])
+async def test_names_that_only_resemble_access_token_are_not_a_second_transport(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, query: str
+) -> None:
+    """Neither ztmw nor a handler reading request.query sees an `access_token` parameter in these."""
+    seen: list[bool] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append("access_token" in request.query)
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_get("/items", handler)
+    client, _ = await protected(aiohttp_client, base_config(issuer), clock, app)
+    token = issuer.mint(scope="items:read")
+    request = with_query(query, token)
+    assert await raw(client, request) == 200
+    assert seen == [False]
+
+
+BEARER_ONLY = {"Bearer": {"realm": "api", "resource_metadata": METADATA_URL}}
+
+
+# -- RESP-19: CORS exposure of the challenge headers ---------------------------------------------------------
+
+def exposed(response: Any) -> set[str]:
+    return {v.strip().lower() for line in response.headers.getall("Access-Control-Expose-Headers", [])
+            for v in line.split(",")}
+
+
+async def test_resp_19_cors_expose_headers_is_configurable(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    app = items_app()
+    ztmw.setup(app, base_config(issuer, cors={"expose_headers": True}), clock=clock)
+    client = await aiohttp_client(app)
+    response = await client.get("/items", headers={"Origin": "https://spa.example.com"})
+    assert response.status == 401
+    assert {"www-authenticate", "dpop-nonce"} <= exposed(response)
+    token = issuer.mint(scope="items:read")
+    for _ in range(3):  # allowed answers too, also when the decision memo replays them
+        allowed = await client.get("/items", headers={"Authorization": f"Bearer {token}"})
+        assert allowed.status == 200 and exposed(allowed) == {"www-authenticate", "dpop-nonce"}
+
+
+async def test_resp_19_off_by_default_and_merged_with_the_app_s_own_exposed_headers(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    async def listed(request: web.Request) -> web.Response:
+        return web.json_response([], headers={"Access-Control-Expose-Headers": "X-Total-Count, dpop-nonce"})
+
+    plain = items_app()
+    ztmw.setup(plain, base_config(issuer), clock=clock)
+    assert exposed(await (await aiohttp_client(plain)).get("/items")) == set()
+    app = items_app()
+    app.router.add_get("/listed", listed)
+    config = base_config(issuer, cors={"expose_headers": True})
+    config["rules"] = config["rules"] + [{"id": "listed", "path": "/listed", "methods": ["GET"], "public": True}]
+    ztmw.setup(app, config, clock=clock)
+    response = await (await aiohttp_client(app)).get("/listed")
+    assert exposed(response) == {"x-total-count", "dpop-nonce", "www-authenticate"}
+    assert response.headers.getall("Access-Control-Expose-Headers") == ["X-Total-Count, dpop-nonce", "WWW-Authenticate"]
+
+
+# -- HTTP-06 / HTTP-09: the form-body transport -------------------------------------------------------------
+
+async def post_form_token(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, headers: dict[str, str],
+                          token: str | None = None) -> tuple[Any, str, Any, list[str]]:
+    """POST /items with `access_token=<token>` as an urlencoded form: client, token, response, handler calls."""
+    calls: list[str] = []
+    client = await bearer_client(aiohttp_client, issuer, clock, calls)
+    token = token or issuer.mint(scope="items:read")
+    response = await client.post("/items", data={"access_token": token}, headers=headers)
+    return client, token, response, calls
+
+
+async def test_http_09_form_body_token_is_not_a_transport(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    """Off by default (and ztmw has no switch for it): a body `access_token` is no credential -> R-NONE."""
+    with capture_logs() as events:
+        client, token, response, calls = await post_form_token(aiohttp_client, issuer, clock, {})
+        body = await response.text()
+    assert response.status == 401
+    assert challenges(response) == BEARER_ONLY  # R-NONE: no error, no error_description
+    assert calls == []
+    assert token not in body and token not in json.dumps(events, default=str)
+    # and a GET with a form body is no credential either
+    response = await client.request("GET", "/items", data={"access_token": token})
+    assert response.status == 401 and challenges(response) == BEARER_ONLY
+
+
+async def test_http_06_header_and_form_body_token_is_invalid_request(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    token = issuer.mint(scope="items:read")
+    _, _, response, calls = await post_form_token(aiohttp_client, issuer, clock,
+                                                  {"Authorization": f"Bearer {token}"}, token)
+    assert response.status == 400
+    assert challenges(response)["Bearer"]["error"] == "invalid_request"
+    assert calls == []
+
+
+async def test_http_06_a_remembered_decision_never_skips_the_body_check(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    """The decision memo keeps no form request: the same token allowed twice before still meets the check."""
+    calls: list[str] = []
+    client = await bearer_client(aiohttp_client, issuer, clock, calls)
+    token = issuer.mint(scope="items:read")
+    auth = {"Authorization": f"Bearer {token}"}
+    for _ in range(3):
+        assert (await client.post("/items", data={"note": "x"}, headers=auth)).status == 200
+    response = await client.post("/items", data={"access_token": token}, headers=auth)
+    assert response.status == 400 and challenges(response)["Bearer"]["error"] == "invalid_request"
+    encoded = await client.post("/items", data=b"access%5Ftoken=x", headers={
+        **auth, "Content-Type": "application/x-www-form-urlencoded"})  # the name as a form decoder reads it
+    assert encoded.status == 400
+    assert calls == ["POST"] * 3
+
+
+async def test_http_06_a_form_too_large_for_the_app_gets_aiohttp_s_own_413(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    """Reading the body to look for a token must not hand the handler half a body: too large is a 413."""
+    calls: list[str] = []
+
+    async def ok(request: web.Request) -> web.Response:
+        calls.append(str(len(await request.post())))
+        return web.json_response({})
+
+    client = await post_route_client(aiohttp_client, issuer, clock, "/items", ok,
+                                     app=web.Application(client_max_size=1024))
+    auth = {"Authorization": f"Bearer {issuer.mint(scope='items:read')}"}
+    with capture_logs() as events:
+        assert (await client.post("/items", data={"note": "x" * 4000}, headers=auth)).status == 413
+    assert [(e["decision"], e["reason"], e["status"]) for e in events if e.get("event") == "ztmw.decision"] \
+        == [("deny", "unreadable_body", 413)]
+    assert (await client.post("/items", data={"note": "x"}, headers=auth)).status == 200
+    assert calls == ["1"]
+
+
+async def test_http_06_ztmw_reads_no_large_form_body_for_a_request_it_may_deny(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    """Over 64 KiB the body is the handler's business only: an unauthenticated client cannot make ztmw buffer
+    it (the header alone decides, and a body token is never taken anyway)."""
+    calls: list[str] = []
+    client = await bearer_client(aiohttp_client, issuer, clock, calls)
+    padded = {"access_token": "x", "pad": "y" * (64 * 1024)}
+    refused = await client.post("/items", data=padded, headers={"Authorization": "Bearer not.a.token"})
+    assert refused.status == 401 and challenges(refused)["Bearer"]["error"] == "invalid_token"
+    allowed = await client.post("/items", data=padded,
+                                headers={"Authorization": f"Bearer {issuer.mint(scope='items:read')}"})
+    assert allowed.status == 200 and calls == ["POST"]
+
+
+async def test_http_06_only_a_form_body_is_a_transport_and_the_handler_still_reads_it(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    async def echo(request: web.Request) -> web.Response:
+        form = await request.post()  # ztmw read it first: aiohttp hands the same form again
+        return web.json_response({"note": form.get("note")})
+
+    client = await post_route_client(aiohttp_client, issuer, clock, "/echo", echo)
+    auth = {"Authorization": f"Bearer {issuer.mint(scope='items:read')}"}
+    response = await client.post("/echo", data={"note": "kept"}, headers=auth)
+    assert response.status == 200 and await response.json() == {"note": "kept"}
+    as_json = await client.post("/echo", json={"access_token": "x"}, headers=auth)  # JSON is no transport
+    assert as_json.status == 200

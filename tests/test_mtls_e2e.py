@@ -9,6 +9,8 @@ Nothing is mocked; nothing depends on timing.
 
 from __future__ import annotations
 
+import base64
+import hmac
 import json
 import re
 import socket
@@ -24,6 +26,7 @@ from typing import Any, AsyncIterator, Iterator, Mapping
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from cryptography import x509
 from multidict import CIMultiDict
 from structlog.testing import capture_logs
@@ -31,9 +34,10 @@ from structlog.testing import capture_logs
 import ztmw
 from ztmw.jws import parse_compact
 from ztmw.testing import ClientCert, DevIssuer, DPoPKey, FakeClock, TestCA
-from ztmw.testing.http import free_port
+from ztmw.testing.http import challenges, free_port
 
-from .conftest import AUDIENCE, base_config, items_app
+from .conftest import AUDIENCE, base_config, dpop_headers, items_app, reasons
+from .test_dpop_e2e import DEFAULT_ALGS, METADATA_URL, NONCE_LIFETIME, NONCE_SECRET_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -629,3 +633,125 @@ async def test_serve_with_tls_require_client_cert_refuses_the_handshake_without_
     legacy.maximum_version = ssl.TLSVersion.TLSv1_2
     with pytest.raises((aiohttp.ClientConnectorError, ssl.SSLError)):
         await fetch(base + "/hello/alice", token=token, ssl_context=legacy)
+
+
+# -- DPoP and mTLS on one TLS listener (MTLS-15, SEC-06, IMPL-04) -----------------------------------------
+
+async def bound_tls_server(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, ca: TestCA,
+                           monkeypatch: pytest.MonkeyPatch, **dpop: Any) -> str:
+    """bearer + dpop + mtls behind a TLS listener that asks for a client certificate; returns its origin."""
+    port = free_port()
+    origin = f"https://127.0.0.1:{port}"
+    config = base_config(issuer, verifiers={"enabled": ["bearer", "dpop", "mtls"]})
+    config["resource"]["public_origin"] = origin
+    config["rules"] = config["rules"] + MTLS_RULES
+    if dpop.get("require_nonce"):
+        monkeypatch.setenv(NONCE_SECRET_ENV, "gap-test-secret-of-32-bytes-long!")
+        dpop.update(nonce_secret_env=NONCE_SECRET_ENV, nonce_lifetime=NONCE_LIFETIME)
+    if dpop:
+        config["dpop"] = dpop
+    app = mtls_app()
+    ztmw.setup(app, config, clock=clock)
+    server = TestServer(app, host="127.0.0.1", port=port)
+    await server.start_server(ssl=ca.server_ssl_context())
+    await aiohttp_client(server)  # the fixture owns the server from here on (and closes it)
+    return origin
+
+
+# -- MTLS-15: a cnf with jkt and x5t#S256 must satisfy both; unknown members fail closed ---------------------
+
+async def test_mtls_15_jkt_and_x5t_bound_token_needs_the_proof_and_the_certificate(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, ca: TestCA, alice_cert: ClientCert,
+    mallory_cert: ClientCert, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    origin = await bound_tls_server(aiohttp_client, issuer, clock, ca, monkeypatch)
+    key, thief = DPoPKey(), DPoPKey()
+    token = issuer.mint("alice", scope="items:read", cnf={"jkt": key.thumbprint, **alice_cert.cnf})
+    url = origin + "/whoami"
+
+    def proof(signer: DPoPKey = key) -> str:
+        return signer.proof("GET", url, access_token=token, iat=int(clock()))
+
+    # both satisfied: allowed
+    allowed = await fetch(url, headers=dpop_headers(token, proof()), ssl_context=ca.client_ssl_context(alice_cert))
+    assert allowed.status == 200, allowed.body
+    assert allowed.json()["certificate_thumbprint"] == alice_cert.thumbprint
+
+    # the proof is right, the certificate is not (another one, or none): invalid_token on the DPoP scheme
+    for context, reason in ((ca.client_ssl_context(mallory_cert), "certificate_mismatch"),
+                            (ca.client_ssl_context(), "certificate_missing")):
+        with capture_logs() as events:
+            reply = await fetch(url, headers=dpop_headers(token, proof()), ssl_context=context)
+        assert reply.status == 401, reply.body
+        parsed = challenges(reply)
+        assert parsed["DPoP"]["error"] == "invalid_token"
+        assert "error" not in parsed["Bearer"]
+        assert reasons(events) == [reason]
+
+    # the certificate is right, the proof key is not: RESP-09 key binding failure
+    reply = await fetch(url, headers=dpop_headers(token, proof(thief)), ssl_context=ca.client_ssl_context(alice_cert))
+    assert reply.status == 401
+    assert challenges(reply)["DPoP"] == {"algs": DEFAULT_ALGS, "error": "invalid_token",
+                                         "error_description": "Invalid DPoP key binding",
+                                         "resource_metadata": METADATA_URL}
+
+    # the certificate is right, no proof at all (Bearer scheme): the DPoP downgrade is refused (RESP-10)
+    reply = await fetch(url, token=token, ssl_context=ca.client_ssl_context(alice_cert))
+    assert reply.status == 401
+    parsed = challenges(reply)
+    assert parsed["Bearer"]["error"] == "invalid_token"
+    assert "error" not in parsed["DPoP"]
+
+
+# -- SEC-06: ath, jkt, x5t#S256 and the nonce MAC are compared in constant time ------------------------------
+
+async def test_sec_06_binding_values_and_nonce_mac_are_compared_with_compare_digest(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, ca: TestCA, alice_cert: ClientCert,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    origin = await bound_tls_server(aiohttp_client, issuer, clock, ca, monkeypatch, require_nonce=True)
+    compared: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def recording(a: Any, b: Any) -> bool:
+        compared.append((a.encode() if isinstance(a, str) else bytes(a), b.encode() if isinstance(b, str) else bytes(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", recording)
+    key = DPoPKey()
+    token = issuer.mint("alice", scope="items:read", cnf={"jkt": key.thumbprint, **alice_cert.cnf})
+    url = origin + "/whoami"
+    context = ca.client_ssl_context(alice_cert)
+    first = await fetch(url, headers=dpop_headers(token, key.proof("GET", url, access_token=token, iat=int(clock()))),
+                        ssl_context=context)
+    nonce = first.headers["DPoP-Nonce"]
+    compared.clear()
+    proof = key.proof("GET", url, access_token=token, iat=int(clock()), nonce=nonce)
+    reply = await fetch(url, headers=dpop_headers(token, proof), ssl_context=context)
+    assert reply.status == 200, reply.body
+    ath = json.loads(_b64(proof.split(".")[1]))["ath"].encode()
+    values = {value for pair in compared for value in pair}
+    assert ath in values, "ath"
+    assert key.thumbprint.encode() in values, "jkt"
+    assert alice_cert.thumbprint.encode() in values, "x5t#S256"
+    known = {ath, key.thumbprint.encode(), alice_cert.thumbprint.encode()}
+    assert any(len(a) == len(b) == 32 and a not in known for a, b in compared), "the nonce MAC"
+
+
+def _b64(segment: str) -> bytes:
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+
+# -- IMPL-04: the client certificate is the TLS layer's ----------------------------------------------
+
+async def test_impl_04_client_certificate_is_the_tls_layers_peer_certificate(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, ca: TestCA, alice_cert: ClientCert,
+    mallory_cert: ClientCert, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DER of the handshake's certificate is what binds; a Client-Cert header naming another one is noise."""
+    origin = await bound_tls_server(aiohttp_client, issuer, clock, ca, monkeypatch)
+    token = issuer.mint("alice", scope="items:read", cnf=alice_cert.cnf)
+    reply = await fetch(origin + "/bound", token=token, ssl_context=ca.client_ssl_context(alice_cert),
+                        headers={"Client-Cert": mallory_cert.rfc9440_header()})
+    assert reply.status == 200, reply.body
+    assert reply.json()["certificate"]["thumbprint"] == alice_cert.thumbprint

@@ -1304,3 +1304,18 @@ async def test_e2e_intro_08_cnf_without_a_member_ztmw_understands_is_invalid_tok
     auth_server.answers[token] = active(clock, cnf=cnf)
     assert_invalid_token(await api.get("/me", token))
     assert api.reason == "unsupported_binding"
+
+
+# -- RESP-20: an unreachable introspection endpoint is a 503 without a challenge ---------------------------
+
+async def test_resp_20_introspection_endpoint_unreachable_is_503_without_challenge(
+    aiohttp_client: Any, issuer: DevIssuer, auth_server: Any, clock: FakeClock
+) -> None:
+    api = await start_api(aiohttp_client, issuer, auth_server, clock,
+                          plugin={"endpoint": f"http://127.0.0.1:{closed_port()}/introspect"})
+    token = opaque()
+    response = await api.get("/me", token)
+    assert_upstream(api, response)
+    assert json.loads(await response.text()) == {"error": "temporarily_unavailable"}
+    assert token not in json.dumps(api.events, default=str)
+    assert token not in str(dict(response.headers))

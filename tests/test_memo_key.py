@@ -1,37 +1,29 @@
-"""Review of commit 73158c6 (the memo's hot path): the key's path is now the request target as sent
-(`request.raw_path`), header names are istr, the cache entry is checked with `holds`, and the verifier's
-`still_trusted` is resolved once per memo entry.
+"""The decision memo's key: a replay answers exactly as the full pipeline would, whatever the bytes.
 
-Most tests here are differential: the same bytes go to two servers protected by the same configuration, one
-with the decision memo and one without (`cache.memo_entries = 0`), and the memo server must answer every
-request exactly as the full pipeline does (status, principal, rule and match info the handler saw), under
-aiohttp's C parser and under its pure-Python parser (AIOHTTP_NO_EXTENSIONS=1) alike. The two problems it found
-(older than that commit) are fixed and pinned here: a replay needs the match info its decision was made on,
-and a path over 1 KiB is decided in full; the rest pins behaviour the commit got right.
+The key's path is the request target as sent (`request.raw_path`), header names are looked up as istr, and a
+replay needs the match info its decision was made on. Most tests are differential: the same bytes go to two
+servers protected by the same configuration, one with the decision memo and one without
+(`cache.memo_entries = 0`), and the memo server must answer every request exactly as the full pipeline does
+(status, principal, rule and match info the handler saw), under aiohttp's C parser and under its pure-Python
+parser (AIOHTTP_NO_EXTENSIONS=1) alike.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 from typing import Any, Callable
 
 import pytest
 from aiohttp import web
-from structlog.testing import capture_logs
 
 import ztmw
 from ztmw.testing import DevIssuer, FakeClock
 
-from .conftest import base_config
-from .test_memo import call, memo_size, protected
-from .test_memo_review import active_answer, full_runs, introspecting, raw, raw_get, strings_in, warm
+from .conftest import protected, raw, raw_get
+from .test_memo import echo_app, echo_config, memo_size, warm
 
-__all__ = ["full_runs"]  # a fixture, imported for the tests below
-
-
-# -- helpers ---------------------------------------------------------------------------------------------------
+# -- helpers -------------------------------------------------------------------------------------------------
 
 @pytest.fixture(params=["c", "python"])
 def parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
@@ -48,30 +40,6 @@ def parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     else:
         monkeypatch.setattr(web_protocol, "HttpRequestParser", http_parser.HttpRequestParserPy)
     return str(request.param)
-
-
-def echo_app() -> web.Application:
-    """Answers with what the handler was given: principal, rule and match info (what an owner rule reads)."""
-
-    async def echo(request: web.Request) -> web.Response:
-        principal, decision = request[ztmw.PRINCIPAL], request[ztmw.DECISION]
-        return web.json_response({"sub": principal.subject if principal else None, "rule": decision.rule_id,
-                                  "match": dict(request.match_info)})
-
-    app = web.Application()
-    for path in ("/items", "/users/{user}/items", "/files/{name:.*}"):
-        app.router.add_get(path, echo)
-    app.router.add_route("*", "/any", echo)
-    return app
-
-
-def echo_config(issuer: DevIssuer, **sections: Any) -> dict[str, Any]:
-    config = base_config(issuer, **sections)
-    config["rules"] += [
-        {"id": "files", "path": "/files/{name:.*}", "methods": ["GET"], "scopes": ["items:read"]},
-        {"id": "any", "path": "/any", "scopes": ["items:read"]},  # every method
-    ]
-    return config
 
 
 async def twins(aiohttp_client: Any, config: dict[str, Any], clock: FakeClock,
@@ -107,7 +75,7 @@ async def answer(client: Any, request: bytes) -> tuple[int, Any]:
         return status, body
 
 
-# -- pinned: every odd request target gets the full pipeline's answer, under both parsers ----------------------
+# -- every odd request target gets the full pipeline's answer, under both parsers ----------------------------
 
 # (method, target, keyed): whether the memo may remember the target (None: not asserted: parser-dependent or open)
 TARGETS = [
@@ -132,7 +100,7 @@ TARGETS = [
     pytest.param("GET", b"/files/./x", True, id="dot-segment"),
     pytest.param("GET", b"/files/../items", True, id="dot-dot-segment"),
     pytest.param("GET", b"/files/a\\..\\b", True, id="backslash-segments"),
-    pytest.param("GET", b"/files/" + b"a" * 8000, None, id="very-long-target"),  # see the memory test below
+    pytest.param("GET", b"/files/" + b"a" * 8000, None, id="very-long-target"),  # see the memory tests in test_memo.py
     pytest.param("GET", "/files/\u00e4".encode(), None, id="non-ascii"),  # Python parser: accepted
     pytest.param("GET", b"/files/\xff", None, id="invalid-utf-8"),
     pytest.param("GET", b"/files/\x00", False, id="nul"),
@@ -224,7 +192,7 @@ async def test_the_istr_dpop_lookup_sees_any_spelling_under_both_parsers(
     assert runs == [1, 1] and memo_size(pipeline) == 1  # decided in full each time, never remembered
 
 
-# -- problem: the key's path is not always the path the match info came from -----------------------------------
+# -- a replay needs the match info its decision was made on --------------------------------------------------
 
 def rewriting_app(rewrite: Callable[[web.Request], Any]) -> Callable[[], web.Application]:
     """echo_app with an app middleware before ztmw's (setup appends its own last) that hands the handler the
@@ -272,7 +240,7 @@ async def test_an_owner_rule_is_not_replayed_for_match_info_other_than_it_was_de
     assert full[0] == 403  # ann's token, and the match info says another account ("ANN", or "bob")
     await warm(memo_client, pipeline, ann, "/users/ann/items")
     replayed = await answer(memo_client, request)
-    # today: (200, {"sub": "ann", "rule": "own", "match": {"user": "ANN"}}): the handler serves another account
+    # a key of the path alone would replay (200, {... "match": {"user": "ANN"}}): another account served
     assert replayed == full
 
 
@@ -296,138 +264,3 @@ async def test_a_clone_that_is_resolved_again_is_keyed_by_the_path_it_was_resolv
         full = await answer(full_client, request)
         assert [await answer(memo_client, request) for _ in range(2)] == [full] * 2
     assert full[0] == 403
-
-
-# -- problem: the memo's bound counts entries, not bytes ------------------------------------------------------
-
-def held_chars_per_entry(pipeline: ztmw.Pipeline) -> float:
-    """Characters of text the memo holds per entry (keys, views, match info, claims), each string once."""
-    entries = pipeline.memo._entries  # type: ignore[union-attr]
-    held = {id(s): s for s in strings_in(list(entries.items())) if isinstance(s, str)}
-    return sum(len(s) for s in held.values()) / len(entries)
-
-
-async def test_short_targets_cost_about_what_the_config_documents(
-    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
-) -> None:
-    client, pipeline = await protected(aiohttp_client, echo_config(issuer), clock, echo_app())
-    token = issuer.mint("ann", scope="items:read")
-    for index in range(20):
-        assert (await call(client, token, f"/files/{index}"))[0] == 200
-    assert memo_size(pipeline) == 19  # the first sighting is not remembered
-    assert held_chars_per_entry(pipeline) < 1000
-
-
-async def test_a_long_target_does_not_make_a_memo_entry_many_times_its_documented_size(
-    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
-) -> None:
-    client, pipeline = await protected(aiohttp_client, echo_config(issuer), clock, echo_app())
-    token = issuer.mint("ann", scope="items:read")
-    assert (await call(client, token, "/files/warm"))[0] == 200
-    for index in range(20):
-        assert (await call(client, token, f"/files/{index:04d}" + "a" * 8000))[0] == 200
-    assert memo_size(pipeline) == 0 or held_chars_per_entry(pipeline) < 2000
-
-
-async def test_the_memo_never_holds_more_than_memo_entries_whatever_the_targets(
-    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
-) -> None:
-    client, pipeline = await protected(aiohttp_client, echo_config(issuer, cache={"memo_entries": 8}), clock,
-                                       echo_app())
-    tokens = [issuer.mint(f"user-{n}", scope="items:read") for n in range(3)]
-    for index in range(40):
-        token = tokens[index % 3]
-        assert (await call(client, token, f"/files/{index}" + "b" * 500))[0] == 200
-        assert (await call(client, token, f"/files/{index}?page={index}"))[0] == 200
-        assert memo_size(pipeline) <= 8
-    assert memo_size(pipeline) == 8
-    # first in, first out: the newest entries are the ones kept, and they still replay
-    assert (await call(client, tokens[39 % 3], "/files/39?other"))[1]["sub"] == "user-0"
-
-
-# -- pinned: holds() and the verifier's still_trusted, resolved once per entry ---------------------------------
-
-async def test_the_verifier_is_asked_on_every_replay_not_only_when_the_entry_is_made(
-    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, full_runs: Any
-) -> None:
-    """trust_check resolves which function to ask once; the question itself is asked on every replay."""
-    from ztmw_plugins.jwks import KeySet
-
-    client, pipeline = await protected(aiohttp_client, echo_config(issuer), clock, echo_app())
-    token = issuer.mint("ann", scope="items:read")
-    await warm(client, pipeline, token)
-    (entry,) = pipeline.memo._entries.values()  # type: ignore[union-attr]
-    bearer = next(p.instance for p in pipeline.plugins if p.name == "bearer")
-    assert entry.still_trusted == bearer.still_trusted
-    asked: list[bool] = []
-    publishes = KeySet.publishes
-
-    def counted(self: Any, thumbprint: str) -> bool:
-        asked.append(True)
-        return publishes(self, thumbprint)
-
-    monkeypatch.setattr(KeySet, "publishes", counted)
-    runs = full_runs(pipeline)
-    assert [(await call(client, token))[0] for _ in range(3)] == [200] * 3
-    assert len(asked) == 3 and runs == []
-    monkeypatch.setattr(KeySet, "publishes", lambda self, thumbprint: False)  # "no longer trusted"
-    with capture_logs() as logs:
-        assert (await call(client, token))[0] == 200  # the key still verifies it: verified again, in full
-    assert runs == [1] and memo_size(pipeline) == 0
-    assert [e["cache"] for e in logs if e["event"] == "ztmw.decision"] == ["miss"]
-
-
-async def test_a_verifier_without_still_trusted_is_replayed_until_its_cache_entry_ends(
-    aiohttp_client: Any, aiohttp_server: Any, issuer: DevIssuer, clock: FakeClock, monkeypatch: pytest.MonkeyPatch,
-    full_runs: Any
-) -> None:
-    """The introspection verifier cannot tell whether its result still stands: the entry then carries no
-    check (None), and lives exactly as long as the verification-cache entry, as the full pipeline's hit does."""
-    answers, config = await introspecting(aiohttp_server, monkeypatch, clock, issuer, max_ttl=20)
-    client, pipeline = await protected(aiohttp_client, config, clock)
-    answers["opaque-2"] = active_answer(clock)
-    await warm(client, pipeline, "opaque-2")
-    (entry,) = pipeline.memo._entries.values()  # type: ignore[union-attr]
-    assert entry.still_trusted is None and pipeline.authenticator.trust_check(entry.token) is None
-    runs = full_runs(pipeline)
-    clock.advance(19)
-    assert (await call(client, "opaque-2"))[0] == 200 and runs == []
-    answers["opaque-2"] = {"active": False}
-    clock.advance(1.5)
-    assert (await call(client, "opaque-2"))[0] == 401 and runs == [1] and memo_size(pipeline) == 0
-
-
-async def test_a_cache_entry_replaced_by_an_equal_result_ends_the_entry_and_the_next_hit_remembers_anew(
-    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, full_runs: Any
-) -> None:
-    client, pipeline = await protected(aiohttp_client, echo_config(issuer), clock, echo_app())
-    token = issuer.mint("ann", scope="items:read")
-    await warm(client, pipeline, token, "/users/ann/items")
-    (entry,) = pipeline.memo._entries.values()  # type: ignore[union-attr]
-    equal = dataclasses.replace(entry.token)
-    assert equal == entry.token and equal is not entry.token
-    pipeline.cache.set(entry.cache_key, equal)  # e.g. verified again after a discard, or learnt from a replica
-    runs = full_runs(pipeline)
-    answers = [await call(client, token, "/users/ann/items") for _ in range(3)]
-    assert answers == [(200, {"sub": "ann", "rule": "own", "match": {"user": "ann"}})] * 3
-    assert runs == [1]  # the old entry is dropped, the hit on the new result is decided in full and remembered
-    (renewed,) = pipeline.memo._entries.values()  # type: ignore[union-attr]
-    assert renewed.token is equal and memo_size(pipeline) == 1
-
-
-async def test_a_replay_counts_no_verification_cache_hit_but_keeps_the_entry_recent(
-    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, full_runs: Any
-) -> None:
-    """holds() is not a lookup (no hit counted), yet it refreshes recency as get() did: a replayed token is not
-    the least recently used entry of a full verification cache."""
-    client, pipeline = await protected(aiohttp_client, echo_config(issuer, cache={"max_entries": 2}), clock,
-                                       echo_app())
-    first, second, third = (issuer.mint(name, scope="items:read") for name in ("ann", "bob", "cid"))
-    await warm(client, pipeline, first)
-    assert (await call(client, second))[0] == 200  # the cache: first, second
-    hits = pipeline.cache.hits
-    assert (await call(client, first))[0] == 200  # replayed: first is the most recent again
-    assert pipeline.cache.hits == hits
-    assert (await call(client, third))[0] == 200  # evicts second, not first
-    runs = full_runs(pipeline)
-    assert (await call(client, first))[0] == 200 and runs == []
