@@ -941,6 +941,35 @@ async def test_the_handler_sees_the_same_principal_trust_and_decision_on_replays
     assert seen[0][1:] == seen[1][1:] and seen[0][0].subject == seen[1][0].subject == "ann"
 
 
+@pytest.mark.parametrize("auth_time", [False, True], ids=["plain", "auth_time"])
+async def test_with_audit_off_replays_still_publish_principal_trust_and_decision(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, auth_time: bool
+) -> None:
+    """Audit off: a replay calls the handler straight from the middleware (or, for a token with auth_time,
+    after trust is evaluated again), and the handler still reads what the full pipeline published."""
+    seen: list[tuple[Any, Any, Any]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append((request[ztmw.PRINCIPAL], request[ztmw.TRUST], request[ztmw.DECISION]))
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/items", record)
+    config = base_config(issuer, audit={"enabled": False})
+    client, pipeline = await protected(aiohttp_client, config, clock, app)
+    assert pipeline.audit_sink is None
+    extra = {"auth_time": int(clock()) - 10} if auth_time else {}
+    token = issuer.mint("ann", scope="items:read", client_id="c-1", **extra)
+    for _ in range(4):
+        async with client.get("/items", headers={"Authorization": f"Bearer {token}"}) as response:
+            assert response.status == 200
+    assert memo_size(pipeline) == 1 and len(seen) == 4
+    principal, trust, decision = seen[3]
+    assert principal.subject == "ann" and principal.token.client_id == "c-1"
+    assert decision.allowed and decision.rule_id == seen[0][2].rule_id
+    assert trust == seen[0][1]
+
+
 # -- nothing secret in the memo ----------------------------------------------------------
 
 def strings_in(value: Any, depth: int = 0) -> list[str]:

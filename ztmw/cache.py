@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import hmac
 import json
-from typing import Any, Generic, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 from .lru import LRU
 from .models import VerifiedToken, frozen_mapping
@@ -50,6 +50,17 @@ class _ExpiringLRU(Generic[V]):
             return None
         return entry[1]
 
+    def holds(self, key: bytes, value: V) -> bool:
+        """Whether this very value is held under `key` and unexpired (made the most recent): `get` and the
+        identity check in one call on the decision memo's path; an expired entry is dropped as by `get`."""
+        entry = self._entries.get(key)
+        if entry is None or entry[1] is not value:
+            return False
+        if entry[0] <= self._clock():
+            self._entries.pop(key)
+            return False
+        return True
+
     def put(self, key: bytes, value: V, expires: float) -> None:
         if expires > self._clock():
             self._entries.put(key, (expires, value))
@@ -68,6 +79,10 @@ class MemoryVerificationCache:
         self._lru: _ExpiringLRU[VerifiedToken] = _ExpiringLRU(max_entries=max_entries, clock=clock)
         self._max_ttl = max_ttl
         self._clock = clock
+        # Whether this very result is still cached under the key, unexpired (the decision memo's check on every
+        # replay: no hit counted, the entry's recency refreshed as by a lookup). The LRU's own method: one call
+        # less on the path of most requests.
+        self.holds: Callable[[bytes, VerifiedToken], bool] = self._lru.holds
         self.hits = 0
         self.misses = 0
 
@@ -88,10 +103,6 @@ class MemoryVerificationCache:
         expires = min(self._clock() + self._max_ttl, value.expires_at)
         self._lru.put(key, value, expires if until is None else min(expires, until))
 
-    def holds(self, key: bytes, value: VerifiedToken) -> bool:
-        """Whether this very result is still cached under the key (the decision memo's check: no hit counted,
-        the entry's recency refreshed as by a lookup)."""
-        return self._lru.get(key) is value
 
     def discard(self, key: bytes) -> None:
         self._lru.pop(key)

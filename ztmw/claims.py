@@ -42,6 +42,11 @@ class SharedValues:
     def __len__(self) -> int:
         return len(self._values)
 
+    @property
+    def values(self) -> Mapping[Any, Any]:
+        """The table itself, read-only by contract: a hot loop may look a value up here before calling `share`."""
+        return self._values
+
     def share(self, value: H) -> H:
         """The stored object equal to `value` (`value` itself the first time, or when it is too large)."""
         found = self._values.get(value)
@@ -87,13 +92,14 @@ def stored_claims(claims: Mapping[str, Any]) -> dict[str, Any]:
     (sub, jti, times, private claims). Lists are copied, never shared: a reader cannot change another token."""
     out: dict[str, Any] = {}
     share = _STRINGS.share
+    known = _STRINGS.values  # looked up here first: a function call per claim name was most of this copy's cost
     for name, value in claims.items():
         if name in _REPEATED:
             if type(value) is str:
-                value = share(value)
+                value = known.get(value) or share(value)
             elif type(value) is list:
                 value = [share(v) if type(v) is str else v for v in value]
-        out[share(name)] = value
+        out[known.get(name) or share(name)] = value
     return out
 
 

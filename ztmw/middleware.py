@@ -170,6 +170,11 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
             if entry is not None and entry.view.match_info == match_info:
                 outcome = pipeline.replayed(entry) if entry.ages else entry.outcome
                 if outcome is not None:
+                    request[PRINCIPAL] = outcome.principal
+                    request[TRUST] = outcome.trust
+                    request[DECISION] = outcome.decision
+                    if entry.audit is None and not entry.ages:  # audit is off: nothing to record
+                        return await handler(request)
                     return await _replay(request, handler, pipeline, entry, outcome, started)
         try:
             view, outcome = await _decide(request, pipeline)
@@ -259,11 +264,8 @@ async def _decide(request: web.Request, pipeline: Pipeline) -> tuple[RequestView
 
 async def _replay(request: web.Request, handler: Handler, pipeline: Pipeline, entry: MemoEntry, outcome: Outcome,
                   started: float) -> web.StreamResponse:
-    """Answer from the decision memo. Nothing to decorate: the memo only exists when decorators add nothing to
-    plain bearer requests and mTLS is off."""
-    request[PRINCIPAL] = outcome.principal
-    request[TRUST] = outcome.trust
-    request[DECISION] = outcome.decision
+    """Answer from the decision memo (the request keys are set) when there is something to record. Nothing to
+    decorate: the memo only exists when decorators add nothing to plain bearer requests and mTLS is off."""
     template = entry.audit
     if template is not None:  # _handle_and_record, written out: this is the path of most requests
         status = 500
@@ -276,9 +278,8 @@ async def _replay(request: web.Request, handler: Handler, pipeline: Pipeline, en
             raise
         finally:
             pipeline.audit_again(template, status, started)
-    if entry.ages:  # trust was evaluated anew: a full audit event (none when audit is off)
-        return await _call_handler(request, handler, pipeline, entry.view, outcome, started)
-    return await handler(request)  # audit is off: nothing to record
+    # trust was evaluated anew (the token has auth_time): a full audit event (none when audit is off)
+    return await _call_handler(request, handler, pipeline, entry.view, outcome, started)
 
 
 async def _handle_and_record(
