@@ -168,7 +168,8 @@ class _Child:
 
 
 def supervise(args: argparse.Namespace, config: Config, argv: Sequence[str]) -> int:
-    """Run `args.workers` children of `ztmw serve argv` until a signal or a child's exit; the exit status."""
+    """Run `args.workers` children of `ztmw serve argv` (or `gateway`) until a signal or a child's exit; the
+    exit status."""
     try:
         sockets = reserve(args.host, args.port)
     except ConfigurationError as exc:
@@ -190,7 +191,7 @@ def supervise(args: argparse.Namespace, config: Config, argv: Sequence[str]) -> 
     try:
         for index in range(args.workers):
             own = ["--port", str(port), "--worker-id", str(index), "--worker-lifeline", str(lifeline_read), *shared]
-            command = [sys.executable, "-m", "ztmw", *_with_options(argv, own)]
+            command = [sys.executable, "-m", "ztmw", *_with_options(argv, args.command, own)]
             children.append(_Child(index, subprocess.Popen(command, env=environment, pass_fds=(lifeline_read,))))
         os.close(lifeline_read)
         lifeline_read = -1
@@ -210,9 +211,9 @@ def supervise(args: argparse.Namespace, config: Config, argv: Sequence[str]) -> 
     return status
 
 
-def _with_options(argv: Sequence[str], options: list[str]) -> list[str]:
+def _with_options(argv: Sequence[str], command: str, options: list[str]) -> list[str]:
     """`argv` with `options` right after the subcommand: after a `--` they would reach the app factory."""
-    at = list(argv).index("serve") + 1
+    at = list(argv).index(command) + 1
     return [*argv[:at], *options, *argv[at:]]
 
 

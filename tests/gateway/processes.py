@@ -107,8 +107,8 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def ztmw_gateway(config: dict[str, Any], directory: Path) -> AsyncIterator[Running]:
-    """`python -m ztmw gateway --config <toml> --port <p>` as its own process."""
+async def ztmw_gateway(config: dict[str, Any], directory: Path, *extra: str) -> AsyncIterator[Running]:
+    """`python -m ztmw gateway --config <toml> --port <p> [extra]` as its own process."""
     port = free_port()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "gateway.toml"
@@ -117,7 +117,7 @@ async def ztmw_gateway(config: dict[str, Any], directory: Path) -> AsyncIterator
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log.open("wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "ztmw", "gateway", "--config", str(path),
-                                    "--port", str(port)], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                    "--port", str(port), *extra], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                                    stdout=out, stderr=subprocess.STDOUT)
     try:
         await wait_listening(process, port, log)

@@ -5,21 +5,24 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .. import listener
+from .. import listener, workers
 from ..config import Config
 from ..errors import ConfigurationError
 from .app import GATEWAY, create_gateway_app
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    listener.add_arguments(parser)  # `ztmw serve`'s listening flags, so both listeners behave alike
+    listener.add_arguments(parser)  # `ztmw serve`'s listening flags and workers, so both behave alike
+    workers.add_arguments(parser)
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
     """Raises ConfigurationError (the command line prints it in one line, exit 2) for anything that stops
     start-up: the config, the signing key, the TLS files, the listening socket."""
-    app = create_gateway_app(config)
-    listener.listen(app, args)
+    if workers.is_supervisor(args):  # --workers N: this process only starts and watches N of these
+        return workers.supervise(args, config, args.argv)
+    app = create_gateway_app(workers.enter_worker(args, config))
+    listener.listen(app, args, reuse_port=args.worker_id is not None)
     return 0
 
 
