@@ -303,10 +303,10 @@ async def test_jose_10_header_keys_and_urls_are_never_used(issuer: DevIssuer, ve
 
 
 @pytest.mark.parametrize("kid", [None, "", 7, ["k"], {"kid": "k"}, True])
-async def test_a_kid_that_is_not_a_non_empty_string_is_malformed_even_when_signed(
+async def test_jwks_02_a_kid_that_is_not_a_non_empty_string_is_malformed_even_when_signed(
     issuer: DevIssuer, verifier: BearerVerifier, kid: Any
 ) -> None:
-    """RFC 7515 §4.1.4: `kid` is a string; `"kid": null` is no absent kid (found by the end-to-end fuzzer)."""
+    """JWKS-02, RFC 7515 §4.1.4: `kid` is a string; `"kid": null` is no absent kid (JWKS-12 would pick the one key)."""
     token = resign(issuer, issuer.mint(), header={"kid": kid})
     assert decode(token)[0]["kid"] == kid
     await rejects(verifier, token, "malformed_token")
