@@ -134,3 +134,14 @@ async def serving(name: str, config: Path, workdir: Path, env: Mapping[str, str]
             yield Replica(name, f"http://127.0.0.1:{port}", log_path, process)
         finally:
             _stop(process)
+
+
+def dpop_error(headers: Any) -> str | None:
+    """The `error` of the DPoP challenge (the scheme every refusal in the multi-process tests is about)."""
+    for line in headers.getall("WWW-Authenticate", []):
+        if line.startswith("DPoP "):
+            for part in line[5:].split(", "):
+                name, _, value = part.partition("=")
+                if name == "error":
+                    return value.strip('"')
+    return None

@@ -18,7 +18,7 @@ import pytest
 
 from ztmw.testing import DevIssuer, DPoPKey
 
-from .replica_config import AUDIENCE, PUBLIC_ORIGIN, Replica, serving, write_replica_config
+from .replica_config import AUDIENCE, PUBLIC_ORIGIN, Replica, dpop_error, serving, write_replica_config
 
 PATH = "/hello/x"
 HTU = PUBLIC_ORIGIN + PATH
@@ -45,21 +45,10 @@ async def dpop_call(session: aiohttp.ClientSession, replica: Replica, token: str
     return await call(session, replica, {"Authorization": f"DPoP {token}", "DPoP": proof})
 
 
-def error_of(headers: Any) -> str | None:
-    """The `error` of the DPoP challenge (the scheme every refusal here is about)."""
-    for line in headers.getall("WWW-Authenticate", []):
-        if line.startswith("DPoP "):
-            for part in line[5:].split(", "):
-                name, _, value = part.partition("=")
-                if name == "error":
-                    return value.strip('"')
-    return None
-
-
 async def fetch_nonce(session: aiohttp.ClientSession, replica: Replica, token: str, key: DPoPKey) -> str:
     """First contact without a nonce: R-NONCE, exactly one DPoP-Nonce (RESP-08)."""
     status, headers, _ = await dpop_call(session, replica, token, key.proof("GET", HTU, access_token=token))
-    assert status == 401 and error_of(headers) == "use_dpop_nonce"
+    assert status == 401 and dpop_error(headers) == "use_dpop_nonce"
     nonces = headers.getall("DPoP-Nonce", [])
     assert len(nonces) == 1 and headers.get("Cache-Control") == "no-store"
     return str(nonces[0])
@@ -97,7 +86,7 @@ async def test_proof_accepted_by_one_replica_is_a_replay_at_the_other(
         assert status == 200 and body == '{"hello": "x"}'
         # the attacker sends the same proof to the other replica
         status, headers, _ = await dpop_call(session, second, token, proof)
-        assert status == 401 and error_of(headers) == "invalid_dpop_proof"
+        assert status == 401 and dpop_error(headers) == "invalid_dpop_proof"
     # each replica saw the other's proof as a replay, and logged it as one, without the token or the proof
     assert security_reasons(a) == security_reasons(b) == ["dpop_replay"]
     for replica in (a, b):
@@ -127,7 +116,7 @@ async def test_nonce_issued_by_one_replica_is_accepted_by_the_other(
     forged = nonce[:-4] + ("AAAA" if not nonce.endswith("AAAA") else "BBBB")
     proof = key.proof("GET", HTU, access_token=token, nonce=forged)
     status, headers, _ = await dpop_call(session, b, token, proof)
-    assert status == 401 and error_of(headers) == "use_dpop_nonce"
+    assert status == 401 and dpop_error(headers) == "use_dpop_nonce"
     assert len(headers.getall("DPoP-Nonce")) == 1
 
 
@@ -149,7 +138,7 @@ async def test_memory_replay_store_protects_only_one_replica(
         assert (await dpop_call(session, a, token, proof))[0] == 200
         assert (await dpop_call(session, b, token, proof))[0] == 200
         status, headers, _ = await dpop_call(session, a, token, proof)  # the same replica still catches it
-        assert status == 401 and error_of(headers) == "invalid_dpop_proof"
+        assert status == 401 and dpop_error(headers) == "invalid_dpop_proof"
 
 
 @pytest.mark.redis

@@ -19,8 +19,8 @@ import pytest
 from ztmw.testing import DevIssuer, DPoPKey
 from ztmw.testing.http import free_port
 
-from .replica_config import AUDIENCE, PUBLIC_ORIGIN, ROOT, write_replica_config
-from .worker_servers import dpop_error, environment, pinned_to_two_workers, running, served_by
+from .replica_config import AUDIENCE, PUBLIC_ORIGIN, ROOT, dpop_error, write_replica_config
+from .worker_servers import environment, pinned_to_two_workers, running, served_by
 
 pytest.importorskip("gunicorn", reason="the test extra installs gunicorn")
 

@@ -30,10 +30,9 @@ from ztmw.testing import DevIssuer, DPoPKey
 from ztmw.testing.http import free_port
 from ztmw.workers import worker_count
 
-from .replica_config import AUDIENCE, PUBLIC_ORIGIN, ROOT, write_replica_config
+from .replica_config import AUDIENCE, PUBLIC_ORIGIN, ROOT, dpop_error, write_replica_config
 from .worker_servers import (
     Server,
-    dpop_error,
     environment,
     pinned_to_two_workers,
     running,

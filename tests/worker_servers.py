@@ -141,16 +141,6 @@ async def served_by(client: aiohttp.ClientSession, url: str, headers: dict[str, 
         return response.status, response.headers.copy(), body
 
 
-def dpop_error(headers: Any) -> str | None:
-    for line in headers.getall("WWW-Authenticate", []):
-        if line.startswith("DPoP "):
-            for part in line[5:].split(", "):
-                name, _, value = part.partition("=")
-                if name == "error":
-                    return value.strip('"')
-    return None
-
-
 def alive(pid: int) -> bool:
     """Running, and not a zombie left for a reaper that may never come in a container."""
     try:
