@@ -221,3 +221,16 @@ async def post_route_client(aiohttp_client: Any, issuer: DevIssuer, clock: FakeC
                                           "scopes": ["items:read"]}]
     ztmw.setup(app, config, clock=clock)
     return await aiohttp_client(app)
+
+
+async def delete_prefix(redis_url: str, prefix: str) -> None:
+    """Remove every key a test wrote under its own prefix (never FLUSHDB: the Redis is shared)."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(redis_url)
+    try:
+        keys = [key async for key in client.scan_iter(match=prefix + "*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()

@@ -20,6 +20,7 @@ import aiohttp
 
 from ztmw.testing import DevIssuer, DPoPKey
 
+from .conftest import delete_prefix
 from .replica_config import Replica, serving
 
 AUDIENCE = "https://api.example.com"
@@ -160,16 +161,3 @@ async def deployment(kind: str, workdir: Path, *, redis_url: str | None = None, 
             finally:
                 if prefix is not None and redis_url is not None:
                     await delete_prefix(redis_url, prefix)
-
-
-async def delete_prefix(redis_url: str, prefix: str) -> None:
-    """Remove every key a test wrote under its own prefix (never FLUSHDB: the Redis is shared)."""
-    import redis.asyncio as aioredis
-
-    client = aioredis.from_url(redis_url)
-    try:
-        keys = [key async for key in client.scan_iter(match=prefix + "*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()

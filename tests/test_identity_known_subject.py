@@ -20,7 +20,7 @@ from ztmw.errors import InvalidToken, UnknownSubject
 from ztmw.identity import ConfigIdentityResolver, IdentityChain
 from ztmw.testing import DevIssuer, FakeClock
 
-from .conftest import AUDIENCE, base_config, call, protected
+from .conftest import AUDIENCE, base_config, call, delete_prefix, protected
 from .test_memo import memo_size
 from .test_trust_e2e import closed_port
 
@@ -211,17 +211,9 @@ async def test_the_chain_refuses_an_unlinked_pair_only_when_required() -> None:
 @pytest.fixture
 async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
     """A key prefix of this test's own, and the links under it removed afterwards."""
-    from redis import asyncio as aioredis
-
     prefix = f"ztmw:test:known-subject:{secrets.token_hex(6)}:"
     yield prefix
-    client = aioredis.from_url(redis_url)
-    try:
-        keys = [key async for key in client.scan_iter(match=prefix + "*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
+    await delete_prefix(redis_url, prefix)
 
 
 @pytest.mark.redis

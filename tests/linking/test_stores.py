@@ -25,7 +25,7 @@ from ztmw.linking.store import (
     single_use_key,
 )
 
-from ..linking_kit import delete_prefix
+from ..conftest import delete_prefix
 
 BANK, SOCIAL = "https://bank-id.example", "https://social.example"
 JOHN, GOOGLE = Login(BANK, "19800101-1234"), Login(SOCIAL, "google|42")
