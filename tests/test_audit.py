@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import pytest
@@ -146,3 +147,27 @@ def test_emit_again_gives_every_sink_the_event_with_this_requests_status_and_dur
     with capture_logs() as direct:
         StructlogAuditSink().emit(dataclasses.replace(template, status=204, duration_ms=1.5))
     assert logs[0] == direct[0]  # a replayed event reads exactly like a fresh one
+
+
+async def test_a_replay_recorder_is_the_only_sinks_prepared_one(tmp_path: Any) -> None:
+    """One sink that prepares (jsonl): its own recorder; more sinks: every one gets the replay via emit_again."""
+    import time
+
+    from ztmw.audit_jsonl import JsonLinesAuditSink
+
+    template = allow_event(status=0, duration_ms=0.0)
+    jsonl = JsonLinesAuditSink(tmp_path / "a.jsonl", buffer_bytes=0)
+    alone = AuditFanout([jsonl])
+    await alone.start()
+    record = alone.recorder(template)
+    assert record.__qualname__.startswith("JsonLinesAuditSink.prepare")
+    record(201, time.perf_counter())
+    plain = ListSink()
+    both = AuditFanout([jsonl, plain])
+    await both.start()
+    both.recorder(template)(202, time.perf_counter() - 0.002)
+    jsonl.close()
+    lines = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert [line["status"] for line in lines] == [201, 202]
+    [event] = plain.events
+    assert event.status == 202 and event.duration_ms >= 2.0

@@ -73,6 +73,44 @@ def test_emit_again_writes_what_emit_writes_for_the_same_decision(tmp_path: Path
     assert (third["status"], third["duration_ms"]) == (500, 1.5)
 
 
+def test_a_prepared_replay_writes_what_emit_writes_with_its_own_status_and_duration(tmp_path: Path) -> None:
+    import time
+
+    sink = JsonLinesAuditSink(tmp_path / "a.jsonl", buffer_bytes=0, clock=FakeClock(1_700_000_000.5))
+    template = replace(EVENT, status=0, duration_ms=0.0)
+    record = sink.prepare(template)
+    sink.emit(EVENT)
+    record(200, time.perf_counter())
+    record(503, time.perf_counter() - 0.0125)  # started 12.5 ms ago
+    sink.close()
+    first, again, third = read_lines(tmp_path / "a.jsonl")
+    assert {**again, "duration_ms": 0.25} == first and 0 <= again["duration_ms"] < 1000
+    assert third["status"] == 503 and 12.5 <= third["duration_ms"] < 1000
+    assert third["timestamp"] == first["timestamp"] == "2023-11-14T22:13:20.500000Z"
+
+
+def test_a_prepared_replay_of_a_security_decision_is_written_at_once(tmp_path: Path) -> None:
+    import time
+
+    sink = JsonLinesAuditSink(tmp_path / "a.jsonl", buffer_bytes=1 << 20, clock=FakeClock())
+    record = sink.prepare(replace(EVENT, reason="odd", security=True))
+    record(200, time.perf_counter())
+    [line] = read_lines(tmp_path / "a.jsonl")
+    assert (line["level"], line["event"], line["reason"]) == ("warning", "ztmw.security", "odd")
+    sink.close()
+
+
+def test_a_prepared_replay_that_cannot_be_rendered_is_counted_not_raised(tmp_path: Path) -> None:
+    import time
+
+    sink = JsonLinesAuditSink(tmp_path / "a.jsonl", buffer_bytes=1 << 20, clock=FakeClock())
+    record = sink.prepare(replace(EVENT, status=0, duration_ms=0.0))
+    record("not a status", time.perf_counter())  # type: ignore[arg-type]
+    record(200, time.perf_counter())
+    sink.close()
+    assert [line["status"] for line in read_lines(tmp_path / "a.jsonl")] == [200] and sink.dropped == 1
+
+
 async def test_security_events_are_written_at_once_at_warning_level(tmp_path: Path) -> None:
     sink = JsonLinesAuditSink(tmp_path / "a.jsonl", buffer_bytes=1 << 20, clock=FakeClock())
     sink.emit(EVENT)  # buffered until the timer (in an event loop)

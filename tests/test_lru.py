@@ -63,3 +63,21 @@ def test_a_zero_bound_keeps_nothing() -> None:
     lru: LRU[str, int] = LRU(0)
     lru.put("a", 1)
     assert len(lru) == 0 and lru.get("a") is None
+
+
+def test_removals_count_every_value_that_left_and_nothing_else() -> None:
+    lru: LRU[str, int] = LRU(2)
+    lru.put("a", 1)
+    lru.put("b", 2)
+    lru.get("a")
+    assert lru.removals == 0  # writes of new keys and reads remove nothing
+    lru.put("c", 3)  # b is dropped for the bound
+    assert lru.removals == 1
+    lru.put("c", 4)  # the value 3 is replaced
+    assert lru.removals == 2
+    lru.pop("missing")
+    assert lru.removals == 2
+    lru.pop("a")
+    assert lru.removals == 3
+    lru.clear()  # c goes
+    assert lru.removals == 4 and len(lru) == 0

@@ -298,6 +298,10 @@ async def test_sec_07_a_still_trusted_check_that_raises_is_a_401_on_replay_too(
     monkeypatch.setattr(KeySet, "publishes", broken)
     with capture_logs():
         assert (await call(client, token, Authorization=f"bearer {token}"))[0] == 401  # the full pipeline
+        # the replay asks the verifier once its keys changed: a new key, fetched for a token that names it
+        new_kid = issuer.add_key("ES256")
+        clock.advance(31)  # past the refetch cooldown
+        assert (await call(client, issuer.mint("bob", scope="items:read", key=new_kid)))[0] == 200  # a miss: not asked
         assert (await call(client, token))[0] == 401  # the replay (once a 500)
 
 
@@ -1064,10 +1068,11 @@ async def test_the_memo_never_holds_more_than_memo_entries_whatever_the_targets(
 
 # -- holds() and the verifier's still_trusted, resolved once per entry ---------------------------------------
 
-async def test_the_verifier_is_asked_on_every_replay_not_only_when_the_entry_is_made(
+async def test_the_verifier_is_asked_again_whenever_its_keys_changed(
     aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, full_runs: Any
 ) -> None:
-    """trust_check resolves which function to ask once; the question itself is asked on every replay."""
+    """A replay does not ask the verifier while its trust version stands still; once the issuer's keys were
+    fetched anew and differ, the next replay asks (once), and a "no longer trusted" sends it to the full path."""
     from ztmw_plugins.jwks import KeySet
 
     client, pipeline = await protected(aiohttp_client, echo_config(issuer), clock, echo_app())
@@ -1083,15 +1088,66 @@ async def test_the_verifier_is_asked_on_every_replay_not_only_when_the_entry_is_
         asked.append(True)
         return publishes(self, thumbprint)
 
+    async def new_key_set() -> None:  # a token naming a new key: its kid is unknown, so the keys are fetched
+        kid = issuer.add_key("ES256")
+        clock.advance(31)  # past the refetch cooldown
+        version = bearer.trust_version
+        assert (await call(client, issuer.mint("bob", scope="items:read", key=kid)))[0] == 200
+        assert bearer.trust_version == version + 1
+
     monkeypatch.setattr(KeySet, "publishes", counted)
     runs = full_runs(pipeline)
     assert [(await call(client, token))[0] for _ in range(3)] == [200] * 3
-    assert len(asked) == 3 and runs == []
+    assert asked == [] and runs == []
+    await new_key_set()
+    runs.clear()
+    assert [(await call(client, token))[0] for _ in range(3)] == [200] * 3
+    assert len(asked) == 1 and runs == []  # asked by the first replay after the change only
     monkeypatch.setattr(KeySet, "publishes", lambda self, thumbprint: False)  # "no longer trusted"
+    await new_key_set()
+    runs.clear()
     with capture_logs() as logs:
         assert (await call(client, token))[0] == 200  # the key still verifies it: verified again, in full
-    assert runs == [1] and memo_size(pipeline) == 0
+    assert runs == [1] and token_memo_entries(pipeline, entry) == 0
     assert [e["cache"] for e in logs if e["event"] == "ztmw.decision"] == ["miss"]
+
+
+def token_memo_entries(pipeline: ztmw.Pipeline, entry: Any) -> int:
+    """How many memo entries stand on the verification-cache entry `entry` stood on."""
+    assert pipeline.memo is not None
+    return sum(1 for e in pipeline.memo._entries.values() if e.cache_key == entry.cache_key)
+
+
+def test_a_verifier_that_cannot_version_its_trust_is_asked_on_every_replay(clock: FakeClock) -> None:
+    """A verifier with `still_trusted` but no `trust_version` (a third party's): nothing tells the memo when
+    its answer may change, so every replay asks it, and the first "no" ends the entry."""
+    from ztmw.cache import MemoryVerificationCache
+    from ztmw.config import Rule
+    from ztmw.memo import DecisionMemo
+    from ztmw.models import ANONYMOUS_TRUST, Caller, Decision, Principal, RequestView, VerifiedToken
+    from ztmw.pipeline import Outcome
+
+    cache = MemoryVerificationCache(max_entries=10, max_ttl=300, clock=clock)
+    token = VerifiedToken(issuer="https://issuer.test", subject="ann", audience=("api",), expires_at=clock() + 60,
+                          token_id="t1", verifier="third-party")
+    cache.set(b"k" * 32, token)
+    answers = [True, True, False]
+    asked: list[VerifiedToken] = []
+
+    def still_trusted(verified: VerifiedToken) -> bool:
+        asked.append(verified)
+        return answers[len(asked) - 1]
+
+    memo = DecisionMemo(rules=[Rule(id="read", path="/items")], max_entries=10, cache=cache,
+                        trust_check=lambda verified: still_trusted, trust_source=lambda verified: None, clock=clock)
+    principal = Principal("ann", token.issuer, token, Caller(None), "ann")
+    outcome = Outcome(Decision(True, "allowed", "read", 200), principal, ANONYMOUS_TRUST, None, "hit", b"k" * 32)
+    assert memo.accepts(outcome)
+    key = ("route", "GET", "/items", b"d" * 32)
+    memo.remember(key, RequestView(method="GET", path="/items", route=None), outcome, None, None)
+    assert memo.recall(key) is not None and memo.recall(key) is not None
+    assert memo.recall(key) is None and len(memo) == 0
+    assert asked == [token] * 3
 
 
 async def test_a_verifier_without_still_trusted_is_replayed_until_its_cache_entry_ends(

@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import time
 from typing import TYPE_CHECKING, Any, Callable, Generic, Literal, Mapping, Sequence, TypeVar
 
 import structlog
 
 from .config import check_plugin_settings
 from .models import AuditEvent
-from .typing import AuditSink, PluginDeps, ReusingAuditSink
+from .typing import AuditSink, PluginDeps, PreparingAuditSink, ReusingAuditSink
 
 if TYPE_CHECKING:  # pragma: no cover - the jsonl sink imports this module
     from .audit_jsonl import JsonLinesAuditSink
@@ -26,6 +27,12 @@ if TYPE_CHECKING:  # pragma: no cover - the jsonl sink imports this module
 def hash_subject(subject: str) -> str:
     """A stable pseudonym: the same subject always maps to the same value, the value does not reveal it."""
     return "sha256:" + hashlib.sha256(subject.encode("utf-8", "surrogatepass")).hexdigest()[:24]
+
+
+def elapsed_ms(started: float) -> float:
+    """Milliseconds since `started` (a `time.perf_counter()` value), to the microsecond (truncated: a third of
+    what round() costs)."""
+    return int((time.perf_counter() - started) * 1_000_000) / 1000
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(AuditEvent) if f.name != "security")
@@ -146,6 +153,22 @@ class AuditFanout:
                 sink.emit(event)
             except Exception:
                 pass
+
+    def recorder(self, template: AuditEvent) -> Callable[[int, float], None]:
+        """What records one replay of the decision in `template`: `record(status, started)` (`started`, the
+        request's `time.perf_counter()`). The only sink's own prepared recorder when it has one (the default:
+        a pre-rendered line noted per request), else `emit_again` with the time elapsed."""
+        only = self._only
+        if isinstance(only, PreparingAuditSink):
+            try:
+                return only.prepare(template)
+            except Exception:  # a sink that cannot prepare still gets every replay, through emit_again
+                pass
+
+        def record(status: int, started: float) -> None:
+            self.emit_again(template, status, elapsed_ms(started))
+
+        return record
 
     def emit_again(self, template: AuditEvent, status: int, duration_ms: float) -> None:
         """Sinks that can reuse the template do; the others get a full event, built once for all of them."""

@@ -28,11 +28,12 @@ import stat
 import time
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
-from typing import Any, Mapping
+from time import perf_counter
+from typing import Any, Callable, Mapping
 
 import structlog
 
-from .audit import RenderedTemplates
+from .audit import RenderedTemplates, elapsed_ms
 from .config import check_plugin_settings
 from .errors import ConfigurationError
 from .models import AuditEvent
@@ -52,6 +53,9 @@ _KEYS = {name: encode_basestring_ascii(name) + ":" for name in _STATIC_FIELDS}
 _LINE_OVERHEAD = len('{"timestamp":"2026-01-01T00:00:00.000000Z","level":"warning","event":"ztmw.security",'
                      '"status":200,"duration_ms":1000.123}\n')
 _UNRENDERED_SIZE = 320  # what an event not rendered yet is taken to weigh in the buffer (a typical fragment)
+# numbers of a replayed line by table lookup: number formatting was most of the cost of rendering a line
+_DIGITS = tuple(f"{i:03d}" for i in range(1000))
+_STATUS = {status: str(status) for status in range(100, 1000)}  # anything else is no status: counted lost
 _HEADS = {False: '","level":"info","event":"ztmw.decision",', True: '","level":"warning","event":"ztmw.security",'}
 
 
@@ -99,8 +103,9 @@ class JsonLinesAuditSink:
         self._buffer_bytes = buffer_bytes
         self._clock = clock
         self._log = logger if logger is not None else structlog.get_logger("ztmw")
-        # (fragment, or the event to render it from, status, ms, time, security)
-        self._pending: list[tuple[str | AuditEvent, int, float, float, bool]] = []
+        # (fragment, or the event to render it from, status, ms, time, security), or for a prepared replay
+        # (the line's head up to the status, status, seconds elapsed, time, None)
+        self._pending: list[tuple[str | AuditEvent, int, float, float, bool | None]] = []
         self._size = 0
         self._timer: asyncio.TimerHandle | None = None
         self._fragments = RenderedTemplates(_fragment)
@@ -183,6 +188,29 @@ class JsonLinesAuditSink:
         except Exception as exc:  # an audit sink must never turn a decision into a 500
             self._failed(1, type(exc).__name__)
 
+    def prepare(self, template: AuditEvent) -> Callable[[int, float], None]:
+        """`PreparingAuditSink`: the line of a replay of `template` is rendered now up to its status, and each
+        replay notes that head, its status, the time elapsed and the time: the least a request can pay for its
+        line (the rest is put together with the batch)."""
+        if template.security:  # written at once, like every security event: the general path
+            return lambda status, started: self.emit_again(template, status, elapsed_ms(started))
+        head = _HEADS[False] + _fragment(template) + '"status":'
+        size = len(head) + _LINE_OVERHEAD
+        clock = self._clock
+
+        def record(status: int, started: float) -> None:
+            try:
+                self._pending.append((head, status, perf_counter() - started, clock(), None))
+                self._size += size
+                if self._size >= self._buffer_bytes:
+                    self.flush()
+                elif self._timer is None:
+                    self._arm_timer()
+            except Exception as exc:  # an audit sink must never turn a decision into a 500
+                self._failed(1, type(exc).__name__)
+
+        return record
+
     def write_line(self, line: str) -> None:
         """Another JSON line (a log line, already rendered) for the same stream: written at once, after the
         audit lines queued before it, so the stream stays in order (`ztmw.serve_logging`)."""
@@ -205,7 +233,7 @@ class JsonLinesAuditSink:
         except Exception as exc:  # an audit sink must never turn a decision into a 500
             self._failed(1, type(exc).__name__)
 
-    def _lines(self, pending: list[tuple[str | AuditEvent, int, float, float, bool]]) -> list[str]:
+    def _lines(self, pending: list[tuple[str | AuditEvent, int, float, float, bool | None]]) -> list[str]:
         """The JSON lines of a batch; one that cannot be rendered is counted lost, the others are kept.
         One tight loop (the timestamp's date and time part formatted once a second, as `_timestamp` does)."""
         lines: list[str] = []
@@ -216,11 +244,16 @@ class JsonLinesAuditSink:
                 if status < 0:  # a whole line from `write_line`
                     append(f"{fragment}\n")
                     continue
-                if fragment.__class__ is not str:
-                    fragment = _fragment(fragment)  # type: ignore[arg-type]
                 whole = int(now)
                 if whole != second:
                     second, second_text = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+                if security is None:  # a prepared replay: the head, then status and the seconds it took
+                    micros, took = int((now - whole) * 1_000_000), int(duration_ms * 1_000_000)
+                    append(f'{{"timestamp":"{second_text}.{_DIGITS[micros // 1000]}{_DIGITS[micros % 1000]}Z'
+                           f'{fragment}{_STATUS[status]},"duration_ms":{took // 1000}.{_DIGITS[took % 1000]}}}\n')
+                    continue
+                if fragment.__class__ is not str:
+                    fragment = _fragment(fragment)  # type: ignore[arg-type]
                 append(f'{{"timestamp":"{second_text}.{int((now - whole) * 1_000_000):06d}Z{_HEADS[security]}'
                        f'{fragment}"status":{int(status)},"duration_ms":{float(duration_ms)!r}}}\n')
             except Exception as exc:

@@ -21,6 +21,7 @@ from .typing import (
     IdentityResolver,
     RevocableVerifier,
     TokenVerifier,
+    TrustVersioned,
     VerificationCache,
 )
 
@@ -68,6 +69,10 @@ class Authenticator:
         # bound once: on every cache hit the core asks the verifier whether its result still stands
         self._still_trusted_by_name = {
             v.name: v.still_trusted for v in self._token_verifiers if isinstance(v, RevocableVerifier)
+        }
+        self._versioned_by_name = {
+            v.name: v for v in self._token_verifiers
+            if isinstance(v, RevocableVerifier) and isinstance(v, TrustVersioned)
         }
         self._schemes = frozenset({"bearer"} | {b.scheme for b in self._bindings.values() if b.scheme})
         self._max_shared_ttl = max_shared_ttl
@@ -195,6 +200,10 @@ class Authenticator:
         """The verifier's own `still_trusted` for `verified` (None: it cannot tell), for a caller that asks
         again and again about one result (the decision memo) and would otherwise look it up every time."""
         return self._still_trusted_by_name.get(verified.verifier)
+
+    def trust_source(self, verified: VerifiedToken) -> TrustVersioned | None:
+        """The verifier of `verified` when it versions what it trusts (see `TrustVersioned`), else None."""
+        return self._versioned_by_name.get(verified.verifier)
 
     def _check_still_valid(self, verified: VerifiedToken) -> None:
         now = self._clock()

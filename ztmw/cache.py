@@ -61,6 +61,11 @@ class _ExpiringLRU(Generic[V]):
             return False
         return True
 
+    def expiry(self, key: bytes, value: V) -> float | None:
+        """When this very value under `key` expires (None: it is not held); no recency change."""
+        entry = self._entries.peek(key)
+        return entry[0] if entry is not None and entry[1] is value else None
+
     def put(self, key: bytes, value: V, expires: float) -> None:
         if expires > self._clock():
             self._entries.put(key, (expires, value))
@@ -83,6 +88,9 @@ class MemoryVerificationCache:
         # replay: no hit counted, the entry's recency refreshed as by a lookup). The LRU's own method: one call
         # less on the path of most requests.
         self.holds: Callable[[bytes, VerifiedToken], bool] = self._lru.holds
+        # the bounded map itself: while its `removals` count stands still, every value seen in it is still held
+        # (the decision memo compares that count instead of looking its entry up on every replay)
+        self.store = self._lru._entries
         self.hits = 0
         self.misses = 0
 
@@ -103,6 +111,10 @@ class MemoryVerificationCache:
         expires = min(self._clock() + self._max_ttl, value.expires_at)
         self._lru.put(key, value, expires if until is None else min(expires, until))
 
+
+    def held_until(self, key: bytes, value: VerifiedToken) -> float | None:
+        """When this very result under `key` expires (None: it is not held), without counting a hit."""
+        return self._lru.expiry(key, value)
 
     def discard(self, key: bytes) -> None:
         self._lru.pop(key)

@@ -9,21 +9,28 @@ keeps the order; this adds the bound and the recency bump in one place. Single e
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Generic, Hashable, Iterator, TypeVar
+from typing import Callable, Generic, Hashable, Iterator, TypeVar
 
 K = TypeVar("K", bound=Hashable)
+_ABSENT = object()
 V = TypeVar("V")
 
 
 class LRU(Generic[K, V]):
     """At most `max_entries` entries; a read makes an entry the most recent, a write beyond the bound drops
-    the least recent."""
+    the least recent.
 
-    __slots__ = ("_entries", "_max_entries")
+    `removals` counts values that left (dropped for the bound, popped, cleared, replaced by a write): a reader
+    that saw a value and the same count later knows that value is still held, without looking."""
+
+    __slots__ = ("_entries", "_max_entries", "removals", "touch")
 
     def __init__(self, max_entries: int) -> None:
         self._entries: OrderedDict[K, V] = OrderedDict()
         self._max_entries = max_entries
+        self.removals = 0
+        self.touch: Callable[[K], None] = self._entries.move_to_end
+        """`touch(key)`: make a held key the most recent (KeyError when it is not held); no wrapper call."""
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -36,6 +43,10 @@ class LRU(Generic[K, V]):
         """Whether `key` is held, without making it more recent."""
         return key in self._entries
 
+    def peek(self, key: K) -> V | None:
+        """The value under `key` without making it more recent."""
+        return self._entries.get(key)
+
     def get(self, key: K) -> V | None:
         value = self._entries.get(key)
         if value is not None:
@@ -43,13 +54,18 @@ class LRU(Generic[K, V]):
         return value
 
     def put(self, key: K, value: V) -> None:
+        if key in self._entries:  # the old value leaves
+            self.removals += 1
         self._entries[key] = value
         self._entries.move_to_end(key)
         while len(self._entries) > self._max_entries:
             self._entries.popitem(last=False)
+            self.removals += 1
 
     def pop(self, key: K) -> None:
-        self._entries.pop(key, None)
+        if self._entries.pop(key, _ABSENT) is not _ABSENT:
+            self.removals += 1
 
     def clear(self) -> None:
+        self.removals += len(self._entries)
         self._entries.clear()

@@ -31,8 +31,10 @@ import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Hashable, Iterable
 
+from .cache import MemoryVerificationCache
 from .config import Rule
 from .models import AuditEvent, RequestView, VerifiedToken
+from .typing import Clock, TrustVersioned
 
 if TYPE_CHECKING:  # pragma: no cover - the pipeline imports this module
     from .pipeline import Outcome
@@ -40,9 +42,12 @@ if TYPE_CHECKING:  # pragma: no cover - the pipeline imports this module
 MemoKey = tuple[Hashable, str, str, bytes]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MemoEntry:
-    """An allowed outcome, the view it was decided on, and the verification-cache entry it stands on."""
+    """An allowed outcome, the view it was decided on, and the verification-cache entry it stands on.
+
+    Not frozen for `removals` and `trust_version` alone: the stamp the memo moves forward after checking in
+    full that the entry still stands, so the replays after that check nothing but the stamp."""
 
     view: RequestView
     outcome: Outcome
@@ -51,10 +56,30 @@ class MemoEntry:
     cache_key: bytes
     audit: AuditEvent | None
     """The audit event each replay is recorded from (status and duration filled in per request)."""
+    record: Callable[[int, float], None] | None
+    """Records one replay: `record(status, started)`, `started` the request's `time.perf_counter()`."""
     still_trusted: Callable[[VerifiedToken], bool] | None
     """The verifier's own check that what it concluded still stands (None: it cannot tell)."""
-    ages: bool = False
+    ages: bool
     """The token has `auth_time`: trust and the rule are decided again on each replay (the age moves)."""
+    expires: float
+    """When the verification-cache entry under `cache_key` expires (clock time)."""
+    versioned: TrustVersioned
+    """Whose `trust_version` says whether `still_trusted` may answer otherwise now."""
+    removals: int
+    """The verification cache's removal count when the entry was last seen to stand."""
+    trust_version: int
+    """`versioned.trust_version` then."""
+
+
+class _Unversioned:
+    """For a verifier that cannot tell whether a result still stands: nothing to ask, so nothing moves."""
+
+    trust_version = 0
+
+
+_UNVERSIONED = _Unversioned()
+_ASK_EVERY_TIME = -1  # a trust_version no verifier has: `still_trusted` is asked on every replay
 
 
 def memo_key(route: Hashable, method: str, path: str, authorization: str) -> MemoKey:
@@ -70,22 +95,33 @@ def plugins_are_memo_safe(plugins: Iterable[object]) -> bool:
 class DecisionMemo:
     """A bounded map of replayable allowed outcomes, each alive only while the verification cache still
     holds the very result it was built on: expiry, `max_ttl`, eviction and rotation all end it there.
-    Eviction here is first-in first-out, so a hit costs no reordering."""
+    Eviction here is first-in first-out, so a hit costs no reordering.
+
+    A replay checks three numbers: the clock against the cached result's expiry, the verification cache's
+    removal count and the verifier's trust version against the values seen when the entry last stood. Only
+    when one of the counts moved is the entry looked up in the cache and the verifier asked (and the stamp
+    moved on when it still stands)."""
 
     def __init__(
         self,
         *,
         rules: Iterable[Rule],
         max_entries: int,
-        holds: Callable[[bytes, VerifiedToken], bool],
+        cache: MemoryVerificationCache,
         trust_check: Callable[[VerifiedToken], Callable[[VerifiedToken], bool] | None],
+        trust_source: Callable[[VerifiedToken], TrustVersioned | None],
+        clock: Clock,
     ) -> None:
         # a rule with conditions (network, time of day...) depends on more than the memo key
         self._rule_ids = frozenset(rule.id for rule in rules if not rule.conditions)
         self._entries: dict[MemoKey, MemoEntry] = {}
         self._max_entries = max_entries
-        self._holds = holds
+        self._cache = cache
+        self._store = cache.store
+        self._touch = cache.store.touch
         self._trust_check = trust_check
+        self._trust_source = trust_source
+        self._clock = clock
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -94,9 +130,22 @@ class DecisionMemo:
         entry = self._entries.get(key)
         if entry is None:
             return None
+        if (entry.removals == self._store.removals and entry.versioned.trust_version == entry.trust_version
+                and self._clock() < entry.expires):
+            self._touch(entry.cache_key)  # held (nothing left the cache since): keep it recent, as a lookup does
+            return entry
+        return self._check(key, entry)
+
+    def _check(self, key: MemoKey, entry: MemoEntry) -> MemoEntry | None:
+        """The full check, once a count moved (or the entry expired): the very result is still cached and
+        the verifier still trusts it. Also refreshes the cache entry's recency, as a lookup does."""
         try:
+            removals, version = self._store.removals, entry.versioned.trust_version
             token = entry.token
-            if self._holds(entry.cache_key, token) and (entry.still_trusted is None or entry.still_trusted(token)):
+            if self._cache.holds(entry.cache_key, token) and (entry.still_trusted is None
+                                                               or entry.still_trusted(token)):
+                if entry.trust_version != _ASK_EVERY_TIME:
+                    entry.removals, entry.trust_version = removals, version
                 return entry
         except Exception:  # a verifier bug: the full pipeline decides (and denies, SEC-07), never a 500 here
             pass
@@ -118,15 +167,28 @@ class DecisionMemo:
             or principal.token.cnf
         )
 
-    def remember(self, key: MemoKey, view: RequestView, outcome: Outcome, audit: AuditEvent | None) -> None:
-        """Keep `outcome` (which `accepts` must have accepted) and the audit template of its replays."""
+    def remember(self, key: MemoKey, view: RequestView, outcome: Outcome, audit: AuditEvent | None,
+                 record: Callable[[int, float], None] | None) -> None:
+        """Keep `outcome` (which `accepts` must have accepted), the audit template of its replays and what
+        records one. Nothing is kept when the result it stands on is no longer cached."""
         assert outcome.principal is not None and outcome.cache_key is not None
-        entries = self._entries
+        token = outcome.principal.token
+        removals = self._store.removals  # read first: a removal after this is seen by the next replay
+        expires = self._cache.held_until(outcome.cache_key, token)
+        if expires is None:
+            return
+        still_trusted = self._trust_check(token)
+        versioned: TrustVersioned | None = _UNVERSIONED if still_trusted is None else self._trust_source(token)
+        if versioned is None:
+            versioned, version = _UNVERSIONED, _ASK_EVERY_TIME
+        else:
+            version = versioned.trust_version
         # the view keeps what the audit event reads, not the Authorization value the request carried
         bare = RequestView(method=view.method, path=view.path, route=view.route, match_info=view.match_info)
-        token = outcome.principal.token
         ages = token.auth_time is not None
+        entries = self._entries
         entries[key] = MemoEntry(bare, outcome, token, outcome.cache_key, None if ages else audit,
-                                 self._trust_check(token), ages)
+                                 None if ages else record, still_trusted, ages, expires, versioned, removals,
+                                 version)
         if len(entries) > self._max_entries:
             del entries[next(iter(entries))]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import time
+from hashlib import sha256
+from time import perf_counter
 from types import MappingProxyType
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
@@ -20,7 +22,7 @@ from yarl import URL
 from .client_cert import certificate_from_request
 from .config import Config, load_config
 from .errors import AccessDenied, AuthError, UpstreamUnavailable
-from .memo import MemoEntry, MemoKey, memo_key
+from .memo import MemoKey
 from .models import ANONYMOUS_TRUST, Decision, Principal, RequestView, RouteRef, TrustAssessment
 from .parser_rejection import install_log_filter
 from .pipeline import Outcome, Pipeline
@@ -157,25 +159,42 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
 
     @web.middleware
     async def zero_trust(request: web.Request, handler: Handler) -> web.StreamResponse:
-        started = time.perf_counter()
+        started = perf_counter()
         match_info = request.match_info
         if match_info.http_exception is not None:
             return await handler(request)  # no such route: aiohttp's own 404/405, untouched
-        key = _memo_key(request, match_info) if memo is not None else None
-        if key is not None:
-            entry = memo.recall(key)  # type: ignore[union-attr]
+        key = None
+        if memo is not None and (key := _memo_key(request, match_info)) is not None:
+            entry = memo.recall(key)
             # the same bearer request was allowed before: replay its outcome, when it resolved to the same match
             # info (an app middleware before this one may have cloned the request to another path without
             # resolving it again, or set its match info: an owner rule reads the match info, not the path)
             if entry is not None and entry.view.match_info == match_info:
-                outcome = pipeline.replayed(entry) if entry.ages else entry.outcome
-                if outcome is not None:
+                if entry.ages:  # its trust was evaluated anew; any change: the full pipeline decides, below
+                    aged = pipeline.replayed(entry)
+                    if aged is not None:
+                        _publish(request, aged)
+                        return await _call_handler(request, handler, pipeline, entry.view, aged, started)
+                else:
+                    outcome = entry.outcome  # _publish, written out
                     request[PRINCIPAL] = outcome.principal
                     request[TRUST] = outcome.trust
                     request[DECISION] = outcome.decision
-                    if entry.audit is None and not entry.ages:  # audit is off: nothing to record
+                    record = entry.record
+                    if record is None:  # audit is off: nothing to record
                         return await handler(request)
-                    return await _replay(request, handler, pipeline, entry, outcome, started)
+                    # _handle_and_record, written out: this is the path of most requests. Nothing to decorate:
+                    # the memo only exists when decorators add nothing to plain bearer requests and mTLS is off.
+                    status = 500
+                    try:
+                        response = await handler(request)
+                        status = response.status
+                        return response
+                    except web.HTTPException as exc:
+                        status = exc.status
+                        raise
+                    finally:
+                        record(status, started)
         try:
             view, outcome = await _decide(request, pipeline)
         except web.HTTPException as exc:  # aiohttp's own answer while reading the body (413): still recorded
@@ -199,7 +218,7 @@ def _memo_key(request: web.Request, match_info: web.UrlMappingMatchInfo) -> Memo
     percent-encoding or a fragment (other spellings of the same request are decided in full, so one token
     cannot fill the memo with spellings of itself). The path is read off the request target as sent (yarl
     keeps it as is), and the query is left out of the key: the decision never depends on it, but for an
-    `access_token` parameter, refused in full."""
+    `access_token` parameter, refused in full. The key is `memo.memo_key`'s, written out (every request)."""
     headers = request.headers
     authorization = headers.getall(hdrs.AUTHORIZATION, ())
     if len(authorization) != 1 or _DPOP in headers:
@@ -207,14 +226,16 @@ def _memo_key(request: web.Request, match_info: web.UrlMappingMatchInfo) -> Memo
     value = authorization[0]
     if value[:7] != "Bearer " or value[7:8] in (" ", ""):
         return None
-    path, _, query = request.raw_path.partition("?")
+    path = request.raw_path
+    if "?" in path:
+        path, _, query = path.partition("?")
+        if ("access_token" in query or "%" in query) and _has_query_token(request.rel_url):
+            return None
     if path[:1] != "/" or "%" in path or "#" in path or len(path) > _MEMO_PATH_MAX:
-        return None
-    if ("access_token" in query or "%" in query) and _has_query_token(request.rel_url):
         return None
     if hdrs.CONTENT_TYPE in headers and request.content_type == _FORM:  # a body token is looked for in full
         return None
-    return memo_key(match_info.route, request.method, path, value)
+    return (match_info.route, request.method, path, sha256(value.encode("utf-8", "surrogatepass")).digest())
 
 
 async def _has_body_token(request: web.Request) -> bool:
@@ -256,30 +277,14 @@ async def _decide(request: web.Request, pipeline: Pipeline) -> tuple[RequestView
         refusal = AccessDenied("no_rule") if pipeline.rule_for(view) is None else error
         return view, Outcome(Decision(False, refusal.reason, None, refusal.status), error=refusal)
     outcome = await pipeline.evaluate(view)
-    request[PRINCIPAL] = outcome.principal
-    request[TRUST] = outcome.trust
-    request[DECISION] = outcome.decision
+    _publish(request, outcome)
     return view, outcome
 
 
-async def _replay(request: web.Request, handler: Handler, pipeline: Pipeline, entry: MemoEntry, outcome: Outcome,
-                  started: float) -> web.StreamResponse:
-    """Answer from the decision memo (the request keys are set) when there is something to record. Nothing to
-    decorate: the memo only exists when decorators add nothing to plain bearer requests and mTLS is off."""
-    template = entry.audit
-    if template is not None:  # _handle_and_record, written out: this is the path of most requests
-        status = 500
-        try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        finally:
-            pipeline.audit_again(template, status, started)
-    # trust was evaluated anew (the token has auth_time): a full audit event (none when audit is off)
-    return await _call_handler(request, handler, pipeline, entry.view, outcome, started)
+def _publish(request: web.Request, outcome: Outcome) -> None:
+    request[PRINCIPAL] = outcome.principal
+    request[TRUST] = outcome.trust
+    request[DECISION] = outcome.decision
 
 
 async def _handle_and_record(

@@ -15,7 +15,7 @@ import aiohttp
 import structlog
 
 from ._frozen import quick_init
-from .audit import AuditFanout, subject_for_audit
+from .audit import AuditFanout, elapsed_ms, subject_for_audit
 from .authenticate import Authentication, Authenticator, CacheResult
 from .cache import MemoryVerificationCache, NegativeCache, SharedVerificationCache
 from .challenge import ChallengeRenderer, ErrorResponse
@@ -144,8 +144,9 @@ class Pipeline:
             [p.instance for p in evaluators] + self._decorators
             + ([p.instance for p in resolvers] if self.authenticator.resolves_identity else [])
         ):
-            self.memo = DecisionMemo(rules=rules, max_entries=config.cache.memo_entries,
-                                     holds=self.cache.holds, trust_check=self.authenticator.trust_check)
+            self.memo = DecisionMemo(rules=rules, max_entries=config.cache.memo_entries, cache=self.cache,
+                                     trust_check=self.authenticator.trust_check,
+                                     trust_source=self.authenticator.trust_source, clock=clock)
 
     def _identity_chain(self, resolvers: list[LoadedPlugin]) -> IdentityChain | None:
         """None when nothing could ever link (only the config resolver, and no links): saves an await a request.
@@ -262,14 +263,7 @@ class Pipeline:
     def audit(self, request: RequestView, outcome: Outcome, status: int, started: float) -> None:
         if self.audit_sink is None:
             return
-        self.audit_sink.emit(self.audit_event(request, outcome, status, _elapsed_ms(started)))
-
-    def audit_again(self, template: AuditEvent | None, status: int, started: float) -> None:
-        """The audit event of a replayed decision: its template (see `audit_event`) with this request's
-        status and duration; a sink that can reuse what it rendered for the template does."""
-        if template is None or self.audit_sink is None:
-            return
-        self.audit_sink.emit_again(template, status, _elapsed_ms(started))
+        self.audit_sink.emit(self.audit_event(request, outcome, status, elapsed_ms(started)))
 
     def audit_event(self, request: RequestView, outcome: Outcome, status: int, duration_ms: float) -> AuditEvent:
         principal, token = outcome.principal, outcome.principal.token if outcome.principal else None
@@ -318,13 +312,11 @@ class Pipeline:
     def remember(self, key: MemoKey, request: RequestView, outcome: Outcome) -> None:
         """Offer an outcome to the decision memo, with the audit template its replays will be recorded from."""
         if self.memo is not None and self.memo.accepts(outcome):  # the template only for what is kept
-            template = self.audit_event(request, outcome, 0, 0.0) if self.audit_sink is not None else None
-            self.memo.remember(key, request, outcome, template)
-
-
-def _elapsed_ms(started: float) -> float:
-    """Milliseconds since `started`, to the microsecond (truncated: a third of what round() costs)."""
-    return int((time.perf_counter() - started) * 1_000_000) / 1000
+            template = record = None
+            if self.audit_sink is not None:
+                template = self.audit_event(request, outcome, 0, 0.0)
+                record = self.audit_sink.recorder(template)
+            self.memo.remember(key, request, outcome, template, record)
 
 
 def _requirement(error: AuthError | UpstreamUnavailable) -> str | None:

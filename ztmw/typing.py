@@ -132,11 +132,32 @@ class AuditSink(Protocol):
 
 
 @runtime_checkable
+class TrustVersioned(Protocol):
+    """Optional beside `RevocableVerifier.still_trusted`: a number that moves whenever any answer of
+    `still_trusted` may change (the keys it trusts were fetched anew and differ). A caller that asks again and
+    again about one result (the decision memo, on every replay) compares the number and asks only when it moved.
+    """
+
+    trust_version: int
+
+
+@runtime_checkable
 class ReusingAuditSink(AuditSink, Protocol):
     """Optional: a sink that can record "the decision in `template` again, for another request" without a new
     AuditEvent (the decision memo's replays), e.g. by reusing what it rendered for the template."""
 
     def emit_again(self, template: AuditEvent, status: int, duration_ms: float) -> None: ...
+
+
+@runtime_checkable
+class PreparingAuditSink(ReusingAuditSink, Protocol):
+    """Optional: a sink that prepares, once per remembered decision, what records each of its replays.
+
+    `prepare(template)` returns `record(status, started)`, called after each replayed request with its status
+    and the `time.perf_counter()` value it started at; it must never raise (count a failure instead). The
+    default sinks use it to note a pre-rendered line per request and nothing more."""
+
+    def prepare(self, template: AuditEvent) -> Callable[[int, float], None]: ...
 
 
 @dataclass(frozen=True, slots=True)

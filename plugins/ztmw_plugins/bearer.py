@@ -68,6 +68,10 @@ class BearerVerifier:
                                 cfg.profile == "rfc9068", cfg.profile)
             for cfg in deps.config.issuers
         }
+        self.trust_version = 0
+        """`TrustVersioned`: moves whenever any issuer's keys change, so `still_trusted` may answer otherwise."""
+        for issuer in self._issuers.values():
+            issuer.keys.on_version(self._keys_changed)
 
     async def verify_token(self, token: str) -> VerifiedToken:
         try:
@@ -117,6 +121,9 @@ class BearerVerifier:
             raise InvalidToken("bad_signature")
         # found.kid equals the token's kid when it names one: the JWKS's own string, shared by every cached token
         return self._claims(token, claims, issuer, iss, found.kid, found.thumbprint)
+
+    def _keys_changed(self) -> None:
+        self.trust_version += 1
 
     def still_trusted(self, verified: VerifiedToken) -> bool:
         """A cached result stands only while the key that verified it is still published (JWKS rotation)."""

@@ -307,6 +307,7 @@ class KeySet:
         self._usable_until = math.inf  # clock time after which the keys are too stale to use (fail closed)
         self._unknown: LRU[str, float] = LRU(UNKNOWN_KIDS_MAX)  # kid -> when a fetch proved it absent
         self._listeners: list[ChangeCallback] = []
+        self._version_listeners: list[Callable[[], None]] = []
         self._last_fetch: float | None = None
         self._inflight: asyncio.Future[bool] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -358,6 +359,10 @@ class KeySet:
         a `kid` are not reported (compare `version` for those).
         """
         self._listeners.append(callback)
+
+    def on_version(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` whenever `version` moves, right after the new keys are in place (it must not raise)."""
+        self._version_listeners.append(callback)
 
     async def key_for(self, kid: str | None, alg: str) -> PublicKey:
         """The key to verify a token with, or `InvalidToken("unknown_key")` / `UpstreamUnavailable`.
@@ -513,6 +518,8 @@ class KeySet:
         changed = old is None or old.identity != index.identity
         if changed:
             self._version += 1
+            for listener in tuple(self._version_listeners):
+                listener()
         removed = frozenset(
             kid for kid, fingerprint in old.fingerprints.items() if index.fingerprints.get(kid) != fingerprint
         ) if old is not None else frozenset()
