@@ -626,3 +626,17 @@ async def test_http_06_only_a_form_body_is_a_transport_and_the_handler_still_rea
     assert response.status == 200 and await response.json() == {"note": "kept"}
     as_json = await client.post("/echo", json={"access_token": "x"}, headers=auth)  # JSON is no transport
     assert as_json.status == 200
+
+
+def test_replays_write_the_request_keys_into_aiohttps_own_request_storage() -> None:
+    """The decision memo's replay writes PRINCIPAL, TRUST and DECISION into `request._state` (what `request[key]`
+    reads); this aiohttp still keeps its storage there, so the fast path, not the fallback, is the one in use
+    (the memo tests read the keys back in their handlers)."""
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    from ztmw.middleware import _STORAGE, PRINCIPAL
+
+    request = make_mocked_request("GET", "/")
+    request._state[PRINCIPAL] = None
+    assert _STORAGE and PRINCIPAL in request and isinstance(request, web.BaseRequest)

@@ -37,6 +37,8 @@ _VIEW: web.RequestKey[RequestView] = web.RequestKey("ztmw.view", RequestView)
 _ERROR: web.RequestKey[Any] = web.RequestKey("ztmw.error", object)
 _CACHE: web.RequestKey[str] = web.RequestKey("ztmw.cache", str)
 _DPOP = istr("DPoP")  # header names as istr: the case-insensitive lookup skips folding them every request
+_AUTHORIZATION, _CONTENT_TYPE = hdrs.AUTHORIZATION, hdrs.CONTENT_TYPE
+_BLANK = ("", " ")  # what may not follow "Bearer ": nothing, or a second space
 # longer paths are decided in full: a memo entry holds its path twice (key, match info), keep entries small
 _MEMO_PATH_MAX = 1024
 _FORM = "application/x-www-form-urlencoded"
@@ -45,6 +47,10 @@ _FORM = "application/x-www-form-urlencoded"
 _FORM_READ_MAX = 64 * 1024
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# aiohttp keeps a request's storage (request[key]) in the dict `_state`, one of the attributes it declares
+# (BaseRequest.ATTRS). A replay writes its three keys there directly: `request[key] = ...` runs a Python-level
+# check per key (str keys warn), a fifth of what a replay costs beside the token's hash. Keys are RequestKeys.
+_STORAGE = "_state" in web.BaseRequest.ATTRS
 
 
 def setup(
@@ -156,10 +162,11 @@ def request_view(
 def zero_trust_middleware(pipeline: Pipeline) -> Any:
     """All stages in one middleware: decide, audit, then call the handler only when allowed."""
     memo = pipeline.memo
+    timed = pipeline.audit_sink is not None  # the time a request took is only ever read by audit
 
     @web.middleware
     async def zero_trust(request: web.Request, handler: Handler) -> web.StreamResponse:
-        started = perf_counter()
+        started = perf_counter() if timed else 0.0
         match_info = request.match_info
         if match_info.http_exception is not None:
             return await handler(request)  # no such route: aiohttp's own 404/405, untouched
@@ -176,10 +183,14 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
                         _publish(request, aged)
                         return await _call_handler(request, handler, pipeline, entry.view, aged, started)
                 else:
-                    outcome = entry.outcome  # _publish, written out
-                    request[PRINCIPAL] = outcome.principal
-                    request[TRUST] = outcome.trust
-                    request[DECISION] = outcome.decision
+                    outcome = entry.outcome  # _publish, written out (into the request's storage: see _STORAGE)
+                    if _STORAGE:
+                        storage = request._state
+                        storage[PRINCIPAL] = outcome.principal
+                        storage[TRUST] = outcome.trust
+                        storage[DECISION] = outcome.decision
+                    else:  # pragma: no cover - an aiohttp that keeps request storage elsewhere
+                        _publish(request, outcome)
                     record = entry.record
                     if record is None:  # audit is off: nothing to record
                         return await handler(request)
@@ -220,11 +231,13 @@ def _memo_key(request: web.Request, match_info: web.UrlMappingMatchInfo) -> Memo
     keeps it as is), and the query is left out of the key: the decision never depends on it, but for an
     `access_token` parameter, refused in full. The key is `memo.memo_key`'s, written out (every request)."""
     headers = request.headers
-    authorization = headers.getall(hdrs.AUTHORIZATION, ())
+    authorization = headers.getall(_AUTHORIZATION, ())
     if len(authorization) != 1 or _DPOP in headers:
         return None
+    if _CONTENT_TYPE in headers and request.content_type == _FORM:  # a body token is looked for in full
+        return None
     value = authorization[0]
-    if value[:7] != "Bearer " or value[7:8] in (" ", ""):
+    if not value.startswith("Bearer ") or value[7:8] in _BLANK:
         return None
     path = request.raw_path
     if "?" in path:
@@ -232,8 +245,6 @@ def _memo_key(request: web.Request, match_info: web.UrlMappingMatchInfo) -> Memo
         if ("access_token" in query or "%" in query) and _has_query_token(request.rel_url):
             return None
     if path[:1] != "/" or "%" in path or "#" in path or len(path) > _MEMO_PATH_MAX:
-        return None
-    if hdrs.CONTENT_TYPE in headers and request.content_type == _FORM:  # a body token is looked for in full
         return None
     return (match_info.route, request.method, path, sha256(value.encode("utf-8", "surrogatepass")).digest())
 
