@@ -1013,10 +1013,11 @@ async def test_no_memo_entry_holds_the_token_or_the_authorization_value(
     for secret in (token, *token.split("."), f"Bearer {token}"):
         assert not any(secret in s for s in found)
         assert secret not in repr(entries)
-    # the key is a hash of the whole Authorization value, not the verification cache's key of the token
-    assert all(key[3] != hashlib.sha256(token.encode()).digest() for key in entries)
+    # the key holds the token's SHA-256, the one hash of it the verification cache's key shares
+    assert [key[3] for key in entries] == [hashlib.sha256(token.encode()).digest()]
     (entry,) = entries.values()
     assert entry.view.authorization == () and entry.view.dpop == () and entry.view.peer is None
+    assert entry.view.token_digest == b"" and entry.cache_key == hashlib.sha256(token.encode()).digest()
 
 
 # -- the memo's size: at most memo_entries entries, each about its documented size ---------------------------

@@ -22,12 +22,11 @@ What keeps it correct:
   token) is keyed (the adapter decides that), so one token cannot fill the memo with spellings of itself;
 - a replay also needs the match info its decision was made on (the adapter checks it): an app middleware
   before ztmw's may clone a request to another path without resolving it again, and owner rules read it;
-- keys are SHA-256 of the Authorization header value: no token is held here.
+- keys hold the SHA-256 of the token (the verification cache's key too), never the token.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Hashable, Iterable
 
@@ -40,6 +39,9 @@ if TYPE_CHECKING:  # pragma: no cover - the pipeline imports this module
     from .pipeline import Outcome
 
 MemoKey = tuple[Hashable, str, str, bytes]
+"""(route object, method, raw path, SHA-256 of the token): the adapter builds it (`middleware._memo_key`).
+The route object because aiohttp resolves Host-based sub-apps to different routes; the raw path because it
+fixes the match info an owner rule reads."""
 
 
 @dataclass(slots=True)
@@ -80,12 +82,6 @@ class _Unversioned:
 
 _UNVERSIONED = _Unversioned()
 _ASK_EVERY_TIME = -1  # a trust_version no verifier has: `still_trusted` is asked on every replay
-
-
-def memo_key(route: Hashable, method: str, path: str, authorization: str) -> MemoKey:
-    """The route object (aiohttp resolves Host-based sub-apps to different routes), method, raw path (it
-    fixes the match info an owner rule reads) and the SHA-256 of the Authorization header value."""
-    return (route, method, path, hashlib.sha256(authorization.encode("utf-8", "surrogatepass")).digest())
 
 
 def plugins_are_memo_safe(plugins: Iterable[object]) -> bool:

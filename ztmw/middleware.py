@@ -113,7 +113,8 @@ def _metadata_handler(pipeline: Pipeline) -> Handler:
 
 
 def request_view(
-    request: web.Request, pipeline: Pipeline, *, shared: bool = False, has_body_token: bool = False
+    request: web.Request, pipeline: Pipeline, *, shared: bool = False, has_body_token: bool = False,
+    token_digest: bytes = b"",
 ) -> RequestView:
     """Everything the pipeline may know about the request; raises InvalidRequest for a malformed cert header.
 
@@ -153,6 +154,7 @@ def request_view(
         client_certificate=certificate,
         has_query_token=_has_query_token(request.rel_url),
         has_body_token=has_body_token,
+        token_digest=token_digest,
     )
     if shared:
         request[_VIEW] = view
@@ -207,7 +209,7 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
                     finally:
                         record(status, started)
         try:
-            view, outcome = await _decide(request, pipeline)
+            view, outcome = await _decide(request, pipeline, key[3] if key is not None else b"")
         except web.HTTPException as exc:  # aiohttp's own answer while reading the body (413): still recorded
             pipeline.audit(_bare_view(request), Outcome(Decision(False, "unreadable_body", None, exc.status)),
                            exc.status, started)
@@ -229,7 +231,7 @@ def _memo_key(request: web.Request, match_info: web.UrlMappingMatchInfo) -> Memo
     percent-encoding or a fragment (other spellings of the same request are decided in full, so one token
     cannot fill the memo with spellings of itself). The path is read off the request target as sent (yarl
     keeps it as is), and the query is left out of the key: the decision never depends on it, but for an
-    `access_token` parameter, refused in full. The key is `memo.memo_key`'s, written out (every request)."""
+    `access_token` parameter, refused in full. See `memo.MemoKey`."""
     headers = request.headers
     authorization = headers.getall(_AUTHORIZATION, ())
     if len(authorization) != 1 or _DPOP in headers:
@@ -246,7 +248,8 @@ def _memo_key(request: web.Request, match_info: web.UrlMappingMatchInfo) -> Memo
             return None
     if path[:1] != "/" or "%" in path or "#" in path or len(path) > _MEMO_PATH_MAX:
         return None
-    return (match_info.route, request.method, path, sha256(value.encode("utf-8", "surrogatepass")).digest())
+    # the token's hash, not the header's: the spelling is fixed above, and the verification cache's key is the same
+    return (match_info.route, request.method, path, sha256(value[7:].encode("utf-8", "surrogatepass")).digest())
 
 
 async def _has_body_token(request: web.Request) -> bool:
@@ -277,18 +280,24 @@ def _has_query_token(url: URL) -> bool:
     return ("access_token" in raw or "%" in raw) and "access_token" in url.query
 
 
-async def _decide(request: web.Request, pipeline: Pipeline) -> tuple[RequestView, Outcome]:
+async def _decide(request: web.Request, pipeline: Pipeline, token_digest: bytes = b"") -> tuple[RequestView, Outcome]:
     try:
         # a request without a Content-Type has no form body: no coroutine for it (most requests)
         body_token = hdrs.CONTENT_TYPE in request.headers and await _has_body_token(request)
-        view = request_view(request, pipeline, has_body_token=body_token)
+        view = request_view(request, pipeline, has_body_token=body_token, token_digest=token_digest)
     except AuthError as error:  # a malformed forwarded-certificate header
         view = _bare_view(request)
         # a route no rule covers is 403 whatever else is wrong with the request
         refusal = AccessDenied("no_rule") if pipeline.rule_for(view) is None else error
         return view, Outcome(Decision(False, refusal.reason, None, refusal.status), error=refusal)
     outcome = await pipeline.evaluate(view)
-    _publish(request, outcome)
+    if _STORAGE:  # _publish, into the request's storage (see _STORAGE)
+        storage = request._state
+        storage[PRINCIPAL] = outcome.principal
+        storage[TRUST] = outcome.trust
+        storage[DECISION] = outcome.decision
+    else:  # pragma: no cover - an aiohttp that keeps request storage elsewhere
+        _publish(request, outcome)
     return view, outcome
 
 
