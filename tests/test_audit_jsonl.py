@@ -448,3 +448,22 @@ def test_stdout_is_written_and_never_closed(capfd: pytest.CaptureFixture[str]) -
     sink.close()
     out = capfd.readouterr().out
     assert [json.loads(line)["client_id"] for line in out.splitlines()] == ["demo-client"] * 2
+
+
+_OPTIONAL = st.one_of(st.none(), st.sampled_from(["a", "b", "é\"\\", "sha256:x"]))
+
+
+@given(st.lists(st.tuples(_OPTIONAL, _OPTIONAL, _OPTIONAL, st.one_of(st.none(), st.text(max_size=8)),
+                          st.one_of(st.none(), st.integers(0, 3)),
+                          st.one_of(st.none(), st.tuples(st.sampled_from(["acr=x", "amr=y"])))), max_size=12))
+def test_the_fragment_of_many_tokens_is_the_fragment_of_each(rows: list[tuple[Any, ...]]) -> None:
+    """What surrounds token_id is rendered once and reused: the result must be `_fragment`'s for every mix of
+    empty and filled fields, with and without a token id, in any order of arrival."""
+    from ztmw.audit_jsonl import _Fragments
+
+    fragments = _Fragments()
+    for subject, client_id, binding, token_id, aal, inputs in rows:
+        event = replace(EVENT, subject=subject, client_id=client_id, binding=binding, token_id=token_id, aal=aal,
+                        trust_inputs=inputs)
+        assert fragments(event) == _fragment(event)
+        assert fragments(replace(event, token_id=None)) == _fragment(replace(event, token_id=None))

@@ -148,6 +148,13 @@ class AuditFanout:
             self._only = direct if direct is not None else only  # type: ignore[assignment]
 
     def emit(self, event: AuditEvent) -> None:
+        only = self._only
+        if only is not None:  # one sink (the default): no loop, and the stdout writer without the structlog hop
+            try:
+                only.emit(event)
+            except Exception:
+                pass
+            return
         for sink in self._sinks:
             try:
                 sink.emit(event)

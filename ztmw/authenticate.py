@@ -96,7 +96,10 @@ class Authenticator:
         try:
             verified, cache = await self._verify_token(credential.token, key)
             self._check_still_valid(verified)
-            proof, key_thumbprint, cert_thumbprint = await self._confirm_binding(verified, credential, request)
+            if verified.cnf or credential.scheme != "bearer":
+                proof, key_thumbprint, cert_thumbprint = await self._confirm_binding(verified, credential, request)
+            else:  # an unbound token as a bearer token: nothing to confirm (and no coroutine for it)
+                proof = key_thumbprint = cert_thumbprint = None
             account = None
             if self._identity is not None:
                 account = await self._identity.resolve(verified.issuer, verified.subject)
