@@ -88,19 +88,17 @@ _REPEATED = frozenset({"iss", "aud", "azp", "client_id", "scope", "acr", "amr", 
 def stored_claims(claims: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of verified claims for a long-lived `VerifiedToken`: equal values, with the names and the recurring
     string values (see `_REPEATED`) taken from the shared tables, so a cached token holds only what is its own
-    (sub, jti, times, private claims). Lists are copied, never shared: a reader cannot change another token.
-
-    One C-speed pass renames (the JSON parser makes new name strings for every token; the table's are shared),
-    then only the recurring claims the token has are revisited for their values."""
-    known = _STRINGS.values  # looked up here first: a function call per claim name was most of this copy's cost
+    (sub, jti, times, private claims). Lists are copied, never shared: a reader cannot change another token."""
+    out: dict[str, Any] = {}
     share = _STRINGS.share
-    out = {known.get(name) or share(name): value for name, value in claims.items()}
-    for name in _REPEATED.intersection(out):
-        value = out[name]
-        if type(value) is str:
-            out[name] = known.get(value) or share(value)
-        elif type(value) is list:
-            out[name] = [share(v) if type(v) is str else v for v in value]
+    known = _STRINGS.values  # looked up here first: a function call per claim name was most of this copy's cost
+    for name, value in claims.items():
+        if name in _REPEATED:
+            if type(value) is str:
+                value = known.get(value) or share(value)
+            elif type(value) is list:
+                value = [share(v) if type(v) is str else v for v in value]
+        out[known.get(name) or share(name)] = value
     return out
 
 
