@@ -22,7 +22,6 @@ from typing import Any, Callable, Mapping
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
@@ -326,13 +325,34 @@ def _ecdsa(public: ec.EllipticCurvePublicKey, digest: hashes.HashAlgorithm) -> V
     def verify(message: bytes, signature: bytes) -> bool:
         if len(signature) != 2 * size:
             return False
-        r, s = int.from_bytes(signature[:size], "big"), int.from_bytes(signature[size:], "big")
-        if r == 0 or s == 0:  # degenerate signatures (CVE-2022-21449 class) never verify
+        der = der_signature(signature, size)
+        if der is None:  # degenerate signatures (CVE-2022-21449 class) never verify
             return False
-        public.verify(encode_dss_signature(r, s), message, algorithm)
+        public.verify(der, message, algorithm)
         return True
 
     return verify
+
+
+_BYTE = [bytes((i,)) for i in range(256)]
+
+
+def der_signature(raw: bytes, size: int) -> bytes | None:
+    """The DER `SEQUENCE { INTEGER r, INTEGER s }` of a JWS ECDSA signature `r || s` (RFC 7518 §3.4), each half
+    `size` octets; None when r or s is zero. What `encode_dss_signature(int(r), int(s))` returns, built from
+    the bytes without the two integer conversions (a third of the cost); r and s not below the group order
+    are left to OpenSSL, which refuses them."""
+    r = raw[:size].lstrip(b"\0")
+    s = raw[size:].lstrip(b"\0")
+    if not r or not s:
+        return None
+    if r[0] > 127:  # DER INTEGERs are signed: a set high bit needs a leading zero octet
+        r = b"\0" + r
+    if s[0] > 127:
+        s = b"\0" + s
+    length = len(r) + len(s) + 4  # at most 2 * (2 + 67) for P-521: one length octet, long form above 127
+    head = b"\x30" + _BYTE[length] if length < 128 else b"\x30\x81" + _BYTE[length]
+    return b"".join((head, b"\x02", _BYTE[len(r)], r, b"\x02", _BYTE[len(s)], s))
 
 
 def _rsa(public: rsa.RSAPublicKey, digest: Callable[[], hashes.HashAlgorithm], *, pss: bool) -> Verify:
@@ -356,11 +376,18 @@ def _eddsa(public: ed25519.Ed25519PublicKey) -> Verify:
 
 
 def verify_signature(jws: CompactJWS, key: ECKey | RSAKey | OKPKey, alg: str) -> bool:
-    """Check the signature with exactly this algorithm and key; False for any mismatch, never an exception."""
-    if not key_fits_algorithm(key, alg):
-        return False
+    """Check the signature with exactly this algorithm and key; False for any mismatch, never an exception.
+
+    A prepared verifier exists only for a key and algorithm that `key_fits_algorithm` accepted (keys are
+    immutable), so a key seen before skips that check."""
+    per_key: dict[str, Verify] | None = _VERIFIERS.get(key)
+    verify = per_key.get(alg) if per_key is not None else None
     try:
-        return _prepared(key, alg)(jws.signing_input, jws.signature)
+        if verify is None:
+            if not key_fits_algorithm(key, alg):
+                return False
+            verify = _prepared(key, alg)
+        return verify(jws.signing_input, jws.signature)
     except (InvalidSignature, JoseError, ValueError, TypeError):
         return False
 
