@@ -61,8 +61,9 @@ class _ExpiringLRU(Generic[V]):
             return False
         return True
 
-    def put(self, key: bytes, value: V, expires: float) -> None:
-        if expires > self._clock():
+    def put(self, key: bytes, value: V, expires: float, now: float | None = None) -> None:
+        """`now`: the caller's reading of the clock, when it has just taken one (saves a second reading)."""
+        if expires > (self._clock() if now is None else now):
             self._entries.put(key, (expires, value))
 
     def pop(self, key: bytes) -> None:
@@ -100,8 +101,9 @@ class MemoryVerificationCache:
     def set(self, key: bytes, value: VerifiedToken, until: float | None = None) -> None:
         """`until`: an earlier end for a result verified elsewhere (a replica's, through the shared level),
         so `max_ttl` counts from the verification, not from when this process learnt of it."""
-        expires = min(self._clock() + self._max_ttl, value.expires_at)
-        self._lru.put(key, value, expires if until is None else min(expires, until))
+        now = self._clock()
+        expires = min(now + self._max_ttl, value.expires_at)
+        self._lru.put(key, value, expires if until is None else min(expires, until), now)
 
 
     def discard(self, key: bytes) -> None:
