@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from ztmw._frozen import quick_init
+from ztmw._frozen import positional_factory, quick_init
 from ztmw.models import AuditEvent, RequestView, VerifiedToken
 
 
@@ -80,3 +80,52 @@ def test_classes_it_cannot_serve_are_refused() -> None:
     for cls in (WithPostInit, Mutable, Hidden):
         with pytest.raises(TypeError):
             quick_init(cls)
+
+
+# -- positional_factory: VerifiedToken's one hot constructor call ------------------------------------------
+
+def _token_values() -> tuple[Any, ...]:
+    return ("iss", "sub", ("aud",), 1.0, "jti", "bearer", "client", frozenset({"a"}), 1.0, 2.0, 3.0, "acr",
+            ("pwd",), {"jkt": "x"}, None, {"sub": "sub"}, "kid", 30.0, "thumb")
+
+
+def test_positional_factory_builds_an_instance_equal_to_the_constructors() -> None:
+    make = positional_factory(VerifiedToken)
+    made, built = make(*_token_values()), VerifiedToken(*_token_values())
+    assert type(made) is VerifiedToken and made == built
+    assert dataclasses.astuple(made) == dataclasses.astuple(built) and repr(made) == repr(built)
+    assert dataclasses.replace(made, subject="other").subject == "other" and made.subject == "sub"
+
+
+def test_positional_factory_instances_stay_frozen() -> None:
+    made = positional_factory(VerifiedToken)(*_token_values())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.subject = "mallory"  # type: ignore[misc]
+    for value in (made, VerifiedToken(*_token_values())):  # the class cannot be changed back, as with any instance
+        with pytest.raises((dataclasses.FrozenInstanceError, TypeError)):
+            value.__class__ = object  # type: ignore[assignment]
+        assert type(value) is VerifiedToken
+
+
+def test_positional_factory_wants_every_value() -> None:
+    make = positional_factory(VerifiedToken)
+    with pytest.raises(TypeError):
+        make(*_token_values()[:-1])
+
+
+def test_positional_factory_refuses_classes_it_cannot_serve() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class NoSlots:
+        a: int
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Base:
+        a: int
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Derived(Base):
+        b: int
+
+    for cls in (NoSlots, Derived):
+        with pytest.raises(TypeError):
+            positional_factory(cls)

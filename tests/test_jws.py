@@ -17,6 +17,7 @@ from ztmw.jws import (
     MalformedJWS,
     b64url_decode,
     b64url_encode,
+    der_signature,
     import_public_jwk,
     key_fits_algorithm,
     media_type_is,
@@ -661,3 +662,20 @@ async def test_impl_10_huge_numeric_dates_are_invalid_token_never_500(
     status, headers, body = await bearer(client, raw_token(issuer, claims_json(issuer, clock, **case)))
     assert status == 401, body
     assert challenges_of(headers)["Bearer"]["error"] == "invalid_token"
+
+
+# -- der_signature: the DER form of a raw ECDSA signature, as cryptography's encoder writes it ----------------
+
+@settings(max_examples=1500, deadline=None)
+@given(size=st.sampled_from([32, 48, 66]), data=st.data())
+def test_der_signature_agrees_with_encode_dss_signature(size: int, data: st.DataObject) -> None:
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+    half = st.one_of(st.binary(min_size=size, max_size=size),
+                     st.integers(0, 3).flatmap(lambda zeros: st.binary(min_size=size - zeros, max_size=size - zeros)
+                                               .map(lambda tail: b"\0" * zeros + tail)),
+                     st.sampled_from([b"\0" * size, b"\xff" * size, b"\0" * (size - 1) + b"\x80"]))
+    r, s = data.draw(half), data.draw(half)
+    r_int, s_int = int.from_bytes(r, "big"), int.from_bytes(s, "big")
+    expected = encode_dss_signature(r_int, s_int) if r_int and s_int else None
+    assert der_signature(r + s, size) == expected

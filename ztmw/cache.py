@@ -66,8 +66,9 @@ class _ExpiringLRU(Generic[V]):
         entry = self._entries.peek(key)
         return entry[0] if entry is not None and entry[1] is value else None
 
-    def put(self, key: bytes, value: V, expires: float) -> None:
-        if expires > self._clock():
+    def put(self, key: bytes, value: V, expires: float, now: float | None = None) -> None:
+        """`now`: the caller's reading of the clock, when it has just taken one (saves a second reading)."""
+        if expires > (self._clock() if now is None else now):
             self._entries.put(key, (expires, value))
 
     def pop(self, key: bytes) -> None:
@@ -108,9 +109,9 @@ class MemoryVerificationCache:
     def set(self, key: bytes, value: VerifiedToken, until: float | None = None) -> None:
         """`until`: an earlier end for a result verified elsewhere (a replica's, through the shared level),
         so `max_ttl` counts from the verification, not from when this process learnt of it."""
-        expires = min(self._clock() + self._max_ttl, value.expires_at)
-        self._lru.put(key, value, expires if until is None else min(expires, until))
-
+        now = self._clock()
+        expires = min(now + self._max_ttl, value.expires_at)
+        self._lru.put(key, value, expires if until is None else min(expires, until), now)
 
     def held_until(self, key: bytes, value: VerifiedToken) -> float | None:
         """When this very result under `key` expires (None: it is not held), without counting a hit."""

@@ -8,16 +8,15 @@ array of strings (JOSE-17), `scope` as a space-delimited string (AT-10), `amr` a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import re
 from types import MappingProxyType
 from typing import Any, Callable, Hashable, Mapping, TypeVar
 
+from ._frozen import positional_factory
 from .errors import InvalidToken
 from .jws import numeric_date
 from .models import VerifiedToken, frozen_mapping
-
-_PRINTABLE_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 H = TypeVar("H", bound=Hashable)
 V = TypeVar("V")
@@ -175,43 +174,74 @@ def verified_token(
     key_id: str | None = None,
     key_thumbprint: str | None = None,
 ) -> VerifiedToken:
-    """The `VerifiedToken` for checked claims; reads and validates sub, scope, acr, amr, auth_time, cnf, act."""
-    subject = required(claims, "sub", str)
-    scope = claims.get("scope", "")
+    """The `VerifiedToken` for checked claims; reads and validates sub, scope, acr, amr, auth_time, cnf, act.
+
+    Each claim is checked in the same order, with the same reason, as the generic readers above would; the
+    common case (a plain non-empty string, an absent optional claim) is answered inline and anything else
+    goes to those readers, which either return the same value or raise the reason."""
+    get = claims.get
+    subject = get("sub")
+    if type(subject) is not str or not subject:
+        subject = required(claims, "sub", str)
+    scope = get("scope", "")
     if not isinstance(scope, str):  # AT-10: the space-delimited string form only
         raise InvalidToken("invalid_claim")
-    amr = optional(claims, "amr", list)
-    if amr is not None and not all(isinstance(m, str) for m in amr):  # AMR-01
+    amr = None
+    if "amr" in claims:
+        amr = optional(claims, "amr", list)
+        if not all(isinstance(m, str) for m in amr):  # AMR-01
+            raise InvalidToken("invalid_claim")
+    acr = optional(claims, "acr", str) if "acr" in claims else None
+    cnf = None
+    if "cnf" in claims:
+        cnf = optional(claims, "cnf", dict)  # confirmed per request by the core, never here
+        if not cnf:
+            # RFC 7800 §3: the issuer claimed a binding and named no key: fail closed rather than accept it
+            # as an unbound bearer token (members nobody understands are refused per request, MTLS-15)
+            raise InvalidToken("unsupported_binding")
+    actor = optional(claims, "act", dict) if "act" in claims else None
+    jti = get("jti")
+    if jti is not None and (type(jti) is not str or not jti):
+        jti = optional(claims, "jti", str)
+    elif jti is None and "jti" in claims:  # a JSON null is no absent jti
         raise InvalidToken("invalid_claim")
-    acr = optional(claims, "acr", str)
-    cnf = optional(claims, "cnf", dict)  # confirmed per request by the core, never here
-    if cnf is not None and not cnf:
-        # RFC 7800 §3: the issuer claimed a binding and named no key: fail closed rather than accept it as
-        # an unbound bearer token (members nobody understands are refused per request, MTLS-15)
-        raise InvalidToken("unsupported_binding")
-    actor = optional(claims, "act", dict)
-    jti = optional(claims, "jti", str)
+    auth_time = date(claims, "auth_time") if "auth_time" in claims else None
+    known = _STRINGS.values
     share = _STRINGS.share
-    return VerifiedToken(
-        issuer=share(issuer),
-        subject=subject,
-        audience=_TUPLES.share(audience),
-        expires_at=expires_at,
-        token_id=jti if jti is not None and _PRINTABLE_ID.fullmatch(jti) else token_hash(token),
-        verifier=verifier,
+    return _make_verified(
+        known.get(issuer) or share(issuer),
+        subject,
+        _TUPLES.values.get(audience) or _TUPLES.share(audience),
+        expires_at,
+        jti if jti is not None and _printable_id(jti) else token_hash(token),
+        verifier,
         # shared: a cache of 100k tokens from a few clients holds each client id, scope set and acr once
-        client_id=share(client_id) if client_id is not None else None,
-        scopes=_SCOPES.derive(scope, _scope_set),
-        issued_at=issued_at,
-        not_before=not_before,
-        auth_time=date(claims, "auth_time"),
-        acr=share(acr) if acr is not None else None,
-        amr=_TUPLES.share(tuple(share(m) for m in amr)) if amr else (),
-        cnf=frozen_mapping(cnf),
-        actor=frozen_mapping(actor) if actor is not None else None,
+        (known.get(client_id) or share(client_id)) if client_id is not None else None,
+        _SCOPES.values.get(scope) or _SCOPES.derive(scope, _scope_set),
+        issued_at,
+        not_before,
+        auth_time,
+        share(acr) if acr is not None else None,
+        _TUPLES.share(tuple(share(m) for m in amr)) if amr else (),
+        frozen_mapping(cnf),
+        frozen_mapping(actor) if actor is not None else None,
         # every claim stays readable (AT-12: groups, roles... reach policy plugins), in a compact read-only copy
-        claims=MappingProxyType(stored_claims(claims)),
-        key_id=share(key_id) if key_id is not None else None,
-        leeway=leeway,
-        key_thumbprint=key_thumbprint,
+        MappingProxyType(stored_claims(claims)),
+        (known.get(key_id) or share(key_id)) if key_id is not None else None,
+        leeway,
+        key_thumbprint,
     )
+
+
+def _printable_id(jti: str) -> bool:
+    """`jti` fits a log line as it is: 1-128 printable ASCII characters, no space ([\\x21-\\x7e]{1,128})."""
+    return len(jti) <= 128 and jti.isascii() and jti.isprintable() and " " not in jti
+
+
+# VerifiedToken's fields, in order: the positional maker below is called with exactly these
+_VERIFIED_FIELDS = ("issuer", "subject", "audience", "expires_at", "token_id", "verifier", "client_id", "scopes",
+                    "issued_at", "not_before", "auth_time", "acr", "amr", "cnf", "actor", "claims", "key_id",
+                    "leeway", "key_thumbprint")
+if tuple(f.name for f in dataclasses.fields(VerifiedToken)) != _VERIFIED_FIELDS:  # pragma: no cover
+    raise ImportError("ztmw.claims: VerifiedToken's fields changed; update verified_token's positional call")
+_make_verified = positional_factory(VerifiedToken)

@@ -22,15 +22,16 @@ from typing import Any, Callable, Mapping
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
-from ._frozen import quick_init
+from ._frozen import positional_factory, quick_init
 from .errors import ZtmwError
 from .lru import LRU
 
-_PADDING = ("", "", "==", "=")  # by length % 4 (1 is never valid)
+_PADDING = (b"", b"", b"==", b"=")  # by length % 4 (1 is never valid)
+# base64url to the standard alphabet; "+", "/" and "=" to "!", which strict decoding refuses
+_TO_STANDARD = bytes.maketrans(b"-_+/=", b"+/!!!")
 _ALPHABET = {c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")}
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 # Which JWK key type (and curve) each JWS algorithm may use: one key, one algorithm family (RFC 8725 §3.1).
@@ -67,6 +68,9 @@ class CompactJWS:
     signature: bytes
 
 
+_make_compact = positional_factory(CompactJWS)  # one per JWS parsed: 0.1 µs instead of 0.3
+
+
 def b64url_encode(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
@@ -74,17 +78,18 @@ def b64url_encode(data: bytes) -> str:
 def b64url_decode(segment: str) -> bytes:
     """Decode unpadded base64url, refusing padding, other alphabets and non-canonical trailing bits.
 
-    `+ / =` are refused first; the decoder's strict mode then refuses every other character outside the
-    alphabet (non-ASCII included) instead of dropping it, and the check of the unused low bits makes sure one
-    byte string has exactly one accepted spelling (RFC 4648 §3.5).
+    One pass to ASCII bytes (non-ASCII refused there) and one table translation: `-_` become the standard
+    `+/`, and `+ / =` become `!`, which no base64 alphabet has, so the decoder's strict mode refuses them
+    with every other character outside the alphabet instead of dropping it. The check of the unused low bits
+    makes sure one byte string has exactly one accepted spelling (RFC 4648 §3.5).
     """
     remainder = len(segment) % 4
-    if remainder == 1 or "+" in segment or "/" in segment or "=" in segment:
+    if remainder == 1:
         raise MalformedJWS("bad_base64url")
     try:
-        data = binascii.a2b_base64(segment.replace("-", "+").replace("_", "/") + _PADDING[remainder],
+        data = binascii.a2b_base64(segment.encode("ascii").translate(_TO_STANDARD) + _PADDING[remainder],
                                    strict_mode=True)
-    except ValueError:  # binascii.Error, or a str that is not ASCII
+    except ValueError:  # binascii.Error, or UnicodeEncodeError for a str that is not ASCII
         raise MalformedJWS("bad_base64url") from None
     # canonical form: the unused low bits of the last character are zero (2 chars -> 4 bits, 3 chars -> 2 bits)
     if remainder and _ALPHABET[segment[-1]] & (0xF if remainder == 2 else 0x3):
@@ -161,7 +166,7 @@ def parse_compact(token: str, *, max_bytes: int = 16384) -> CompactJWS:
                 _HEADERS.clear()
             _HEADERS[header_b64] = {name: MappingProxyType(dict(v)) if type(v) is dict else v
                                     for name, v in header.items()}
-    return CompactJWS(header, claims, token[:len(header_b64) + len(payload_b64) + 1].encode("ascii"), signature)
+    return _make_compact(header, claims, token[:len(header_b64) + len(payload_b64) + 1].encode("ascii"), signature)
 
 
 def _shareable(value: Any) -> bool:
@@ -323,13 +328,34 @@ def _ecdsa(public: ec.EllipticCurvePublicKey, digest: hashes.HashAlgorithm) -> V
     def verify(message: bytes, signature: bytes) -> bool:
         if len(signature) != 2 * size:
             return False
-        r, s = int.from_bytes(signature[:size], "big"), int.from_bytes(signature[size:], "big")
-        if r == 0 or s == 0:  # degenerate signatures (CVE-2022-21449 class) never verify
+        der = der_signature(signature, size)
+        if der is None:  # degenerate signatures (CVE-2022-21449 class) never verify
             return False
-        public.verify(encode_dss_signature(r, s), message, algorithm)
+        public.verify(der, message, algorithm)
         return True
 
     return verify
+
+
+_BYTE = [bytes((i,)) for i in range(256)]
+
+
+def der_signature(raw: bytes, size: int) -> bytes | None:
+    """The DER `SEQUENCE { INTEGER r, INTEGER s }` of a JWS ECDSA signature `r || s` (RFC 7518 §3.4), each half
+    `size` octets; None when r or s is zero. What `encode_dss_signature(int(r), int(s))` returns, built from
+    the bytes without the two integer conversions (a third of the cost); r and s not below the group order
+    are left to OpenSSL, which refuses them."""
+    r = raw[:size].lstrip(b"\0")
+    s = raw[size:].lstrip(b"\0")
+    if not r or not s:
+        return None
+    if r[0] > 127:  # DER INTEGERs are signed: a set high bit needs a leading zero octet
+        r = b"\0" + r
+    if s[0] > 127:
+        s = b"\0" + s
+    length = len(r) + len(s) + 4  # at most 2 * (2 + 67) for P-521: one length octet, long form above 127
+    head = b"\x30" + _BYTE[length] if length < 128 else b"\x30\x81" + _BYTE[length]
+    return b"".join((head, b"\x02", _BYTE[len(r)], r, b"\x02", _BYTE[len(s)], s))
 
 
 def _rsa(public: rsa.RSAPublicKey, digest: Callable[[], hashes.HashAlgorithm], *, pss: bool) -> Verify:
@@ -353,11 +379,18 @@ def _eddsa(public: ed25519.Ed25519PublicKey) -> Verify:
 
 
 def verify_signature(jws: CompactJWS, key: ECKey | RSAKey | OKPKey, alg: str) -> bool:
-    """Check the signature with exactly this algorithm and key; False for any mismatch, never an exception."""
-    if not key_fits_algorithm(key, alg):
-        return False
+    """Check the signature with exactly this algorithm and key; False for any mismatch, never an exception.
+
+    A prepared verifier exists only for a key and algorithm that `key_fits_algorithm` accepted (keys are
+    immutable), so a key seen before skips that check."""
+    per_key: dict[str, Verify] | None = _VERIFIERS.get(key)
+    verify = per_key.get(alg) if per_key is not None else None
     try:
-        return _prepared(key, alg)(jws.signing_input, jws.signature)
+        if verify is None:
+            if not key_fits_algorithm(key, alg):
+                return False
+            verify = _prepared(key, alg)
+        return verify(jws.signing_input, jws.signature)
     except (InvalidSignature, JoseError, ValueError, TypeError):
         return False
 

@@ -16,6 +16,7 @@ from ztmw.config import IssuerConfig, check_plugin_settings
 from ztmw.errors import ConfigurationError, InvalidToken, UpstreamUnavailable
 from ztmw.jws import (
     ALGORITHM_KEY_TYPES,
+    CompactJWS,
     MalformedJWS,
     b64url_decode,
     media_type_is,
@@ -26,8 +27,9 @@ from ztmw.jws import (
 from ztmw.models import VerifiedToken
 from ztmw.typing import PluginDeps
 
-from .jwks import KeySet
+from .jwks import KeySet, PublicKey
 
+_MAX_DATE = 2**53  # a NumericDate beyond this is refused (JOSE-06), as by ztmw.jws.numeric_date
 _RFC9068_REQUIRED = frozenset({"sub", "client_id", "iat", "jti"})
 _IDENTITY_TYPE = "ztmw-id+jwt"
 _IDENTITY_REQUIRED = frozenset({"sub", "iat", "jti"})
@@ -75,14 +77,27 @@ class BearerVerifier:
 
     async def verify_token(self, token: str) -> VerifiedToken:
         try:
-            return await self._verify(token)
+            jws, issuer, iss, alg, kid = self._preflight(token)
+            # keys come only from the JWKS of the issuer the token names; jwk/jku/x5u/x5c in the header are
+            # never read (AT-05, BCP-07, BCP-10); a key already loaded is taken without awaiting anything
+            found = issuer.keys.ready_key(kid, alg)
+            if found is None:
+                found = await self._fetch_key(issuer, kid, alg)
+            if alg not in found.algorithms:  # kid names a key of another type or JWK alg (BCP-01, JWKS-04)
+                raise InvalidToken("unsupported_algorithm", security=True)
+            if not verify_signature(jws, found.key, alg):
+                raise InvalidToken("bad_signature")
+            # found.kid equals the token's kid when it names one: the JWKS's own string, shared by every
+            # cached token
+            return self._claims(token, jws.claims, issuer, iss, found.kid, found.thumbprint)
         except (InvalidToken, UpstreamUnavailable):
             raise
         except Exception as exc:  # no client input may become a 500; a bug here still fails closed
             self._log.error("bearer_unexpected_error", error=type(exc).__name__)
             raise InvalidToken("malformed_token") from None
 
-    async def _verify(self, token: str) -> VerifiedToken:
+    def _preflight(self, token: str) -> tuple[CompactJWS, _Issuer, str, str, str | None]:
+        """Structure, algorithm, issuer and type: everything before the key (cheap checks first)."""
         try:
             jws = parse_compact(token)  # JOSE-01..06, 09, 19; JWE, crit and nested JWTs refused
         except MalformedJWS as exc:
@@ -93,34 +108,36 @@ class BearerVerifier:
             raise InvalidToken("malformed_token") from None
         header, claims = jws.header, jws.claims
         alg: str = header["alg"]
-        if _never_allowed(alg):  # JOSE-08, JOSE-13, AT-09: never, whatever the config says
+        if alg not in ALGORITHM_KEY_TYPES and _never_allowed(alg):  # JOSE-08, JOSE-13, AT-09: never
             raise InvalidToken("unsupported_algorithm", security=True)
 
-        iss = claims_.required(claims, "iss", str)
+        iss = claims.get("iss")
+        if type(iss) is not str or not iss:
+            iss = claims_.required(claims, "iss", str)
         issuer = self._issuers.get(iss)  # exact string match (JOSE-18, AT-03)
         if issuer is None:
             raise InvalidToken("unknown_issuer")
         if alg not in issuer.algorithms:  # case-sensitive allowlist (JOSE-07, JOSE-20, BCP-01)
             raise InvalidToken("unsupported_algorithm")
-        _check_type(header.get("typ"), issuer.profile)
+        typ = header.get("typ")
+        if typ != "at+jwt" or issuer.profile == "ztmw-identity":
+            _check_type(typ, issuer.profile)
 
         kid = header.get("kid")
-        if "kid" in header and (not isinstance(kid, str) or not kid):  # a JSON null is no absent kid (RFC 7515 §4.1.4)
+        if kid is None:
+            if "kid" in header:  # a JSON null is no absent kid (RFC 7515 §4.1.4)
+                raise InvalidToken("malformed_token")
+        elif not isinstance(kid, str) or not kid:
             raise InvalidToken("malformed_token")
-        # keys come only from the JWKS of the issuer the token names; jwk/jku/x5u/x5c in the header are never
-        # read (AT-05, BCP-07, BCP-10)
+        return jws, issuer, iss, alg, kid
+
+    async def _fetch_key(self, issuer: _Issuer, kid: str | None, alg: str) -> PublicKey:
         try:
-            found = await issuer.keys.key_for(kid, alg)
+            return await issuer.keys.key_for(kid, alg)
         except InvalidToken:
             if kid is not None and self._known_elsewhere(kid, issuer):
                 raise InvalidToken("unknown_key", security=True) from None
             raise
-        if alg not in found.algorithms:  # kid names a key of another type or JWK alg (BCP-01, JWKS-04)
-            raise InvalidToken("unsupported_algorithm", security=True)
-        if not verify_signature(jws, found.key, alg):
-            raise InvalidToken("bad_signature")
-        # found.kid equals the token's kid when it names one: the JWKS's own string, shared by every cached token
-        return self._claims(token, claims, issuer, iss, found.kid, found.thumbprint)
 
     def _keys_changed(self) -> None:
         self.trust_version += 1
@@ -140,25 +157,59 @@ class BearerVerifier:
 
     def _claims(self, token: str, claims: Mapping[str, Any], issuer: _Issuer, iss: str,
                 kid: str | None, key_thumbprint: str) -> VerifiedToken:
+        """The claim checks after the signature, in this order: required claims (AT-08), times (JOSE-14..16,
+        AT-06), audience (JOSE-17, AT-04, BCP-09), client id, then the rest in `claims.verified_token`.
+
+        Integer NumericDates and a string `aud` (the shape nearly every token has) are checked inline; any
+        other shape goes to the generic readers of `ztmw.claims`, which answer the same reasons."""
         cfg = issuer.config
-        if issuer.strict and not claims.keys() >= _RFC9068_REQUIRED:  # AT-08
+        if issuer.strict:
+            if not claims.keys() >= _RFC9068_REQUIRED:  # AT-08
+                raise InvalidToken("missing_claim")
+        elif issuer.profile == "ztmw-identity" and not claims.keys() >= _IDENTITY_REQUIRED:
             raise InvalidToken("missing_claim")
-        if issuer.profile == "ztmw-identity" and not claims.keys() >= _IDENTITY_REQUIRED:
-            raise InvalidToken("missing_claim")
-        exp, nbf, iat = claims_.check_times(claims, now=self._clock(), leeway=cfg.leeway)  # JOSE-15/16, AT-06
-        if exp is None:
-            raise InvalidToken("missing_claim")
-        audience = claims_.audience(claims)
-        if audience is None:
-            raise InvalidToken("missing_claim")
-        if issuer.audiences.isdisjoint(audience):  # JOSE-17, AT-04, BCP-09: exact strings only
-            raise InvalidToken("audience_mismatch")
-        client_id = claims_.optional(claims, "client_id", str)
-        if client_id is None and not issuer.strict:
-            client_id = claims_.optional(claims, "azp", str)
+        get = claims.get
+        now, leeway = self._clock(), cfg.leeway
+        exp, nbf, iat = get("exp"), get("nbf"), get("iat")
+        if (type(exp) is int and -_MAX_DATE < exp < _MAX_DATE
+                and (nbf is None and "nbf" not in claims or type(nbf) is int and -_MAX_DATE < nbf < _MAX_DATE)
+                and (iat is None and "iat" not in claims or type(iat) is int and -_MAX_DATE < iat < _MAX_DATE)):
+            # plain integers (JOSE-14), the checks of claims.check_times in its order (JOSE-15/16, AT-06)
+            exp = float(exp)
+            if exp <= now - leeway:
+                raise InvalidToken("token_expired")
+            if nbf is not None:
+                nbf = float(nbf)
+                if nbf > now + leeway:
+                    raise InvalidToken("token_not_yet_valid")
+            if iat is not None:
+                iat = float(iat)
+                if iat > now + leeway:
+                    raise InvalidToken("token_issued_in_future")
+        else:
+            exp, nbf, iat = claims_.check_times(claims, now=now, leeway=leeway)
+            if exp is None:
+                raise InvalidToken("missing_claim")
+        aud = get("aud")
+        if type(aud) is str and aud:
+            if aud not in issuer.audiences:  # JOSE-17, AT-04, BCP-09: exact strings only
+                raise InvalidToken("audience_mismatch")
+            audience: tuple[str, ...] = (aud,)
+        else:
+            found = claims_.audience(claims)
+            if found is None:
+                raise InvalidToken("missing_claim")
+            if issuer.audiences.isdisjoint(found):
+                raise InvalidToken("audience_mismatch")
+            audience = found
+        client_id = get("client_id")
+        if type(client_id) is not str or not client_id:
+            client_id = claims_.optional(claims, "client_id", str)
+            if client_id is None and not issuer.strict:
+                client_id = claims_.optional(claims, "azp", str)
         return claims_.verified_token(
             claims, token=token, verifier="bearer", issuer=cfg.issuer, audience=audience, expires_at=exp,
-            not_before=nbf, issued_at=iat, client_id=client_id, leeway=cfg.leeway, key_id=kid,
+            not_before=nbf, issued_at=iat, client_id=client_id, leeway=leeway, key_id=kid,
             key_thumbprint=key_thumbprint,
         )
 

@@ -364,6 +364,19 @@ class KeySet:
         """Call `callback()` whenever `version` moves, right after the new keys are in place (it must not raise)."""
         self._version_listeners.append(callback)
 
+    def ready_key(self, kid: str | None, alg: str) -> PublicKey | None:
+        """The key `key_for` would return at once (no fetch, no wait), or None when `key_for` must decide.
+
+        The common case of a verification, answered without creating and awaiting a coroutine; on None the
+        caller awaits `key_for`, which repeats these steps and then refuses, fetches or waits.
+        """
+        if self._pins and kid is not None and kid not in self._pins:
+            return None  # key_for refuses it
+        index = self._index
+        if index is None or self._deps.clock() >= self._usable_until:
+            return None
+        return index.find(kid, alg)
+
     async def key_for(self, kid: str | None, alg: str) -> PublicKey:
         """The key to verify a token with, or `InvalidToken("unknown_key")` / `UpstreamUnavailable`.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -870,3 +871,45 @@ async def test_deeply_nested_json_is_invalid_token(issuer: DevIssuer, verifier: 
     head = token.split(".")[0]
     signed = issuer.sign(unb64(head), body)
     await rejects(verifier, signed, "malformed_token")
+
+
+# -- the inline claim checks (integer NumericDates, string aud) answer what the generic readers answer ------
+
+@pytest.mark.parametrize("claims, reason", [
+    ({"exp": "T-30"}, "token_expired"), ({"exp": "T-29"}, None),
+    ({"nbf": "T+31"}, "token_not_yet_valid"), ({"nbf": "T+30"}, None),
+    ({"iat": "T+31"}, "token_issued_in_future"), ({"iat": "T+30"}, None),
+    ({"exp": 2**53}, "invalid_claim"), ({"exp": 2**53 - 1}, None), ({"nbf": -(2**53)}, "invalid_claim"),
+    ({"iat": 2**53}, "invalid_claim"), ({"nbf": None}, "invalid_claim"), ({"iat": None}, "invalid_claim"),
+    ({"exp": "T-30", "nbf": "T+31"}, "token_expired"), ({"exp": "T-30", "nbf": "x"}, "invalid_claim"),
+    ({"nbf": "T+31", "iat": True}, "invalid_claim"), ({"nbf": "T+31", "iat": "T+31"}, "token_not_yet_valid"),
+    ({"exp": "T-30", "aud": 5}, "token_expired"), ({"aud": ""}, "invalid_claim"),
+    ({"aud": "https://other.example.com"}, "audience_mismatch"), ({"aud": "https://other.example.com",
+                                                                   "client_id": 5}, "audience_mismatch"),
+    ({"client_id": ""}, "invalid_claim"), ({"client_id": 5}, "invalid_claim"), ({"client_id": None}, "invalid_claim"),
+    ({"client_id": "", "sub": ""}, "invalid_claim"),
+])
+async def test_integer_dates_and_string_aud_keep_the_generic_reasons(
+        issuer: DevIssuer, verifier: BearerVerifier, clock: FakeClock, claims: dict[str, Any],
+        reason: str | None) -> None:
+    now = int(clock.now)
+    values = {name: now + int(value[1:]) if isinstance(value, str) and value.startswith("T") else value
+              for name, value in claims.items()}
+    token = issuer.mint(claims=values)
+    if reason is None:
+        await verifier.verify_token(token)
+    else:
+        await rejects(verifier, token, reason)
+
+
+async def test_integer_and_float_dates_give_equal_results(issuer: DevIssuer, verifier: BearerVerifier,
+                                                          clock: FakeClock) -> None:
+    now = int(clock.now)
+    as_int = {"exp": now + 60, "nbf": now - 5, "iat": now - 5}
+    as_float = {name: float(value) for name, value in as_int.items()}
+    common = {"jti": "same", "aud": API}
+    first = await verifier.verify_token(issuer.mint(claims={**as_int, **common}))
+    second = await verifier.verify_token(issuer.mint(claims={**as_float, **common}))
+    assert dataclasses.replace(first, claims={}) == dataclasses.replace(second, claims={})
+    assert (first.expires_at, first.not_before, first.issued_at) == (now + 60.0, now - 5.0, now - 5.0)
+    assert type(first.expires_at) is float and type(first.not_before) is float and type(first.issued_at) is float

@@ -907,3 +907,38 @@ def test_each_key_carries_its_rfc7638_thumbprint() -> None:
     index = parse_jwks(issuer.jwks())
     assert index.keys and all(key.thumbprint == key.key.thumbprint() for key in index.keys)
     assert index.thumbprints == {key.thumbprint for key in index.keys}
+
+
+# -- ready_key: key_for's answer when no fetch or wait is needed, else None ---------------------------------
+
+async def test_ready_key_is_key_for_without_the_await(jwks_server: Any, make_keyset: Any, clock: FakeClock,
+                                                      issuer: DevIssuer) -> None:
+    state, uri = jwks_server
+    state.document = issuer.jwks()
+    keyset = await make_keyset(issuer_config(jwks_uri=uri), start=False, stale_max=0)
+    assert keyset.ready_key(issuer.kid, "ES256") is None  # nothing loaded: key_for must fetch
+    assert await keyset.refresh_if_due() is True
+    found = await keyset.key_for(issuer.kid, "ES256")
+    assert keyset.ready_key(issuer.kid, "ES256") is found
+    assert keyset.ready_key(None, "ES256") is await keyset.key_for(None, "ES256")
+    assert keyset.ready_key("unknown", "ES256") is None  # key_for decides: refetch or unknown_key
+    assert keyset.ready_key(None, "RS256") is None
+
+    async def broken(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=503)
+
+    state.respond = broken
+    clock.now += DEFAULT_LIFETIME
+    assert keyset.ready_key(issuer.kid, "ES256") is None  # too stale to use: key_for fails closed
+    assert await outcome(keyset, issuer.kid) == "jwks_unavailable"
+
+
+async def test_ready_key_leaves_an_unpinned_kid_to_key_for(issuer: DevIssuer, make_keyset: Any,
+                                                           tmp_path: Any) -> None:
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"keys": [issuer.jwks()["keys"][0], {**issuer.jwks()["keys"][0], "kid": "other"}]}))
+    keyset = await make_keyset(issuer_config(jwks_file=str(path), kids=(issuer.kid,)))
+    assert keyset.ready_key(issuer.kid, "ES256") is await keyset.key_for(issuer.kid, "ES256")
+    assert keyset.ready_key("other", "ES256") is None
+    with pytest.raises(InvalidToken):
+        await keyset.key_for("other", "ES256")
