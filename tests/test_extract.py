@@ -274,21 +274,3 @@ def test_extract_outcome_is_none_credential_or_invalid_request(
         assert result.token and result.token.isascii()
         assert " " not in result.token and "\t" not in result.token
 
-
-def test_the_adapters_token_hash_is_used_only_for_the_very_token_it_hashed() -> None:
-    """The memo's key already holds SHA-256 of `value[7:]`: reused for `Bearer <token>`, computed anew for any
-    other spelling (where stripping spaces made the token another string)."""
-    import hashlib
-
-    from ztmw.models import RequestView
-
-    def digest_of(value: str, given: bytes) -> bytes:
-        view = RequestView(method="GET", path="/", route=None, authorization=(value,), token_digest=given)
-        credential = extract_credential(view, schemes=frozenset({"bearer"}))
-        assert credential is not None and credential.token == "abc.def"
-        return credential.digest
-
-    adapters = b"\x01" * 32  # what the adapter computed (any value: the extractor cannot check it cheaply)
-    assert digest_of("Bearer abc.def", adapters) is adapters
-    assert digest_of("Bearer   abc.def", adapters) == hashlib.sha256(b"abc.def").digest()
-    assert digest_of("Bearer abc.def", b"") == hashlib.sha256(b"abc.def").digest()

@@ -999,10 +999,30 @@ def strings_in(value: Any, depth: int = 0) -> list[str]:
     return []
 
 
+async def test_where_str_hashing_is_not_siphash_the_memo_keys_on_sha_256(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, full_runs: Any
+) -> None:
+    """An interpreter whose str hash is not keyed SipHash: the memo key is SHA-256 of the Authorization value,
+    and replays work as before."""
+    import hashlib
+
+    from ztmw import middleware
+
+    monkeypatch.setattr(middleware, "_SIPHASH", False)
+    client, pipeline = await protected(aiohttp_client, base_config(issuer), clock)
+    token = issuer.mint("ann", scope="items:read")
+    await warm(client, pipeline, token)
+    runs = full_runs(pipeline)
+    assert [(await call(client, token))[0] for _ in range(3)] == [200] * 3 and runs == []
+    [key] = pipeline.memo._entries  # type: ignore[union-attr]
+    assert key[3:] == (hashlib.sha256(f"Bearer {token}".encode()).digest(), 0)
+
+
 async def test_no_memo_entry_holds_the_token_or_the_authorization_value(
     aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
 ) -> None:
     import hashlib
+    import sys
 
     client, pipeline = await protected(aiohttp_client, base_config(issuer), clock)
     token = issuer.mint("ann", scope="items:read")
@@ -1013,11 +1033,14 @@ async def test_no_memo_entry_holds_the_token_or_the_authorization_value(
     for secret in (token, *token.split("."), f"Bearer {token}"):
         assert not any(secret in s for s in found)
         assert secret not in repr(entries)
-    # the key holds the token's SHA-256, the one hash of it the verification cache's key shares
-    assert [key[3] for key in entries] == [hashlib.sha256(token.encode()).digest()]
+    # the key holds two keyed hashes of the Authorization value (SipHash, a per-process secret key), nothing
+    # an outsider can compute from the token: not the token's SHA-256 (the verification cache's key)
+    [key] = entries
+    assert key[3:] == (hash(f"Bearer {token}"), hash(f" {token}")) and isinstance(key[3], int)
+    assert hashlib.sha256(token.encode()).digest() not in key and sys.hash_info.algorithm.startswith("siphash")
     (entry,) = entries.values()
     assert entry.view.authorization == () and entry.view.dpop == () and entry.view.peer is None
-    assert entry.view.token_digest == b"" and entry.cache_key == hashlib.sha256(token.encode()).digest()
+    assert entry.cache_key == hashlib.sha256(token.encode()).digest()
 
 
 # -- the memo's size: at most memo_entries entries, each about its documented size ---------------------------

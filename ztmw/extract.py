@@ -45,11 +45,7 @@ def extract_credential(
     token = rest.lstrip(" ")  # 1*SP: several spaces are valid, HTAB is not
     if not _TOKEN68.fullmatch(token):
         raise InvalidRequest("malformed_authorization", scheme=scheme)
-    # the adapter's hash is of value[7:]: the same token exactly when stripping took nothing away
-    digest = request.token_digest
-    if not digest or len(token) != len(value) - 7:
-        digest = hashlib.sha256(token.encode("ascii")).digest()
-    return Credential(scheme=scheme, token=token, digest=digest)
+    return Credential(scheme=scheme, token=token, digest=hashlib.sha256(token.encode("ascii")).digest())
 
 
 def _scheme_of(line: str) -> str:

@@ -22,7 +22,7 @@ What keeps it correct:
   token) is keyed (the adapter decides that), so one token cannot fill the memo with spellings of itself;
 - a replay also needs the match info its decision was made on (the adapter checks it): an app middleware
   before ztmw's may clone a request to another path without resolving it again, and owner rules read it;
-- keys hold the SHA-256 of the token (the verification cache's key too), never the token.
+- keys hold two keyed hashes of the Authorization value (see `MemoKey`), never the token.
 """
 
 from __future__ import annotations
@@ -38,10 +38,18 @@ from .typing import Clock, TrustVersioned
 if TYPE_CHECKING:  # pragma: no cover - the pipeline imports this module
     from .pipeline import Outcome
 
-MemoKey = tuple[Hashable, str, str, bytes]
-"""(route object, method, raw path, SHA-256 of the token): the adapter builds it (`middleware._memo_key`).
-The route object because aiohttp resolves Host-based sub-apps to different routes; the raw path because it
-fixes the match info an owner rule reads."""
+MemoKey = tuple[Hashable, str, str, "int | bytes", int]
+"""(route object, method, raw path, and the Authorization value keyed-hashed twice): built by the adapter
+(`middleware._memo_key`). The route object because aiohttp resolves Host-based sub-apps to different routes;
+the raw path because it fixes the match info an owner rule reads.
+
+The value is held as two 64-bit SipHash outputs (`hash()` of `Bearer <token>` and of ` <token>`; CPython
+keys its str hash with a random 128-bit secret per process): no token and no unkeyed hash of one. Two
+different values collide in both only by chance, 2^-128 per pair; a client that wants to be taken for
+another must match both hashes of a value it does not know, under a key it does not know. SipHash is
+about a quarter of SHA-256's cost on a 600-byte header, and a replay is mostly that hash. Where the str
+hash is not SipHash (an exotic build), the adapter keys on SHA-256 of the value instead. The verification
+cache keeps its SHA-256 key of the token (INTRO-09), shared with DPoP `ath`."""
 
 
 @dataclass(slots=True)

@@ -9,6 +9,7 @@ one stage alone.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from hashlib import sha256
 from time import perf_counter
@@ -39,6 +40,7 @@ _CACHE: web.RequestKey[str] = web.RequestKey("ztmw.cache", str)
 _DPOP = istr("DPoP")  # header names as istr: the case-insensitive lookup skips folding them every request
 _AUTHORIZATION, _CONTENT_TYPE = hdrs.AUTHORIZATION, hdrs.CONTENT_TYPE
 _BLANK = ("", " ")  # what may not follow "Bearer ": nothing, or a second space
+_SIPHASH = sys.hash_info.algorithm.startswith("siphash")  # CPython's str hash, keyed per process (memo.MemoKey)
 # longer paths are decided in full: a memo entry holds its path twice (key, match info), keep entries small
 _MEMO_PATH_MAX = 1024
 _FORM = "application/x-www-form-urlencoded"
@@ -113,8 +115,7 @@ def _metadata_handler(pipeline: Pipeline) -> Handler:
 
 
 def request_view(
-    request: web.Request, pipeline: Pipeline, *, shared: bool = False, has_body_token: bool = False,
-    token_digest: bytes = b"",
+    request: web.Request, pipeline: Pipeline, *, shared: bool = False, has_body_token: bool = False
 ) -> RequestView:
     """Everything the pipeline may know about the request; raises InvalidRequest for a malformed cert header.
 
@@ -154,7 +155,6 @@ def request_view(
         client_certificate=certificate,
         has_query_token=_has_query_token(request.rel_url),
         has_body_token=has_body_token,
-        token_digest=token_digest,
     )
     if shared:
         request[_VIEW] = view
@@ -209,7 +209,7 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
                     finally:
                         record(status, started)
         try:
-            view, outcome = await _decide(request, pipeline, key[3] if key is not None else b"")
+            view, outcome = await _decide(request, pipeline)
         except web.HTTPException as exc:  # aiohttp's own answer while reading the body (413): still recorded
             pipeline.audit(_bare_view(request), Outcome(Decision(False, "unreadable_body", None, exc.status)),
                            exc.status, started)
@@ -248,8 +248,9 @@ def _memo_key(request: web.Request, match_info: web.UrlMappingMatchInfo) -> Memo
             return None
     if path[:1] != "/" or "%" in path or "#" in path or len(path) > _MEMO_PATH_MAX:
         return None
-    # the token's hash, not the header's: the spelling is fixed above, and the verification cache's key is the same
-    return (match_info.route, request.method, path, sha256(value[7:].encode("utf-8", "surrogatepass")).digest())
+    if _SIPHASH:  # see memo.MemoKey
+        return (match_info.route, request.method, path, hash(value), hash(value[6:]))
+    return (match_info.route, request.method, path, sha256(value.encode("utf-8", "surrogatepass")).digest(), 0)
 
 
 async def _has_body_token(request: web.Request) -> bool:
@@ -280,11 +281,11 @@ def _has_query_token(url: URL) -> bool:
     return ("access_token" in raw or "%" in raw) and "access_token" in url.query
 
 
-async def _decide(request: web.Request, pipeline: Pipeline, token_digest: bytes = b"") -> tuple[RequestView, Outcome]:
+async def _decide(request: web.Request, pipeline: Pipeline) -> tuple[RequestView, Outcome]:
     try:
         # a request without a Content-Type has no form body: no coroutine for it (most requests)
         body_token = hdrs.CONTENT_TYPE in request.headers and await _has_body_token(request)
-        view = request_view(request, pipeline, has_body_token=body_token, token_digest=token_digest)
+        view = request_view(request, pipeline, has_body_token=body_token)
     except AuthError as error:  # a malformed forwarded-certificate header
         view = _bare_view(request)
         # a route no rule covers is 403 whatever else is wrong with the request

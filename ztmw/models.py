@@ -64,9 +64,6 @@ class RequestView:
     has_query_token: bool = False
     has_body_token: bool = False
     """An `access_token` field in a form body beside the Authorization header (read only then)."""
-    token_digest: bytes = field(default=b"", repr=False)
-    """SHA-256 of the token in `authorization` when the adapter hashed it already (for the decision memo's
-    key, only for the canonical `Bearer <token>` spelling): the extractor reuses it, so a token is hashed once."""
 
 
 @quick_init
