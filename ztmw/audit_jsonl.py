@@ -239,10 +239,11 @@ class JsonLinesAuditSink:
         head = _HEADS[False] + _fragment(template) + '"status":'
         size = len(head) + _LINE_OVERHEAD
         clock = self._clock
+        append = self._pending.append  # the list is never replaced (see flush)
 
         def record(status: int, started: float) -> None:
             try:
-                self._pending.append((head, status, perf_counter() - started, clock(), None))
+                append((head, status, perf_counter() - started, clock(), None))
                 self._size += size
                 if self._size >= self._buffer_bytes:
                     self.flush()
@@ -327,7 +328,10 @@ class JsonLinesAuditSink:
             self._timer = None
         if not self._pending:
             return
-        pending, self._pending, self._size = self._pending, [], 0
+        # the list object stays (prepared recorders hold its append): the batch is a copy
+        pending = self._pending.copy()
+        self._pending.clear()
+        self._size = 0
         lines = self._lines(pending)
         data = "".join(lines).encode("utf-8")
         try:

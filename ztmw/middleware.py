@@ -163,7 +163,7 @@ def request_view(
 
 def zero_trust_middleware(pipeline: Pipeline) -> Any:
     """All stages in one middleware: decide, audit, then call the handler only when allowed."""
-    memo = pipeline.memo
+    recall = pipeline.memo.recall if pipeline.memo is not None else None
     timed = pipeline.audit_sink is not None  # the time a request took is only ever read by audit
 
     @web.middleware
@@ -173,8 +173,8 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
         if match_info.http_exception is not None:
             return await handler(request)  # no such route: aiohttp's own 404/405, untouched
         key = None
-        if memo is not None and (key := _memo_key(request, match_info)) is not None:
-            entry = memo.recall(key)
+        if recall is not None and (key := _memo_key(request, match_info)) is not None:
+            entry = recall(key)
             # the same bearer request was allowed before: replay its outcome, when it resolved to the same match
             # info (an app middleware before this one may have cloned the request to another path without
             # resolving it again, or set its match info: an owner rule reads the match info, not the path)
