@@ -89,6 +89,29 @@ def test_a_prepared_replay_writes_what_emit_writes_with_its_own_status_and_durat
     assert third["timestamp"] == first["timestamp"] == "2023-11-14T22:13:20.500000Z"
 
 
+def test_a_batch_of_replays_across_a_second_or_mixed_with_events_renders_every_line(tmp_path: Path) -> None:
+    """The batch of replays within one second has its own tight loop; a batch that crosses a second, or holds
+    another kind of line, is rendered line by line, to the same lines."""
+    import time
+
+    clock = FakeClock(1_700_000_000.5)
+    sink = JsonLinesAuditSink(tmp_path / "a.jsonl", buffer_bytes=1 << 20, clock=clock)
+    record = sink.prepare(replace(EVENT, status=0, duration_ms=0.0))
+    record(200, time.perf_counter())
+    clock.now += 0.75  # the next second
+    record(201, time.perf_counter())
+    sink.flush()
+    record(202, time.perf_counter())
+    sink.emit(replace(EVENT, status=203))
+    sink.close()
+    lines = read_lines(tmp_path / "a.jsonl")
+    assert [(line["timestamp"], line["status"]) for line in lines] == [
+        ("2023-11-14T22:13:20.500000Z", 200), ("2023-11-14T22:13:21.250000Z", 201),
+        ("2023-11-14T22:13:21.250000Z", 202), ("2023-11-14T22:13:21.250000Z", 203)]
+    assert all({**line, "status": 200, "duration_ms": 0.25, "timestamp": ""} == {**lines[3], "status": 200,
+               "duration_ms": 0.25, "timestamp": ""} for line in lines)
+
+
 def test_a_prepared_replay_of_a_security_decision_is_written_at_once(tmp_path: Path) -> None:
     import time
 
