@@ -129,3 +129,20 @@ def test_positional_factory_refuses_classes_it_cannot_serve() -> None:
     for cls in (NoSlots, Derived):
         with pytest.raises(TypeError):
             positional_factory(cls)
+
+
+def test_a_positional_factory_refuses_a_class_whose_fields_are_not_the_callers() -> None:
+    """The caller names the fields it passes; a class changed since is refused where it is made (at import),
+    not built with values in the wrong fields."""
+    from dataclasses import dataclass
+
+    from ztmw._frozen import positional_factory
+
+    @dataclass(frozen=True, slots=True)
+    class Pair:
+        left: int
+        right: int
+
+    assert positional_factory(Pair, ("left", "right"))(1, 2) == Pair(1, 2)
+    with pytest.raises(TypeError, match="update the caller"):
+        positional_factory(Pair, ("right", "left"))
