@@ -126,8 +126,9 @@ def request_view(
         return request[_VIEW]
     match_info = request.match_info
     route = None
+    method = request.method
     if match_info.http_exception is None:
-        route = RouteRef(request.method, match_info.route.resource.canonical if match_info.route.resource else "")
+        route = _route_ref(match_info.route, method)
     transport = request.transport
     peername = transport.get_extra_info("peername") if transport is not None else None
     peer = peername[0] if isinstance(peername, (tuple, list)) and peername else None
@@ -144,13 +145,14 @@ def request_view(
         if result.ignored_untrusted_header:
             pipeline.log.warning("ztmw.security", reason="untrusted_client_cert_header", peer=peer,
                                  route=route.pattern if route else None)
+    headers = request.headers
     view = RequestView(
-        method=request.method,
+        method=method,
         path=request.rel_url.raw_path,
         route=route,
         match_info=MappingProxyType(match_info),
-        authorization=tuple(request.headers.getall("Authorization", ())),
-        dpop=tuple(request.headers.getall("DPoP", ())),
+        authorization=tuple(headers.getall(_AUTHORIZATION, ())),
+        dpop=tuple(headers.getall(_DPOP, ())),
         peer=peer,
         client_certificate=certificate,
         has_query_token=_has_query_token(request.rel_url),
@@ -159,6 +161,22 @@ def request_view(
     if shared:
         request[_VIEW] = view
     return view
+
+
+_ROUTE_REFS: dict[tuple[web.AbstractRoute, str], RouteRef] = {}
+_ROUTE_REFS_MAX = 4096  # an app's routes times methods: a bound only against a pathological app
+
+
+def _route_ref(route: web.AbstractRoute, method: str) -> RouteRef:
+    """The RouteRef of a matched route and the request's method, made once per pair (as the router's routes,
+    they are fixed once the app runs)."""
+    ref = _ROUTE_REFS.get((route, method))
+    if ref is None:
+        if len(_ROUTE_REFS) >= _ROUTE_REFS_MAX:
+            _ROUTE_REFS.clear()
+        resource = route.resource
+        ref = _ROUTE_REFS[(route, method)] = RouteRef(method, resource.canonical if resource else "")
+    return ref
 
 
 def zero_trust_middleware(pipeline: Pipeline) -> Any:
