@@ -213,22 +213,14 @@ class JsonLinesAuditSink:
         self._append(event, event, _UNRENDERED_SIZE, event.status, event.duration_ms)
 
     def emit_again(self, template: AuditEvent, status: int, duration_ms: float) -> None:
-        """The decision `template` records, for another request: its fragment is rendered once. The path of
-        most requests (a replayed decision), so `_append` is written out for the non-security case."""
-        if template.security:
-            fragment = self._fragments.get(template)
-            self._append(template, fragment, len(fragment), status, duration_ms)
-            return
+        """The decision `template` records, for another request: its fragment is rendered once (a replay
+        of a memo entry made before this sink was the only one; replays use `prepare`'s recorder)."""
         try:
             fragment = self._fragments.get(template)
-            self._pending.append((fragment, status, duration_ms, self._clock(), False))
-            self._size += len(fragment) + _LINE_OVERHEAD
-            if self._size >= self._buffer_bytes:
-                self.flush()
-            elif self._timer is None:
-                self._arm_timer()
         except Exception as exc:  # an audit sink must never turn a decision into a 500
             self._failed(1, type(exc).__name__)
+            return
+        self._append(template, fragment, len(fragment), status, duration_ms)
 
     def prepare(self, template: AuditEvent) -> Callable[[int, float], None]:
         """`PreparingAuditSink`: the line of a replay of `template` is rendered now up to its status, and each

@@ -203,14 +203,7 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
                         _publish(request, aged)
                         return await _call_handler(request, handler, pipeline, entry.view, aged, started)
                 else:
-                    outcome = entry.outcome  # _publish, written out (into the request's storage: see _STORAGE)
-                    if _STORAGE:
-                        storage = request._state
-                        storage[PRINCIPAL] = outcome.principal
-                        storage[TRUST] = outcome.trust
-                        storage[DECISION] = outcome.decision
-                    else:  # pragma: no cover - an aiohttp that keeps request storage elsewhere
-                        _publish(request, outcome)
+                    _publish(request, entry.outcome)
                     record = entry.record
                     if record is None:  # audit is off: nothing to record
                         return await handler(request)
@@ -310,20 +303,21 @@ async def _decide(request: web.Request, pipeline: Pipeline) -> tuple[RequestView
         refusal = AccessDenied("no_rule") if pipeline.rule_for(view) is None else error
         return view, Outcome(Decision(False, refusal.reason, None, refusal.status), error=refusal)
     outcome = await pipeline.evaluate(view)
-    if _STORAGE:  # _publish, into the request's storage (see _STORAGE)
+    _publish(request, outcome)
+    return view, outcome
+
+
+def _publish(request: web.Request, outcome: Outcome) -> None:
+    """The request keys handlers read, written into the request's storage (see _STORAGE)."""
+    if _STORAGE:
         storage = request._state
         storage[PRINCIPAL] = outcome.principal
         storage[TRUST] = outcome.trust
         storage[DECISION] = outcome.decision
     else:  # pragma: no cover - an aiohttp that keeps request storage elsewhere
-        _publish(request, outcome)
-    return view, outcome
-
-
-def _publish(request: web.Request, outcome: Outcome) -> None:
-    request[PRINCIPAL] = outcome.principal
-    request[TRUST] = outcome.trust
-    request[DECISION] = outcome.decision
+        request[PRINCIPAL] = outcome.principal
+        request[TRUST] = outcome.trust
+        request[DECISION] = outcome.decision
 
 
 async def _handle_and_record(
