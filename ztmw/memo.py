@@ -46,7 +46,8 @@ the raw path because it fixes the match info an owner rule reads.
 The value is held as two 64-bit SipHash outputs (`hash()` of `Bearer <token>` and of ` <token>`; CPython
 keys its str hash with a random 128-bit secret per process): no token and no unkeyed hash of one. Two
 different values collide in both only by chance, 2^-128 per pair; a client that wants to be taken for
-another must match both hashes of a value it does not know, under a key it does not know. SipHash is
+another must match both hashes of a value it does not know (under a key it does not know either, unless
+PYTHONHASHSEED fixes it). SipHash is
 about a quarter of SHA-256's cost on a 600-byte header, and a replay is mostly that hash. Where the str
 hash is not SipHash (an exotic build), the adapter keys on SHA-256 of the value instead. The verification
 cache keeps its SHA-256 key of the token (INTRO-09), shared with DPoP `ath`."""
