@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from fixtures import HTU, PATH, ProofMaker, make_material
 
+from ztmw.audit_jsonl import JsonLinesAuditSink
 from ztmw.cache import token_key
 from ztmw.config import load_config
 from ztmw.errors import InvalidToken
@@ -166,8 +167,25 @@ async def run_micro(quick: bool = False, progress: Callable[[str], None] = lambd
             "401 invalid_token, Bearer + resource_metadata")
         outcome = await pipeline.evaluate(view)
         started = time.perf_counter()
-        add("audit emit (JSON, /dev/null)", [_time_sync(lambda: pipeline.audit(view, outcome, 200, started), fast)
-                                             for _ in range(repeats)], fast, "AuditEvent + structlog JSON line")
+        add("audit via an app's structlog", [_time_sync(lambda: pipeline.audit(view, outcome, 200, started), fast)
+                                             for _ in range(repeats)], fast,
+            "AuditEvent + structlog's JSON renderer (an app that configures structlog itself)")
+        # the default under `ztmw serve` is this writer on stdout; a file here, so its batches are written
+        lines = JsonLinesAuditSink(root / "audit.jsonl")
+        lines.open()
+        written = Pipeline(load_config(base), audit_sink=lines)
+        await written.start()
+        try:
+            add("audit, a new decision", [_time_sync(lambda: written.audit(view, outcome, 200, started), fast)
+                                          for _ in range(repeats)], fast,
+                "the default sink: AuditEvent, then its line rendered and written with its batch")
+            record = written.audit_sink.recorder(written.audit_event(view, outcome, 0, 0.0))  # type: ignore[union-attr]
+            add("audit, a replayed decision", [_time_sync(lambda: record(200, started), fast)
+                                               for _ in range(repeats)], fast,
+                "the default sink's prepared recorder, its line rendered and written with its batch")
+        finally:
+            await written.close()
+            lines.close()
         add("evaluate (all stages, cache hit)", [await _time_async(lambda: pipeline.evaluate(view), fast)
                                                  for _ in range(repeats)], fast, "no aiohttp, no audit")
         assert isinstance(outcome, Outcome) and outcome.decision.allowed, outcome
