@@ -41,7 +41,7 @@ from fixtures import PATH, Material, free_port, make_material, write_lines, ztmw
 LUA = HERE / "rotate.lua"
 CONNECTIONS = 64
 UNIQUE_TOKENS = 20_000
-PROOFS_PER_SECOND = 9000  # more than two workers serve here; a run that runs out stops early and says so
+PROOFS_PER_SECOND = 14000  # more than two workers serve here; a run that runs out stops early and says so
 
 
 def scenario_config(material: Material, name: str, workdir: Path) -> str:
