@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -274,3 +276,19 @@ def test_extract_outcome_is_none_credential_or_invalid_request(
         assert result.token and result.token.isascii()
         assert " " not in result.token and "\t" not in result.token
 
+
+
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")  # RFC 6750 §2.1's grammar, as a regular expression
+
+
+@given(st.text(alphabet=st.sampled_from("aZ09-._~+/= \t\"'%é\u00ff\x00\x7f:,;"), max_size=12))
+@settings(max_examples=500)
+def test_http_02_the_token_is_accepted_exactly_when_the_b64token_grammar_matches(token: str) -> None:
+    """The extractor checks the grammar on the token's bytes; it must agree with the grammar's expression."""
+    try:
+        credential = extract_credential(view(f"Bearer {token}"), schemes=frozenset({"bearer"}))
+    except InvalidRequest:
+        credential = None
+    presented = f"Bearer {token}".strip(" \t").partition(" ")[2].lstrip(" ")  # what follows the scheme
+    expected = _B64TOKEN.fullmatch(presented) is not None
+    assert (credential is not None and credential.token == presented) == expected

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import re
+import string
 
 from .errors import InvalidRequest
 from .models import Credential, RequestView
 
-# b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="   (RFC 6750 §2.1; token68 is the same)
-_TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+# b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="   (RFC 6750 §2.1; token68 is the same),
+# checked on the token's ASCII bytes (half a regex's time, and the SHA-256 of the cache key reuses the bytes):
+# with the trailing "=" stripped, something must be left and nothing but these characters
+_TOKEN68_CHARS = (string.ascii_letters + string.digits + "-._~+/").encode("ascii")
 _SCHEME = re.compile(r"[A-Za-z0-9!#$%&'*+\-.^_`|~]+")
 
 
@@ -43,9 +46,14 @@ def extract_credential(
     if request.has_query_token or request.has_body_token:  # two transports in one request (RFC 6750 §2)
         raise InvalidRequest("multiple_authorization", scheme=scheme)
     token = rest.lstrip(" ")  # 1*SP: several spaces are valid, HTAB is not
-    if not _TOKEN68.fullmatch(token):
+    try:
+        raw = token.encode("ascii")
+    except UnicodeEncodeError:
+        raise InvalidRequest("malformed_authorization", scheme=scheme) from None
+    body = raw.rstrip(b"=")
+    if not body or body.translate(None, _TOKEN68_CHARS):
         raise InvalidRequest("malformed_authorization", scheme=scheme)
-    return Credential(scheme=scheme, token=token, digest=hashlib.sha256(token.encode("ascii")).digest())
+    return Credential(scheme=scheme, token=token, digest=hashlib.sha256(raw).digest())
 
 
 def _scheme_of(line: str) -> str:
