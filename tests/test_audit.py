@@ -12,6 +12,9 @@ from structlog.testing import capture_logs
 
 from ztmw.audit import AuditFanout, StructlogAuditSink, hash_subject, subject_for_audit
 from ztmw.models import AuditEvent
+from ztmw.testing import DevIssuer
+
+from .conftest import base_config
 
 
 def allow_event(**overrides: Any) -> AuditEvent:
@@ -171,3 +174,44 @@ async def test_a_replay_recorder_is_the_only_sinks_prepared_one(tmp_path: Any) -
     assert [line["status"] for line in lines] == [201, 202]
     [event] = plain.events
     assert event.status == 202 and event.duration_ms >= 2.0
+
+
+async def test_a_third_partys_recorder_that_raises_never_turns_a_replay_into_a_500(
+    aiohttp_client: Any, issuer: DevIssuer
+) -> None:
+    """SEC-07: a sink's prepared recorder must not raise; when one does anyway, the response stands."""
+    from aiohttp import web
+
+    import ztmw
+    from ztmw.testing import FakeClock
+
+    class RaisingRecorders:
+        def __init__(self) -> None:
+            self.events: list[AuditEvent] = []
+
+        def emit(self, event: AuditEvent) -> None:
+            self.events.append(event)
+
+        def emit_again(self, template: AuditEvent, status: int, duration_ms: float) -> None:
+            raise RuntimeError("sink bug")
+
+        def prepare(self, template: AuditEvent) -> Any:
+            def record(status: int, started: float) -> None:
+                raise RuntimeError("sink bug")
+
+            return record
+
+    async def items(request: web.Request) -> web.Response:
+        return web.json_response([])
+
+    app = web.Application()
+    app.router.add_get("/items", items)
+    sink = RaisingRecorders()
+    ztmw.setup(app, base_config(issuer), clock=FakeClock(), audit_sink=sink)
+    client = await aiohttp_client(app)
+    token = issuer.mint(scope="items:read")
+    statuses = []
+    for _ in range(4):
+        async with client.get("/items", headers={"Authorization": f"Bearer {token}"}) as response:
+            statuses.append(response.status)
+    assert statuses == [200] * 4 and len(sink.events) == 2  # two full decisions, then replays

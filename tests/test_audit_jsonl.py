@@ -490,3 +490,29 @@ def test_the_fragment_of_many_tokens_is_the_fragment_of_each(rows: list[tuple[An
                         trust_inputs=inputs)
         assert fragments(event) == _fragment(event)
         assert fragments(replace(event, token_id=None)) == _fragment(replace(event, token_id=None))
+
+
+def test_any_integer_status_is_a_json_number_in_every_kind_of_line(tmp_path: Path) -> None:
+    """A handler may answer with any status aiohttp lets through, a negative one included: replayed or decided
+    in full, the line stays JSON with that number (a whole line from write_line is told apart by its kind)."""
+    import time
+
+    sink = JsonLinesAuditSink(tmp_path / "a.jsonl", buffer_bytes=1 << 20, clock=FakeClock())
+    record = sink.prepare(replace(EVENT, status=0, duration_ms=0.0))
+    record(-1, time.perf_counter())
+    record(0, time.perf_counter())
+    sink.emit(replace(EVENT, status=-1))
+    sink.write_line('{"event":"a log line"}')
+    sink.close()
+    lines = read_lines(tmp_path / "a.jsonl")
+    assert [line.get("status") for line in lines] == [-1, 0, -1, None] and lines[3] == {"event": "a log line"}
+
+
+def test_a_time_before_1970_is_stamped_in_its_own_second(tmp_path: Path) -> None:
+    import time
+
+    sink = JsonLinesAuditSink(tmp_path / "a.jsonl", buffer_bytes=1 << 20, clock=FakeClock(-0.5))
+    sink.prepare(replace(EVENT, status=0, duration_ms=0.0))(200, time.perf_counter())
+    sink.emit(EVENT)
+    sink.close()
+    assert [line["timestamp"] for line in read_lines(tmp_path / "a.jsonl")] == ["1969-12-31T23:59:59.500000Z"] * 2

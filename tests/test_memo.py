@@ -1018,6 +1018,21 @@ async def test_where_str_hashing_is_not_siphash_the_memo_keys_on_sha_256(
     assert key[3:] == (hashlib.sha256(f"Bearer {token}".encode()).digest(), 0)
 
 
+@pytest.mark.parametrize("seed", ["0", "12345"])
+def test_a_fixed_str_hash_seed_makes_the_memo_key_on_sha_256(seed: str) -> None:
+    """PYTHONHASHSEED fixes SipHash's key: the keyed hashes would be anyone's to compute, so SHA-256 it is."""
+    import os
+    import subprocess
+    import sys
+
+    probe = "import ztmw.middleware as m; print(m._SIPHASH)"
+    env = {**os.environ, "PYTHONHASHSEED": seed}
+    fixed = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    env.pop("PYTHONHASHSEED")
+    randomised = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert (fixed.stdout.strip(), randomised.stdout.strip()) == ("False", "True")
+
+
 async def test_no_memo_entry_holds_the_token_or_the_authorization_value(
     aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
 ) -> None:
@@ -1210,6 +1225,44 @@ async def test_a_cache_entry_replaced_by_an_equal_result_ends_the_entry_and_the_
     assert runs == [1]  # the old entry is dropped, the hit on the new result is decided in full and remembered
     (renewed,) = pipeline.memo._entries.values()  # type: ignore[union-attr]
     assert renewed.token is equal and memo_size(pipeline) == 1
+
+
+def test_an_entry_is_kept_only_when_the_verifier_trusts_it_at_the_version_it_is_stamped_with(
+    clock: FakeClock,
+) -> None:
+    """Authentication asked still_trusted at the trust version of its moment; when the keys changed before the
+    outcome is remembered (a resolver that awaited), the memo asks again at the version it stamps: a token
+    whose key has just left is not kept, so no replay can outlive the rotation."""
+    from ztmw.cache import MemoryVerificationCache
+    from ztmw.config import Rule
+    from ztmw.memo import DecisionMemo
+    from ztmw.models import ANONYMOUS_TRUST, Caller, Decision, Principal, RequestView, VerifiedToken
+    from ztmw.pipeline import Outcome
+
+    class Keys:
+        trust_version = 1
+        published = True
+
+        def still_trusted(self, verified: VerifiedToken) -> bool:
+            return self.published
+
+    keys = Keys()
+    cache = MemoryVerificationCache(max_entries=10, max_ttl=300, clock=clock)
+    token = VerifiedToken(issuer="https://issuer.test", subject="ann", audience=("api",), expires_at=clock() + 60,
+                          token_id="t1", verifier="bearer")
+    cache.set(b"k" * 32, token)
+    memo = DecisionMemo(rules=[Rule(id="read", path="/items")], max_entries=10, cache=cache,
+                        trust_check=lambda verified: keys.still_trusted, trust_source=lambda verified: keys,
+                        clock=clock)
+    principal = Principal("ann", token.issuer, token, Caller(None), "ann")
+    outcome = Outcome(Decision(True, "allowed", "read", 200), principal, ANONYMOUS_TRUST, None, "hit", b"k" * 32)
+    view = RequestView(method="GET", path="/items", route=None)
+    keys.trust_version, keys.published = 2, False  # the key left after the cache hit, before remember
+    memo.remember(("route", "GET", "/items", 1, 2), view, outcome, None, None)
+    assert len(memo) == 0
+    keys.published = True
+    memo.remember(("route", "GET", "/items", 1, 2), view, outcome, None, None)
+    assert len(memo) == 1
 
 
 async def test_a_replay_counts_no_verification_cache_hit_but_keeps_the_entry_recent(

@@ -629,14 +629,16 @@ async def test_http_06_only_a_form_body_is_a_transport_and_the_handler_still_rea
 
 
 def test_replays_write_the_request_keys_into_aiohttps_own_request_storage() -> None:
-    """The decision memo's replay writes PRINCIPAL, TRUST and DECISION into `request._state` (what `request[key]`
-    reads); this aiohttp still keeps its storage there, so the fast path, not the fallback, is the one in use
-    (the memo tests read the keys back in their handlers)."""
-    from aiohttp import web
+    """Replays and full decisions write PRINCIPAL, TRUST and DECISION into `request._state`; this aiohttp still
+    keeps its storage there (the fast path, not the fallback, is in use) and `request[key]` reads them back."""
     from aiohttp.test_utils import make_mocked_request
 
-    from ztmw.middleware import _STORAGE, PRINCIPAL
+    from ztmw.middleware import _STORAGE, DECISION, PRINCIPAL, TRUST, _publish
+    from ztmw.models import ANONYMOUS_TRUST, Decision
+    from ztmw.pipeline import Outcome
 
     request = make_mocked_request("GET", "/")
-    request._state[PRINCIPAL] = None
-    assert _STORAGE and PRINCIPAL in request and isinstance(request, web.BaseRequest)
+    outcome = Outcome(Decision(True, "public", "health", 200))
+    _publish(request, outcome)
+    assert _STORAGE and set(request._state) == {PRINCIPAL, TRUST, DECISION}
+    assert (request[PRINCIPAL], request[TRUST], request[DECISION]) == (None, ANONYMOUS_TRUST, outcome.decision)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import operator
 import os
 import stat
@@ -58,6 +59,7 @@ _UNRENDERED_SIZE = 320  # what an event not rendered yet is taken to weigh in th
 # numbers of a replayed line by table lookup: number formatting was most of the cost of rendering a line
 _DIGITS = tuple(f"{i:03d}" for i in range(1000))
 _STATUS = {status: str(status) for status in range(100, 1000)}  # others: int(status), or counted lost
+_LINE = "line"  # the kind of a whole line queued by `write_line` (any status, even a negative one, is a status)
 _HEADS = {False: '","level":"info","event":"ztmw.decision",', True: '","level":"warning","event":"ztmw.security",'}
 
 
@@ -144,14 +146,15 @@ class JsonLinesAuditSink:
         self._buffer_bytes = buffer_bytes
         self._clock = clock
         self._log = logger if logger is not None else structlog.get_logger("ztmw")
-        # (fragment, or the event to render it from, status, ms, time, security), or for a prepared replay
-        # (the line's head up to the status, status, seconds elapsed, time, None)
-        self._pending: list[tuple[str | AuditEvent, int, float, float, bool | None]] = []
+        # (fragment, or the event to render it from, status, ms, time, security), for a prepared replay
+        # (the line's head up to the status, status, seconds elapsed, time, None), for a whole line from
+        # `write_line` (the line, 0, 0.0, 0.0, _LINE)
+        self._pending: list[tuple[str | AuditEvent, int, float, float, bool | str | None]] = []
         self._size = 0
         self._timer: asyncio.TimerHandle | None = None
         self._fragments = RenderedTemplates(_fragment)
         self._event_fragment = _Fragments()
-        self._second = -1
+        self._second: int | None = None  # the second `_second_text` spells (none yet)
         self._second_text = ""
         self._failing = False  # an outage is reported when it starts, and its end with the count lost
         self._lost_before = 0
@@ -250,7 +253,7 @@ class JsonLinesAuditSink:
         """Another JSON line (a log line, already rendered) for the same stream: written at once, after the
         audit lines queued before it, so the stream stays in order (`ztmw.serve_logging`)."""
         try:
-            self._pending.append((line, -1, 0.0, 0.0, False))
+            self._pending.append((line, 0, 0.0, 0.0, _LINE))
             self.flush()
         except Exception as exc:  # logging must never raise into the caller
             self._failed(1, type(exc).__name__)
@@ -268,17 +271,17 @@ class JsonLinesAuditSink:
         except Exception as exc:  # an audit sink must never turn a decision into a 500
             self._failed(1, type(exc).__name__)
 
-    def _lines(self, pending: list[tuple[str | AuditEvent, int, float, float, bool | None]]) -> list[str]:
+    def _lines(self, pending: list[tuple[str | AuditEvent, int, float, float, bool | str | None]]) -> list[str]:
         """The JSON lines of a batch; one that cannot be rendered is counted lost, the others are kept."""
         try:
             return self._replay_lines(pending)
         except Exception:  # not a batch of plain replays within one second: line by line
             return self._any_lines(pending)
 
-    def _replay_lines(self, pending: list[tuple[str | AuditEvent, int, float, float, bool | None]]) -> list[str]:
+    def _replay_lines(self, pending: list[tuple[str | AuditEvent, int, float, float, bool | str | None]]) -> list[str]:
         """The common batch, of prepared replays (most requests) within one second, in the tightest loop;
         raises for anything else (another kind of record, another second, an odd status)."""
-        whole = int(pending[0][3])
+        whole = math.floor(pending[0][3])
         if whole != self._second:
             self._second, self._second_text = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
         start, digits, statuses = f'{{"timestamp":"{self._second_text}.', _DIGITS, _STATUS
@@ -293,17 +296,17 @@ class JsonLinesAuditSink:
                    f'"duration_ms":{took // 1000}.{digits[took % 1000]}}}\n')
         return lines
 
-    def _any_lines(self, pending: list[tuple[str | AuditEvent, int, float, float, bool | None]]) -> list[str]:
+    def _any_lines(self, pending: list[tuple[str | AuditEvent, int, float, float, bool | str | None]]) -> list[str]:
         """Line by line, each kind of record (the timestamp's date and time part formatted once a second)."""
         lines: list[str] = []
         append = lines.append
         second, second_text = self._second, self._second_text
         for fragment, status, duration_ms, now, security in pending:
             try:
-                if status < 0:  # a whole line from `write_line`
+                if security is _LINE:  # a whole line from `write_line`
                     append(f"{fragment}\n")
                     continue
-                whole = int(now)
+                whole = math.floor(now)  # before 1970 too: the second the time falls in
                 if whole != second:
                     second, second_text = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
                 if security is None:  # a prepared replay: the head, then status and the seconds it took
@@ -315,7 +318,7 @@ class JsonLinesAuditSink:
                     fragment = self._event_fragment(fragment)  # type: ignore[arg-type]
                 micros = int((now - whole) * 1_000_000)
                 append(f'{{"timestamp":"{second_text}.{_DIGITS[micros // 1000]}{_DIGITS[micros % 1000]}Z'
-                       f'{_HEADS[security]}{fragment}"status":{_STATUS.get(status) or int(status)},'
+                       f'{_HEADS[security is True]}{fragment}"status":{_STATUS.get(status) or int(status)},'
                        f'"duration_ms":{float(duration_ms)!r}}}\n')
             except Exception as exc:
                 self._failed(1, type(exc).__name__)
@@ -324,7 +327,7 @@ class JsonLinesAuditSink:
 
     def _timestamp(self, now: float) -> str:
         """ISO 8601 in UTC with microseconds; the date and time part is formatted once a second."""
-        second = int(now)
+        second = math.floor(now)
         if second != self._second:
             self._second, self._second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return f"{self._second_text}.{int((now - second) * 1_000_000):06d}Z"
@@ -344,9 +347,10 @@ class JsonLinesAuditSink:
             self._timer = None
         if not self._pending:
             return
-        # the list object stays (prepared recorders hold its append): the batch is a copy
-        pending = self._pending.copy()
-        self._pending.clear()
+        # the list object stays (prepared recorders hold its append): the batch is a copy, and what a thread
+        # appended meanwhile (a log line through `write_line`) stays for the next batch (one slice deletion)
+        pending = self._pending[:]
+        del self._pending[:len(pending)]
         self._size = 0
         lines = self._lines(pending)
         data = "".join(lines).encode("utf-8")

@@ -68,7 +68,8 @@ class CompactJWS:
     signature: bytes
 
 
-_make_compact = positional_factory(CompactJWS)  # one per JWS parsed: 0.1 µs instead of 0.3
+# one per JWS parsed: 0.1 µs instead of 0.3
+_make_compact = positional_factory(CompactJWS, ("header", "claims", "signing_input", "signature"))
 
 
 def b64url_encode(data: bytes) -> str:

@@ -46,10 +46,10 @@ the raw path because it fixes the match info an owner rule reads.
 The value is held as two 64-bit SipHash outputs (`hash()` of `Bearer <token>` and of ` <token>`; CPython
 keys its str hash with a random 128-bit secret per process): no token and no unkeyed hash of one. Two
 different values collide in both only by chance, 2^-128 per pair; a client that wants to be taken for
-another must match both hashes of a value it does not know (under a key it does not know either, unless
-PYTHONHASHSEED fixes it). SipHash is
+another must match both hashes of a value it does not know, under a key it does not know. SipHash is
 about a quarter of SHA-256's cost on a 600-byte header, and a replay is mostly that hash. Where the str
-hash is not SipHash (an exotic build), the adapter keys on SHA-256 of the value instead. The verification
+hash is not SipHash (an exotic build) or its key is not random (PYTHONHASHSEED set), the adapter keys on
+SHA-256 of the value instead. The verification
 cache keeps its SHA-256 key of the token (INTRO-09), shared with DPoP `ath`."""
 
 
@@ -188,6 +188,10 @@ class DecisionMemo:
             versioned, version = _UNVERSIONED, _ASK_EVERY_TIME
         else:
             version = versioned.trust_version
+            # the authentication that answered this request asked still_trusted at whatever version stood then
+            # (a resolver may have awaited since): the stamp must be of an answer given at this version
+            if still_trusted is not None and not still_trusted(token):
+                return
         # the view keeps what the audit event reads, not the Authorization value the request carried
         bare = RequestView(method=view.method, path=view.path, route=view.route, match_info=view.match_info)
         ages = token.auth_time is not None

@@ -9,6 +9,7 @@ one stage alone.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from hashlib import sha256
@@ -40,7 +41,9 @@ _CACHE: web.RequestKey[str] = web.RequestKey("ztmw.cache", str)
 _DPOP = istr("DPoP")  # header names as istr: the case-insensitive lookup skips folding them every request
 _AUTHORIZATION, _CONTENT_TYPE = hdrs.AUTHORIZATION, hdrs.CONTENT_TYPE
 _BLANK = ("", " ")  # what may not follow "Bearer ": nothing, or a second space
-_SIPHASH = sys.hash_info.algorithm.startswith("siphash")  # CPython's str hash, keyed per process (memo.MemoKey)
+# CPython's str hash is SipHash under a random key per process unless PYTHONHASHSEED fixes it (memo.MemoKey)
+_SIPHASH = (sys.hash_info.algorithm.startswith("siphash") and bool(sys.flags.hash_randomization)
+            and os.environ.get("PYTHONHASHSEED", "random") == "random")
 # longer paths are decided in full: a memo entry holds its path twice (key, match info), keep entries small
 _MEMO_PATH_MAX = 1024
 _FORM = "application/x-www-form-urlencoded"
@@ -218,7 +221,10 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
                         status = exc.status
                         raise
                     finally:
-                        record(status, started)
+                        try:
+                            record(status, started)
+                        except Exception:  # a third party's recorder that raises: never a 500 (SEC-07)
+                            pass
         try:
             view, outcome = await _decide(request, pipeline)
         except web.HTTPException as exc:  # aiohttp's own answer while reading the body (413): still recorded
