@@ -1183,7 +1183,7 @@ def test_a_verifier_that_cannot_version_its_trust_is_asked_on_every_replay(clock
     outcome = Outcome(Decision(True, "allowed", "read", 200), principal, ANONYMOUS_TRUST, None, "hit", b"k" * 32)
     assert memo.accepts(outcome)
     key = ("route", "GET", "/items", b"d" * 32)
-    memo.remember(key, RequestView(method="GET", path="/items", route=None), outcome, None, None)
+    memo.remember(key, RequestView(method="GET", path="/items", route=None), outcome, None)
     assert memo.recall(key) is not None and memo.recall(key) is not None
     assert memo.recall(key) is None and len(memo) == 0
     assert asked == [token] * 3
@@ -1258,10 +1258,10 @@ def test_an_entry_is_kept_only_when_the_verifier_trusts_it_at_the_version_it_is_
     outcome = Outcome(Decision(True, "allowed", "read", 200), principal, ANONYMOUS_TRUST, None, "hit", b"k" * 32)
     view = RequestView(method="GET", path="/items", route=None)
     keys.trust_version, keys.published = 2, False  # the key left after the cache hit, before remember
-    memo.remember(("route", "GET", "/items", 1, 2), view, outcome, None, None)
+    memo.remember(("route", "GET", "/items", 1, 2), view, outcome, None)
     assert len(memo) == 0
     keys.published = True
-    memo.remember(("route", "GET", "/items", 1, 2), view, outcome, None, None)
+    memo.remember(("route", "GET", "/items", 1, 2), view, outcome, None)
     assert len(memo) == 1
 
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Callable, Hashable, Iterable
 
 from .cache import MemoryVerificationCache
 from .config import Rule
-from .models import AuditEvent, RequestView, VerifiedToken
+from .models import RequestView, VerifiedToken
 from .typing import Clock, TrustVersioned
 
 if TYPE_CHECKING:  # pragma: no cover - the pipeline imports this module
@@ -65,8 +65,6 @@ class MemoEntry:
     token: VerifiedToken
     """The verification-cache entry the outcome stands on (found again under `cache_key`)."""
     cache_key: bytes
-    audit: AuditEvent | None
-    """The audit event each replay is recorded from (status and duration filled in per request)."""
     record: Callable[[int, float], None] | None
     """Records one replay: `record(status, started)`, `started` the request's `time.perf_counter()`."""
     still_trusted: Callable[[VerifiedToken], bool] | None
@@ -172,10 +170,10 @@ class DecisionMemo:
             or principal.token.cnf
         )
 
-    def remember(self, key: MemoKey, view: RequestView, outcome: Outcome, audit: AuditEvent | None,
+    def remember(self, key: MemoKey, view: RequestView, outcome: Outcome,
                  record: Callable[[int, float], None] | None) -> None:
-        """Keep `outcome` (which `accepts` must have accepted), the audit template of its replays and what
-        records one. Nothing is kept when the result it stands on is no longer cached."""
+        """Keep `outcome` (which `accepts` must have accepted) and what records the audit of one of its
+        replays. Nothing is kept when the result it stands on is no longer cached."""
         assert outcome.principal is not None and outcome.cache_key is not None
         token = outcome.principal.token
         removals = self._store.removals  # read first: a removal after this is seen by the next replay
@@ -196,8 +194,7 @@ class DecisionMemo:
         bare = RequestView(method=view.method, path=view.path, route=view.route, match_info=view.match_info)
         ages = token.auth_time is not None
         entries = self._entries
-        entries[key] = MemoEntry(bare, outcome, token, outcome.cache_key, None if ages else audit,
-                                 None if ages else record, still_trusted, ages, expires, versioned, removals,
-                                 version)
+        entries[key] = MemoEntry(bare, outcome, token, outcome.cache_key, None if ages else record, still_trusted,
+                                 ages, expires, versioned, removals, version)
         if len(entries) > self._max_entries:
             del entries[next(iter(entries))]
