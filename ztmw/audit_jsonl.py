@@ -282,9 +282,7 @@ class JsonLinesAuditSink:
         """The common batch, of prepared replays (most requests) within one second, in the tightest loop;
         raises for anything else (another kind of record, another second, an odd status)."""
         whole = math.floor(pending[0][3])
-        if whole != self._second:
-            self._second, self._second_text = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-        start, digits, statuses = f'{{"timestamp":"{self._second_text}.', _DIGITS, _STATUS
+        start, digits, statuses = f'{{"timestamp":"{self._spelled(whole)}.', _DIGITS, _STATUS
         lines: list[str] = []
         append = lines.append
         for head, status, seconds, now, kind in pending:
@@ -308,7 +306,7 @@ class JsonLinesAuditSink:
                     continue
                 whole = math.floor(now)  # before 1970 too: the second the time falls in
                 if whole != second:
-                    second, second_text = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+                    second, second_text = whole, self._spelled(whole)
                 if security is None:  # a prepared replay: the head, then status and the seconds it took
                     micros, took = int((now - whole) * 1_000_000), int(duration_ms * 1_000_000)
                     append(f'{{"timestamp":"{second_text}.{_DIGITS[micros // 1000]}{_DIGITS[micros % 1000]}Z'
@@ -322,15 +320,18 @@ class JsonLinesAuditSink:
                        f'"duration_ms":{float(duration_ms)!r}}}\n')
             except Exception as exc:
                 self._failed(1, type(exc).__name__)
-        self._second, self._second_text = second, second_text
         return lines
 
     def _timestamp(self, now: float) -> str:
         """ISO 8601 in UTC with microseconds; the date and time part is formatted once a second."""
         second = math.floor(now)
+        return f"{self._spelled(second)}.{int((now - second) * 1_000_000):06d}Z"
+
+    def _spelled(self, second: int) -> str:
+        """The date and time part of an ISO 8601 UTC timestamp, formatted once a second (the last one kept)."""
         if second != self._second:
             self._second, self._second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._second_text}.{int((now - second) * 1_000_000):06d}Z"
+        return self._second_text
 
     def _arm_timer(self) -> None:
         try:
