@@ -234,3 +234,24 @@ async def delete_prefix(redis_url: str, prefix: str) -> None:
             await client.delete(*keys)
     finally:
         await client.aclose()
+
+
+OPAQUE_ISSUER = "https://opaque.example.com"
+
+
+async def introspection_endpoint(aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch,
+                                 secret_env: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """A real RFC 7662 endpoint on loopback answering from a dict the test fills (inactive for any other
+    token), and the `[plugins.introspection]` settings that use it (client secret in `secret_env`)."""
+    answers: dict[str, dict[str, Any]] = {}
+
+    async def introspect(request: web.Request) -> web.Response:
+        form = await request.post()
+        return web.json_response(answers.get(str(form["token"]), {"active": False}))
+
+    endpoint = web.Application()
+    endpoint.router.add_post("/introspect", introspect)
+    server = await aiohttp_server(endpoint)
+    monkeypatch.setenv(secret_env, "s3cret")
+    return answers, {"endpoint": f"http://127.0.0.1:{server.port}/introspect", "client_id": "rs",
+                     "client_secret_env": secret_env, "issuer": OPAQUE_ISSUER}

@@ -21,9 +21,11 @@ from ztmw.errors import ConfigurationError
 from ztmw.testing import DevIssuer, DPoPKey, FakeClock
 
 from .conftest import (
+    OPAQUE_ISSUER,
     base_config,
     call,
     decisions,
+    introspection_endpoint,
     protected,
     raw,
     raw_get,
@@ -684,26 +686,15 @@ async def test_a_key_replaced_under_the_same_kid_ends_the_replay(
 
 # -- introspection, the shared cache, identity -------------------------------------------
 
-INTROSPECTION_ISSUER = "https://opaque.example.com"
+INTROSPECTION_ISSUER = OPAQUE_ISSUER
 
 
 async def introspecting(aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch, clock: Any,
                         issuer: DevIssuer, **cache: Any) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """An RFC 7662 endpoint answering from a dict the test changes, and a config using it."""
-    answers: dict[str, dict[str, Any]] = {}
-
-    async def introspect(request: web.Request) -> web.Response:
-        form = await request.post()
-        return web.json_response(answers.get(str(form["token"]), {"active": False}))
-
-    endpoint = web.Application()
-    endpoint.router.add_post("/introspect", introspect)
-    server = await aiohttp_server(endpoint)
-    monkeypatch.setenv("ZTMW_TEST_MEMO_INTROSPECTION", "s3cret")
+    """The loopback RFC 7662 endpoint (conftest) and a config that verifies through it, with `cache`."""
+    answers, settings = await introspection_endpoint(aiohttp_server, monkeypatch, "ZTMW_TEST_MEMO_INTROSPECTION")
     config = base_config(issuer, verifiers={"enabled": ["bearer", "introspection"]}, cache=cache)
-    config["plugins"] = {"introspection": {
-        "endpoint": f"http://127.0.0.1:{server.port}/introspect", "client_id": "rs",
-        "client_secret_env": "ZTMW_TEST_MEMO_INTROSPECTION", "issuer": INTROSPECTION_ISSUER}}
+    config["plugins"] = {"introspection": settings}
     return answers, config
 
 

@@ -22,7 +22,7 @@ import ztmw
 from ztmw.testing import DevIssuer, DPoPKey, FakeClock
 from ztmw.testing.http import challenges, free_port
 
-from .conftest import AUDIENCE, base_config
+from .conftest import AUDIENCE, base_config, introspection_endpoint
 
 METADATA_URL = AUDIENCE + "/.well-known/oauth-protected-resource"
 ALGS = "ES256 EdDSA PS256"
@@ -201,22 +201,11 @@ async def test_step_06_jwt_acr_and_auth_time_are_used(api: Api) -> None:
 async def test_step_07_introspection_acr_and_auth_time_are_used(
     aiohttp_client: Any, aiohttp_server: Any, issuer: DevIssuer, clock: FakeClock, monkeypatch: Any
 ) -> None:
-    answers: dict[str, dict[str, Any]] = {}
-
-    async def introspect(request: web.Request) -> web.Response:
-        form = await request.post()
-        return web.json_response(answers.get(str(form["token"]), {"active": False}))
-
-    endpoint = web.Application()
-    endpoint.router.add_post("/introspect", introspect)
-    server = await aiohttp_server(endpoint)
-    monkeypatch.setenv("ZTMW_TEST_STEP_UP_INTROSPECTION", "s3cret")
+    answers, settings = await introspection_endpoint(aiohttp_server, monkeypatch, "ZTMW_TEST_STEP_UP_INTROSPECTION")
     config = base_config(issuer, verifiers={"enabled": ["bearer", "introspection"]},
                          trust={"acr": ACRS, "amr": AMRS})
     config["rules"] = [r for r in RULES if r["id"] in ("both", "aal3")]
-    config["plugins"] = {"introspection": {
-        "endpoint": f"http://127.0.0.1:{server.port}/introspect", "client_id": "rs",
-        "client_secret_env": "ZTMW_TEST_STEP_UP_INTROSPECTION", "issuer": "https://opaque.example.com"}}
+    config["plugins"] = {"introspection": settings}
     app = web.Application()
     app.router.add_get("/both", _whoami)
     app.router.add_get("/aal3", _whoami)
