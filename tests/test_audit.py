@@ -176,7 +176,7 @@ async def test_a_replay_recorder_is_the_only_sinks_prepared_one(tmp_path: Any) -
     assert event.status == 202 and event.duration_ms >= 2.0
 
 
-async def test_a_third_partys_recorder_that_raises_never_turns_a_replay_into_a_500(
+async def test_sec_07_a_third_partys_recorder_that_raises_never_turns_a_replay_into_a_500(
     aiohttp_client: Any, issuer: DevIssuer
 ) -> None:
     """SEC-07: a sink's prepared recorder must not raise; when one does anyway, the response stands."""
