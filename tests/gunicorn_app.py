@@ -1,4 +1,4 @@
-"""The app the gunicorn tests serve: `gunicorn tests.gunicorn_app:create_app -k aiohttp.GunicornWebWorker`.
+"""The app the gunicorn tests serve: `gunicorn tests.gunicorn_app:create_app -k <ztmw's or aiohttp's worker>`.
 
 An async factory, as aiohttp's gunicorn worker calls it in each worker process; it protects the worker test
 app with `ztmw.setup` and the configuration file named by ZTMW_TEST_CONFIG.

@@ -1,9 +1,10 @@
-"""`ztmw.setup` under `gunicorn -k aiohttp.GunicornWebWorker -w 2` (ztmw/workers.py: refuse_per_process_state).
+"""`ztmw.setup` under gunicorn (ztmw/workers.py: refuse_per_process_state; ztmw/gunicorn_worker.py).
 
 A real gunicorn with two worker processes serves tests/gunicorn_app.py. gunicorn can add workers at any time
 (TTIN) and replaces them (max_requests, timeouts), so its start-up worker count proves nothing: DPoP state
 kept in one process (the "memory" replay store, a per-process nonce secret) is refused at start-up, and with
-a shared store and a shared secret every guarantee holds across the workers.
+a shared store and a shared secret every guarantee holds across the workers. A request aiohttp's parser
+refuses is answered by ztmw's worker without a byte of it, and logged without one under either worker.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from ztmw.testing import DevIssuer, DPoPKey
 from ztmw.testing.http import free_port
 
+from .raw_requests import leaked, new_marker, raw_exchange
 from .replica_config import AUDIENCE, PUBLIC_ORIGIN, ROOT, dpop_error, write_replica_config
 from .worker_servers import environment, pinned_to_two_workers, running, served_by
 
@@ -27,11 +30,13 @@ pytest.importorskip("gunicorn", reason="the test extra installs gunicorn")
 PATH = "/hello/x"
 HTU = PUBLIC_ORIGIN + PATH
 SECRET = "gunicorn-test-nonce-secret-shared"
+AIOHTTP_WORKER = "aiohttp.GunicornWebWorker"
+ZTMW_WORKER = "ztmw.gunicorn_worker.GunicornWebWorker"
 
 
-def gunicorn(port: int) -> list[str]:
-    return [sys.executable, "-m", "gunicorn", "tests.gunicorn_app:create_app", "-k", "aiohttp.GunicornWebWorker",
-            "-w", "2", "-b", f"127.0.0.1:{port}", "--graceful-timeout", "5"]
+def gunicorn(port: int, worker: str = ZTMW_WORKER, workers: int = 2) -> list[str]:
+    return [sys.executable, "-m", "gunicorn", "tests.gunicorn_app:create_app", "-k", worker,
+            "-w", str(workers), "-b", f"127.0.0.1:{port}", "--graceful-timeout", "5"]
 
 
 @pytest.fixture
@@ -95,3 +100,46 @@ async def test_shared_store_and_secret_hold_across_gunicorn_workers(dev_issuer: 
             assert status == 401 and dpop_error(headers) == "invalid_dpop_proof"
             status, _, again = await served_by(first, server.base + "/open", {})
             assert again["pid"] != body["pid"]
+
+
+def refused_request(marker: str) -> bytes:
+    """A request aiohttp's parser refuses (a control byte in a header value) with the marker in a token."""
+    return f"GET /hello/x HTTP/1.1\r\nHost: api.example.com\r\nAuthorization: Bearer {marker}\x01x\r\n\r\n".encode()
+
+
+async def refuse_under(worker: str, dev_issuer: DevIssuer, tmp_path: Path, marker: str) -> tuple[bytes, bytes]:
+    """The answer to `refused_request(marker)` from a gunicorn with `worker`, which still serves after it,
+    and everything gunicorn wrote once stopped."""
+    path = config(tmp_path, dev_issuer, f"sqlite://{tmp_path}/replay.sqlite3")
+    port = free_port()
+    env = {"ZTMW_DPOP_NONCE_SECRET": SECRET, "ZTMW_TEST_CONFIG": str(path)}
+    async with running(gunicorn(port, worker, workers=1), port, env=env) as server:
+        answer = await raw_exchange(port, refused_request(marker))
+        async with aiohttp.ClientSession() as client:
+            status, _, body = await served_by(client, server.base + "/open", {})
+        assert status == 200 and body["pid"] != server.process.pid  # served by the worker, not the arbiter
+    return answer, bytes(server.stdout + server.stderr)
+
+
+async def test_ztmw_worker_answers_a_parser_rejection_with_a_fixed_400_and_logs_no_request_byte(
+    dev_issuer: DevIssuer, tmp_path: Path
+) -> None:
+    marker = new_marker()
+    answer, output = await refuse_under(ZTMW_WORKER, dev_issuer, tmp_path, marker)
+    assert answer.split(b" ", 2)[1] == b"400"
+    assert answer.endswith(b"\r\n\r\n400 Bad Request\n")
+    assert leaked(marker, answer) == []
+    assert leaked(marker, output) == []
+    assert b"HTTP parser rejected a request from 127.0.0.1: BadHttpMessage" in output
+
+
+async def test_setup_under_aiohttps_worker_keeps_the_line_out_of_gunicorns_log_but_not_out_of_its_answer(
+    dev_issuer: DevIssuer, tmp_path: Path
+) -> None:
+    """What README's gunicorn section says: with aiohttp's own worker the log is clean, the answer is not."""
+    marker = new_marker()
+    answer, output = await refuse_under(AIOHTTP_WORKER, dev_issuer, tmp_path, marker)
+    assert answer.split(b" ", 2)[1] == b"400"
+    assert leaked(marker, answer) != []  # aiohttp's own answer quotes the line: use ztmw's worker
+    assert leaked(marker, output) == []
+    assert b"(request bytes withheld)" in output

@@ -17,10 +17,8 @@ import asyncio
 import logging
 import os
 import re
-import secrets
 import signal
 import socket
-import string
 import subprocess
 import sys
 import textwrap
@@ -46,26 +44,13 @@ from ztmw.parser_rejection import (
 from ztmw.testing import DevIssuer
 from ztmw.testing.http import free_port
 
+from .raw_requests import leaked, new_marker, raw_exchange
 from .test_cli import ROOT, issuer_table
 from .test_cli import ztmw as ztmw_cli
 
 PARSERS = {"c-parser": {}, "python-parser": {"AIOHTTP_NO_EXTENSIONS": "1"}}
 MAX_FIELD_SIZE = 32768  # what `ztmw serve` gives aiohttp; its max_line_size stays aiohttp's 8190
 STATUS = re.compile(rb"HTTP/1\.[01] (\d{3}) ")
-
-
-def new_marker() -> str:
-    """32 random letters: no eight of them in a row turn up in log or response text by chance."""
-    return "".join(secrets.choice(string.ascii_letters) for _ in range(32))
-
-
-def fragments(marker: str) -> list[bytes]:
-    """Every 8-character window of the marker: "any part of the header value", not only the whole of it."""
-    return [marker[i:i + 8].encode() for i in range(len(marker) - 7)]
-
-
-def leaked(marker: str, data: bytes) -> list[bytes]:
-    return [part for part in fragments(marker) if part in data]
 
 
 # -- a real `ztmw serve` --------------------------------------------------------------------------------------
@@ -365,15 +350,6 @@ def server_log() -> Iterator[Collector]:
     finally:
         logger.removeHandler(collector)
         logger.setLevel(level)
-
-
-async def raw_exchange(port: int, data: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(data)
-    reply = await reader.read()
-    writer.close()
-    await writer.wait_closed()
-    return reply
 
 
 async def hello(request: web.Request) -> web.Response:

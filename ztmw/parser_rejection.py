@@ -15,8 +15,9 @@ included. ztmw's middleware never sees these requests, so the fix lives where ai
   `run_app` is `aiohttp.web.run_app` on that runner (with the access log off by default: its line carries the
   query string, where a refused `?access_token=` would be).
 - `RejectionLogFilter` rewrites the log records aiohttp's own handler writes about such requests; `ztmw.setup`
-  puts it on the `aiohttp.server` logger. That is as far as a library reaches into an app that starts its
-  server with `aiohttp.web.run_app`: the logs are clean, but only this module's runner changes the body.
+  puts it on the `aiohttp.server` logger and on gunicorn's error log. That is as far as a library reaches into
+  an app that starts its server with `aiohttp.web.run_app` or aiohttp's gunicorn worker: the logs are clean,
+  but only this module's runner changes the body (`ztmw.gunicorn_worker` is aiohttp's worker on it).
 
 aiohttp offers no supported switch for the handler class, so `ParserSafeAppRunner` takes the server aiohttp
 built and re-creates it with the same arguments (`Server._kwargs`); if a future aiohttp stops keeping them,
@@ -39,6 +40,8 @@ from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod, HttpProcessin
 from aiohttp.web_protocol import RequestPayloadError
 
 SERVER_LOGGER = "aiohttp.server"
+# where aiohttp's records about requests go under `gunicorn -k aiohttp.GunicornWebWorker` (gunicorn's logger)
+GUNICORN_ERROR_LOGGER = "gunicorn.error"
 # the parsers' own texts for these rejections (constants in aiohttp, no request bytes in them)
 _TOO_MANY_FIELDS = frozenset({"Too many headers received", "Too many trailers received"})
 
@@ -105,8 +108,11 @@ REJECTION_LOG_FILTER = RejectionLogFilter()
 
 
 def install_log_filter(logger: logging.Logger | None = None) -> None:
-    """Put the rejection filter on `logger` (aiohttp's server logger by default); idempotent."""
-    (logger or logging.getLogger(SERVER_LOGGER)).addFilter(REJECTION_LOG_FILTER)
+    """Put the rejection filter on `logger`; by default on aiohttp's server logger and on gunicorn's error log,
+    which aiohttp's gunicorn worker hands its server (harmless where gunicorn is not used). Idempotent."""
+    for each in [logger] if logger is not None else [logging.getLogger(n) for n in (SERVER_LOGGER,
+                                                                                     GUNICORN_ERROR_LOGGER)]:
+        each.addFilter(REJECTION_LOG_FILTER)
 
 
 class ParserSafeRequestHandler(web.RequestHandler):
