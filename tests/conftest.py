@@ -12,6 +12,7 @@ import pytest
 from aiohttp import web
 
 import ztmw
+from ztmw.authenticate import Authenticator
 from ztmw.testing import DevIssuer, FakeClock
 from ztmw.testing.certs import TestCA
 
@@ -121,19 +122,37 @@ def with_query(query: str, token: str, path: str = "/items") -> bytes:
     return raw_get(f"{path}?{query}", f"Authorization: Bearer {token}\r\n".encode("ascii"))
 
 
+@pytest.fixture(params=["plain", "full"])
+def decision_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test twice, so the two ways a request is decided must answer alike: "plain", as shipped (a plain
+    bearer request decided without awaiting, `Pipeline.decide_plain`), and "full" (every request by
+    `Pipeline.evaluate`). Apply with `pytestmark = pytest.mark.usefixtures("decision_path")`."""
+    if request.param == "full":  # read when the middleware is made: each test's setup() sees this
+        monkeypatch.setattr(Authenticator, "immediate", property(lambda self: False))
+    return str(request.param)
+
+
 @pytest.fixture
 def full_runs(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """`full_runs(pipeline)` -> a list that grows by one each time the full pipeline (not the memo) decides."""
+    """`full_runs(pipeline)` -> a list that grows by one each time the full pipeline (not the memo) decides:
+    `evaluate`, or `decide_plain` when it decided (when it cannot, `evaluate` decides next)."""
 
     def install(pipeline: ztmw.Pipeline) -> list[int]:
         runs: list[int] = []
-        evaluate = pipeline.evaluate
+        evaluate, decide_plain = pipeline.evaluate, pipeline.decide_plain
 
         async def counted(view: Any) -> Any:
             runs.append(1)
             return await evaluate(view)
 
+        def counted_plain(view: Any, credential: Any) -> Any:
+            outcome = decide_plain(view, credential)
+            if outcome is not None:
+                runs.append(1)
+            return outcome
+
         monkeypatch.setattr(pipeline, "evaluate", counted)
+        monkeypatch.setattr(pipeline, "decide_plain", counted_plain)
         return runs
 
     return install

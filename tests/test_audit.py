@@ -16,6 +16,9 @@ from ztmw.testing import DevIssuer
 
 from .conftest import base_config
 
+pytestmark = pytest.mark.usefixtures("decision_path")  # decided without awaiting, and in full
+
+
 
 def allow_event(**overrides: Any) -> AuditEvent:
     fields: dict[str, Any] = dict(

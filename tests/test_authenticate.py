@@ -26,6 +26,13 @@ class CountingVerifier:
         self.calls += 1
         return await self.inner.verify_token(token)
 
+    def verify_now(self, token: str) -> Any:
+        self.calls += 1
+        verified = self.inner.verify_now(token)
+        if verified is None:  # nothing was checked: verify_token runs next
+            self.calls -= 1
+        return verified
+
     def still_trusted(self, verified: Any) -> bool:
         return bool(self.inner.still_trusted(verified))
 
@@ -36,6 +43,7 @@ async def protected(aiohttp_client: Any, config: dict[str, Any], clock: FakeCloc
     counting = CountingVerifier(pipeline.authenticator._token_verifiers[0])
     pipeline.authenticator._token_verifiers = (counting,)
     pipeline.authenticator._still_trusted_by_name = {counting.name: counting.still_trusted}
+    pipeline.authenticator._immediate = counting  # plain bearer requests are verified without awaiting
     return await aiohttp_client(app), pipeline, counting
 
 

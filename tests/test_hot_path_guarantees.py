@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
@@ -19,6 +20,9 @@ from ztmw.testing.http import free_port
 
 from .conftest import base_config, items_app
 from .test_cache import _walk
+
+pytestmark = pytest.mark.usefixtures("decision_path")  # decided without awaiting, and in full
+
 
 
 async def start(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, **sections: Any) -> tuple[Any, Any, str]:

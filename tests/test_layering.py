@@ -8,7 +8,8 @@ from pathlib import Path
 
 import ztmw
 
-ADAPTERS = {"middleware.py", "parser_rejection.py", "listener.py", "cli.py", "demo.py", "sample_app.py", "pytest_plugin.py"}
+ADAPTERS = {"middleware.py", "parser_rejection.py", "listener.py", "cli.py", "demo.py", "sample_app.py", "pytest_plugin.py",
+            "gunicorn_worker.py"}
 PACKAGE = Path(ztmw.__file__).parent
 
 

@@ -34,6 +34,8 @@ from .conftest import (
     with_query,
 )
 
+pytestmark = pytest.mark.usefixtures("decision_path")  # decided without awaiting, and in full
+
 
 def memo_size(pipeline: ztmw.Pipeline) -> int:
     assert pipeline.memo is not None

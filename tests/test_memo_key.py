@@ -23,6 +23,9 @@ from ztmw.testing import DevIssuer, FakeClock
 from .conftest import protected, raw, raw_get
 from .test_memo import echo_app, echo_config, memo_size, warm
 
+pytestmark = pytest.mark.usefixtures("decision_path")  # decided without awaiting, and in full
+
+
 # -- helpers -------------------------------------------------------------------------------------------------
 
 @pytest.fixture(params=["c", "python"])

@@ -29,6 +29,8 @@ from .conftest import (
     with_query,
 )
 
+pytestmark = pytest.mark.usefixtures("decision_path")  # decided without awaiting, and in full
+
 METADATA_URL = "https://api.example.com/.well-known/oauth-protected-resource"
 
 

@@ -33,6 +33,9 @@ from ztmw.testing.http import free_port
 
 from .conftest import AUDIENCE
 
+pytestmark = pytest.mark.usefixtures("decision_path")  # decided without awaiting, and in full
+
+
 NONCE_SECRET = "no-leaks-nonce-secret-0123456789abcdef"
 NONCE_ENV = "ZTMW_DPOP_NONCE_SECRET"
 

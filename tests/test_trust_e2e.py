@@ -29,6 +29,9 @@ from ztmw.testing.http import challenges, free_port
 
 from .conftest import AUDIENCE, base_config
 
+pytestmark = pytest.mark.usefixtures("decision_path")  # decided without awaiting, and in full
+
+
 METADATA_URL = AUDIENCE + "/.well-known/oauth-protected-resource"
 ALGS = "ES256 EdDSA PS256"
 BANKID = "urn:example:acr:bankid"   # bank ID: eID with biometrics, the person is verified

@@ -8,7 +8,7 @@ on every request. The downgrade rules of RFC 9449 §7.2 live here too, so no plu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 from ._frozen import positional_factory, quick_init
 from .cache import NegativeCache, SharedVerificationCache, token_key
@@ -19,6 +19,7 @@ from .typing import (
     BindingVerifier,
     Clock,
     IdentityResolver,
+    ImmediateVerifier,
     RevocableVerifier,
     TokenVerifier,
     TrustVersioned,
@@ -84,11 +85,20 @@ class Authenticator:
         self._identity = identity
         self._clock = clock
         self._log = logger
+        only = self._token_verifiers[0]
+        self._immediate: ImmediateVerifier | None = (
+            only if len(self._token_verifiers) == 1 and isinstance(only, ImmediateVerifier)
+            and shared_cache is None and identity is None else None)
 
     @property
     def resolves_identity(self) -> bool:
         """Whether an identity chain runs after the token check (the pipeline leaves it out when nothing links)."""
         return self._identity is not None
+
+    @property
+    def immediate(self) -> bool:
+        """Whether `authenticate_now` can decide anything (else it always answers None)."""
+        return self._immediate is not None
 
     @property
     def schemes(self) -> frozenset[str]:
@@ -109,19 +119,8 @@ class Authenticator:
             if self._identity is not None:
                 account = await self._identity.resolve(verified.issuer, verified.subject)
             subject = account or verified.subject
-        except AuthError as error:
-            if error.scheme is None:
-                error.scheme = credential.scheme
-            error.cache = cache
-            raise
-        except UpstreamUnavailable as error:
-            error.cache = cache
-            raise
-        except Exception:  # a plugin bug must deny, never allow and never answer 500 (SEC-07)
-            self._log.exception("ztmw.verifier_error")  # type: ignore[attr-defined]
-            refusal = InvalidToken("verifier_error", scheme=credential.scheme)
-            refusal.cache = cache
-            raise refusal from None
+        except Exception as exc:
+            raise self._refusal(exc, credential.scheme, cache) from None
         certificate = None
         if request.client_certificate is not None:
             try:
@@ -135,6 +134,61 @@ class Authenticator:
         principal = _make_principal(subject, verified.issuer, verified, caller, verified.subject, credential.scheme,
                                     account is not None)
         return Authentication(principal, cache, key)
+
+    def authenticate_now(self, credential: Credential) -> Authentication | None:
+        """`authenticate` for a Bearer credential (with its digest) of an unbound token, without awaiting:
+        a cached result, or one verifier that can verify at once (`ImmediateVerifier`), no shared cache and no
+        identity chain. None when any of that does not hold (a key still to fetch, a `cnf` to confirm): the
+        caller awaits `authenticate`, which answers from the cache whatever was verified here. Raises what
+        `authenticate` raises."""
+        verifier = self._immediate
+        if verifier is None:
+            return None
+        key = credential.digest
+        cache: CacheResult | None = None
+        try:
+            verified = self._recall(key)
+            if verified is not None:
+                cache = "hit"
+            else:
+                try:
+                    verified = verifier.verify_now(credential.token)
+                except InvalidToken as exc:
+                    raise self._refused(key, [exc]) from None
+                if verified is None:
+                    return None
+                if verified.cnf and self._bearer_binding_refusal(verified.cnf) is None:
+                    return None  # a binding verifier confirms it, awaiting: verified again there, and recorded so
+                self._cache.set(key, verified)
+                cache = "miss"
+            self._check_still_valid(verified)
+            if verified.cnf:
+                refusal = self._bearer_binding_refusal(verified.cnf)
+                if refusal is None:  # a binding verifier must confirm it, awaiting
+                    return None
+                raise refusal
+        except Exception as exc:
+            raise self._refusal(exc, "bearer", cache) from None
+        # client_id, proof, key_thumbprint, certificate_thumbprint, actor, certificate; then subject, issuer,
+        # token, caller, raw_subject, scheme, linked: what authenticate builds for an unbound bearer token
+        caller = _make_caller(verified.client_id, None, None, None, verified.actor, None)
+        principal = _make_principal(verified.subject, verified.issuer, verified, caller, verified.subject, "bearer",
+                                    False)
+        return Authentication(principal, cache, key)
+
+    def _refusal(self, exc: Exception, scheme: str, cache: CacheResult | None) -> Exception:
+        """What to raise for `exc` met while authenticating: refusals carry the scheme they answer and how the
+        token check was answered; anything else is a plugin bug, which denies, never allows and never answers
+        500 (SEC-07)."""
+        if isinstance(exc, (AuthError, UpstreamUnavailable)):
+            if isinstance(exc, AuthError) and exc.scheme is None:
+                exc.scheme = scheme
+            exc.cache = cache
+            return exc
+        self._log.exception("ztmw.verifier_error")  # type: ignore[attr-defined]  # called inside the except
+        refusal = InvalidToken("verifier_error", scheme=scheme)
+        refusal.cache = cache
+        return refusal
 
     async def verify(self, token: str) -> VerifiedToken:
         """A token checked exactly as one presented in Authorization is, without a binding or identity step:
@@ -156,15 +210,9 @@ class Authenticator:
 
     async def _verify_token(self, token: str, key: bytes) -> tuple[VerifiedToken, CacheResult]:
         """The cacheable half: a hash and a lookup on a hit; every result is re-checked per request after."""
-        cached = self._cache.get(key)
-        if cached is not None and self.still_trusted(cached):
+        cached = self._recall(key)
+        if cached is not None:
             return cached, "hit"
-        if cached is not None:  # the key that verified it left the issuer's JWKS: verify again
-            self._cache.discard(key)
-        if self._negative is not None:
-            remembered = self._negative.get(key)
-            if remembered is not None:
-                raise InvalidToken(remembered[0], security=remembered[1])
         if self._shared is not None:
             shared = await self._shared.get(key)
             if shared is not None:
@@ -183,13 +231,32 @@ class Authenticator:
             if self._shared is not None:
                 await self._shared.set(key, verified, min(self._max_shared_ttl, verified.expires_at - self._clock()))
             return verified, "miss"
-        # "malformed_token" from one verifier means "not my format": report the verifier that took the token on,
-        # and remember the failure only when every verifier's answer is token-intrinsic (an inactive opaque
-        # token may become active; a JWT under a newly rotated key may verify after the next JWKS fetch)
+        raise self._refused(key, errors)
+
+    def _recall(self, key: bytes) -> VerifiedToken | None:
+        """The cached result for the token under `key` while its verifier still trusts it; raises the failure
+        remembered for it (the negative cache); None: it must be verified."""
+        cached = self._cache.get(key)
+        if cached is not None and self.still_trusted(cached):
+            return cached
+        if cached is not None:  # the key that verified it left the issuer's JWKS: verify again
+            self._cache.discard(key)
+        if self._negative is not None:
+            remembered = self._negative.get(key)
+            if remembered is not None:
+                raise InvalidToken(remembered[0], security=remembered[1])
+        return None
+
+    def _refused(self, key: bytes, errors: list[InvalidToken]) -> InvalidToken:
+        """The refusal to raise when every verifier refused the token under `key`, remembered when it may be.
+
+        "malformed_token" from one verifier means "not my format": report the verifier that took the token on,
+        and remember the failure only when every verifier's answer is token-intrinsic (an inactive opaque
+        token may become active; a JWT under a newly rotated key may verify after the next JWKS fetch)."""
         error = next((e for e in errors if e.reason != "malformed_token"), errors[0])
         if self._negative is not None and all(e.reason in NEGATIVE_CACHEABLE for e in errors):
             self._negative.set(key, error.reason, error.security)
-        raise error
+        return error
 
     def still_trusted(self, verified: VerifiedToken) -> bool:
         """Asks the verifier, when it can tell, whether what it concluded still stands (key still published)."""
@@ -211,6 +278,16 @@ class Authenticator:
             raise InvalidToken("token_expired")
         if verified.auth_time is not None and verified.auth_time > now + verified.leeway:
             raise InvalidToken("invalid_claim")  # STEP-10: a login in the future is not a login
+
+    def _bearer_binding_refusal(self, cnf: Mapping[str, Any]) -> AuthError | None:
+        """What `_confirm_binding` refuses a Bearer credential of a token bound by `cnf` with before awaiting a
+        binding verifier: the RFC 9449 §7.2 downgrade, or a first member nobody understands (MTLS-15). None:
+        a binding verifier must decide."""
+        if "jkt" in cnf:
+            return TokenBindingMismatch("dpop_bound_token_as_bearer", scheme="bearer", security=True)
+        if next(iter(cnf)) not in self._bindings:
+            return InvalidToken("unsupported_binding")
+        return None
 
     async def _confirm_binding(
         self, verified: VerifiedToken, credential: Credential, request: RequestView

@@ -62,3 +62,21 @@ def _scheme_of(line: str) -> str:
 
 def _single(values: set[str]) -> str | None:
     return next(iter(values)) if len(values) == 1 else None
+
+
+def plain_bearer(value: str, *, max_bytes: int = 8192) -> Credential | None:
+    """The credential of an Authorization value spelled canonically, `Bearer <b64token>` with one space, or
+    None for any other value, which `extract_credential` then decides (and may refuse). What that returns for
+    such a value, when it is the request's only credential (the caller knows: no second Authorization header,
+    no query or form token); a tenth of its work, for the spelling nearly every request has."""
+    if len(value) > max_bytes or not value.startswith("Bearer "):
+        return None
+    token = value[7:]
+    try:
+        raw = token.encode("ascii")
+    except UnicodeEncodeError:
+        return None
+    body = raw.rstrip(b"=")
+    if not body or body.translate(None, _TOKEN68_CHARS):
+        return None
+    return Credential("bearer", token, hashlib.sha256(raw).digest())

@@ -21,9 +21,11 @@ from aiohttp import hdrs, web
 from multidict import istr
 from yarl import URL
 
+from ._frozen import positional_factory
 from .client_cert import certificate_from_request
 from .config import Config, load_config
 from .errors import AccessDenied, AuthError, UpstreamUnavailable
+from .extract import plain_bearer
 from .memo import MemoKey
 from .models import ANONYMOUS_TRUST, Decision, Principal, RequestView, RouteRef, TrustAssessment
 from .parser_rejection import install_log_filter
@@ -133,8 +135,7 @@ def request_view(
     if match_info.http_exception is None:
         route = _route_ref(match_info.route, method)
     transport = request.transport
-    peername = transport.get_extra_info("peername") if transport is not None else None
-    peer = peername[0] if isinstance(peername, (tuple, list)) and peername else None
+    peer = _peer(transport)
     certificate = None
     if pipeline.mtls_enabled:
         ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
@@ -166,6 +167,25 @@ def request_view(
     return view
 
 
+def _peer(transport: Any) -> str | None:
+    peername = transport.get_extra_info("peername") if transport is not None else None
+    return peername[0] if isinstance(peername, (tuple, list)) and peername else None
+
+
+# RequestView's fields in order, for the view of a plain request (positionally: a third of the keywords' cost)
+_make_view = positional_factory(RequestView, (
+    "method", "path", "route", "match_info", "authorization", "dpop", "peer", "client_certificate",
+    "has_query_token", "has_body_token"))
+
+
+def _plain_view(request: web.Request, match_info: web.UrlMappingMatchInfo, value: str) -> RequestView:
+    """`request_view` of a plain request (`_plain_value`) without mTLS: what it would build, without looking
+    for what `_plain_value` ruled out (a DPoP header, a query or form token, a second Authorization)."""
+    method = request.method
+    return _make_view(method, request.rel_url.raw_path, _route_ref(match_info.route, method),
+                      MappingProxyType(match_info), (value,), (), _peer(request.transport), None, False, False)
+
+
 _ROUTE_REFS: dict[tuple[web.AbstractRoute, str], RouteRef] = {}
 _ROUTE_REFS_MAX = 4096  # an app's routes times methods: a bound only against a pathological app
 
@@ -186,6 +206,10 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
     """All stages in one middleware: decide, audit, then call the handler only when allowed."""
     recall = pipeline.memo.recall if pipeline.memo is not None else None
     timed = pipeline.audit_sink is not None  # the time a request took is only ever read by audit
+    # a plain bearer request is decided without a coroutine per stage when nothing of it needs awaiting
+    # (Pipeline.decide_plain); with mTLS its view would carry a certificate: decided in full
+    immediate = pipeline.authenticator.immediate and not pipeline.mtls_enabled
+    max_bytes = pipeline.config.limits.max_credential_bytes
 
     @web.middleware
     async def zero_trust(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -193,44 +217,54 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
         match_info = request.match_info
         if match_info.http_exception is not None:
             return await handler(request)  # no such route: aiohttp's own 404/405, untouched
-        key = None
-        if recall is not None and (key := _memo_key(request, match_info)) is not None:
-            entry = recall(key)
-            # the same bearer request was allowed before: replay its outcome, when it resolved to the same match
-            # info (an app middleware before this one may have cloned the request to another path without
-            # resolving it again, or set its match info: an owner rule reads the match info, not the path)
-            if entry is not None and entry.view.match_info == match_info:
-                if entry.ages:  # its trust was evaluated anew; any change: the full pipeline decides, below
-                    aged = pipeline.replayed(entry)
-                    if aged is not None:
-                        _publish(request, aged)
-                        return await _call_handler(request, handler, pipeline, entry.view, aged, started)
-                else:
-                    _publish(request, entry.outcome)
-                    record = entry.record
-                    if record is None:  # audit is off: nothing to record
-                        return await handler(request)
-                    # _handle_and_record, written out: this is the path of most requests. Nothing to decorate:
-                    # the memo only exists when decorators add nothing to plain bearer requests and mTLS is off.
-                    status = 500
-                    try:
-                        response = await handler(request)
-                        status = response.status
-                        return response
-                    except web.HTTPException as exc:
-                        status = exc.status
-                        raise
-                    finally:
+        key = outcome = None
+        plain = _plain_value(request)
+        if plain is not None:
+            value, path = plain
+            if recall is not None and (key := _memo_key(request, match_info, value, path)) is not None:
+                entry = recall(key)
+                # the same bearer request was allowed before: replay its outcome, when it resolved to the same
+                # match info (an app middleware before this one may have cloned the request to another path
+                # without resolving it again, or set its match info: an owner rule reads the match info)
+                if entry is not None and entry.view.match_info == match_info:
+                    if entry.ages:  # its trust was evaluated anew; any change: the full pipeline decides, below
+                        aged = pipeline.replayed(entry)
+                        if aged is not None:
+                            _publish(request, aged)
+                            return await _call_handler(request, handler, pipeline, entry.view, aged, started)
+                    else:
+                        _publish(request, entry.outcome)
+                        record = entry.record
+                        if record is None:  # audit is off: nothing to record
+                            return await handler(request)
+                        # _handle_and_record, written out: this is the path of most requests. Nothing to
+                        # decorate: the memo only exists when decorators add nothing to plain bearer requests
+                        # and mTLS is off.
+                        status = 500
                         try:
-                            record(status, started)
-                        except Exception:  # a third party's recorder that raises: never a 500 (SEC-07)
-                            pass
-        try:
-            view, outcome = await _decide(request, pipeline)
-        except web.HTTPException as exc:  # aiohttp's own answer while reading the body (413): still recorded
-            pipeline.audit(_bare_view(request), Outcome(Decision(False, "unreadable_body", None, exc.status)),
-                           exc.status, started)
-            raise
+                            response = await handler(request)
+                            status = response.status
+                            return response
+                        except web.HTTPException as exc:
+                            status = exc.status
+                            raise
+                        finally:
+                            try:
+                                record(status, started)
+                            except Exception:  # a third party's recorder that raises: never a 500 (SEC-07)
+                                pass
+            if immediate and (credential := plain_bearer(value, max_bytes=max_bytes)) is not None:
+                view = _plain_view(request, match_info, value)
+                outcome = pipeline.decide_plain(view, credential)
+                if outcome is not None:
+                    _publish(request, outcome)
+        if outcome is None:
+            try:
+                view, outcome = await _decide(request, pipeline)
+            except web.HTTPException as exc:  # aiohttp's own answer while reading the body (413): still recorded
+                pipeline.audit(_bare_view(request), Outcome(Decision(False, "unreadable_body", None, exc.status)),
+                               exc.status, started)
+                raise
         if outcome.error is not None:
             response = error_response(pipeline, outcome.error)
             pipeline.audit(view, outcome, response.status, started)
@@ -242,13 +276,11 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
     return zero_trust
 
 
-def _memo_key(request: web.Request, match_info: web.UrlMappingMatchInfo) -> MemoKey | None:
-    """Only a plain request can be replayed: one Authorization header in the canonical `Bearer <token>`
-    spelling, no DPoP header, no query token, no form body, an origin-form path of at most 1 KiB without
-    percent-encoding or a fragment (other spellings of the same request are decided in full, so one token
-    cannot fill the memo with spellings of itself). The path is read off the request target as sent (yarl
-    keeps it as is), and the query is left out of the key: the decision never depends on it, but for an
-    `access_token` parameter, refused in full. See `memo.MemoKey`."""
+def _plain_value(request: web.Request) -> tuple[str, str] | None:
+    """The Authorization value and the raw path (without the query) of a plain request: one Authorization
+    header in the canonical `Bearer <token>` spelling, no DPoP header, no form body, no query token. Only such
+    a request is replayed from the memo or decided without awaiting; any other is decided in full. The path
+    is read off the request target as sent (yarl keeps it as is)."""
     headers = request.headers
     authorization = headers.getall(_AUTHORIZATION, ())
     if len(authorization) != 1 or _DPOP in headers:
@@ -263,6 +295,14 @@ def _memo_key(request: web.Request, match_info: web.UrlMappingMatchInfo) -> Memo
         path, _, query = path.partition("?")
         if ("access_token" in query or "%" in query) and _has_query_token(request.rel_url):
             return None
+    return value, path
+
+
+def _memo_key(request: web.Request, match_info: web.UrlMappingMatchInfo, value: str, path: str) -> MemoKey | None:
+    """The memo key of a plain request (`_plain_value`) whose path is in origin form, at most 1 KiB, without
+    percent-encoding or a fragment (other spellings of the same request are decided in full, so one token
+    cannot fill the memo with spellings of itself). The query is left out: the decision never depends on it,
+    but for an `access_token` parameter, which `_plain_value` refused. See `memo.MemoKey`."""
     if path[:1] != "/" or "%" in path or "#" in path or len(path) > _MEMO_PATH_MAX:
         return None
     if _SIPHASH:  # see memo.MemoKey

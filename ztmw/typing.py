@@ -63,6 +63,17 @@ class RevocableVerifier(Protocol):
 
 
 @runtime_checkable
+class ImmediateVerifier(Protocol):
+    """Optional on a token verifier: `verify_token` without awaiting, for the common case that needs no I/O.
+
+    Returns what `verify_token` would (or raises what it would), or None when it would have to await (a key
+    not fetched yet): the core then awaits `verify_token`. Lets a plain bearer request be decided without a
+    coroutine per stage (`Pipeline.decide_plain`)."""
+
+    def verify_now(self, token: str) -> VerifiedToken | None: ...
+
+
+@runtime_checkable
 class ResponseDecorator(Protocol):
     """Optional on a plugin: adds headers to allowed responses (for example a fresh DPoP nonce)."""
 

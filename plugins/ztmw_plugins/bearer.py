@@ -83,18 +83,36 @@ class BearerVerifier:
             found = issuer.keys.ready_key(kid, alg)
             if found is None:
                 found = await self._fetch_key(issuer, kid, alg)
-            if alg not in found.algorithms:  # kid names a key of another type or JWK alg (BCP-01, JWKS-04)
-                raise InvalidToken("unsupported_algorithm", security=True)
-            if not verify_signature(jws, found.key, alg):
-                raise InvalidToken("bad_signature")
-            # found.kid equals the token's kid when it names one: the JWKS's own string, shared by every
-            # cached token
-            return self._claims(token, jws.claims, issuer, iss, found.kid, found.thumbprint)
+            return self._signed(token, jws, issuer, iss, alg, found)
         except (InvalidToken, UpstreamUnavailable):
             raise
         except Exception as exc:  # no client input may become a 500; a bug here still fails closed
-            self._log.error("bearer_unexpected_error", error=type(exc).__name__)
-            raise InvalidToken("malformed_token") from None
+            raise self._unexpected(exc) from None
+
+    def verify_now(self, token: str) -> VerifiedToken | None:
+        """`ImmediateVerifier`: `verify_token` when the issuer's key is loaded already; None when it is not."""
+        try:
+            jws, issuer, iss, alg, kid = self._preflight(token)
+            found = issuer.keys.ready_key(kid, alg)
+            return None if found is None else self._signed(token, jws, issuer, iss, alg, found)
+        except (InvalidToken, UpstreamUnavailable):
+            raise
+        except Exception as exc:  # as in verify_token
+            raise self._unexpected(exc) from None
+
+    def _signed(self, token: str, jws: CompactJWS, issuer: _Issuer, iss: str, alg: str,
+                found: PublicKey) -> VerifiedToken:
+        """The key's fit, the signature, then the claims."""
+        if alg not in found.algorithms:  # kid names a key of another type or JWK alg (BCP-01, JWKS-04)
+            raise InvalidToken("unsupported_algorithm", security=True)
+        if not verify_signature(jws, found.key, alg):
+            raise InvalidToken("bad_signature")
+        # found.kid equals the token's kid when it names one: the JWKS's own string, shared by every cached token
+        return self._claims(token, jws.claims, issuer, iss, found.kid, found.thumbprint)
+
+    def _unexpected(self, exc: Exception) -> InvalidToken:
+        self._log.error("bearer_unexpected_error", error=type(exc).__name__)
+        return InvalidToken("malformed_token")
 
     def _preflight(self, token: str) -> tuple[CompactJWS, _Issuer, str, str, str | None]:
         """Structure, algorithm, issuer and type: everything before the key (cheap checks first)."""
