@@ -143,3 +143,21 @@ class TestBindingAndInputs:
     def test_anonymous_request_gets_no_trust(self) -> None:
         assert MappingTrustEvaluator(CONFIG, FakeClock()).evaluate(None, REQUEST) == ANONYMOUS_TRUST
         assert (ANONYMOUS_TRUST.aal, ANONYMOUS_TRUST.ial, ANONYMOUS_TRUST.binding) == (0, 0, None)
+
+
+def test_one_evaluator_answers_each_login_as_a_fresh_one_would_whatever_it_assessed_before() -> None:
+    """The evaluator keeps what it assessed for (acr, amr, binding) of logins without auth_time: the answers
+    must be those of a new evaluator, for every combination, in any order, and auth_time logins still age."""
+    clock = FakeClock()
+    kept = MappingTrustEvaluator(CONFIG, clock)
+    logins = [dict(acr=acr, amr=amr, binding=binding) for acr in (None, BANKID, SOCIAL, "urn:unknown")
+              for amr in ((), ("pwd",), ("otp", "face")) for binding in (None, "dpop")]
+    for login in logins + logins[::-1]:
+        assert kept.evaluate(principal(**login), REQUEST) == MappingTrustEvaluator(CONFIG, clock).evaluate(
+            principal(**login), REQUEST)
+    aged = principal(acr=BANKID, auth_time=NOW - 10)
+    assert kept.evaluate(aged, REQUEST).auth_age == 10
+    clock.now += 50
+    assert kept.evaluate(aged, REQUEST).auth_age == 60
+    later = kept.evaluate(principal(acr=BANKID), REQUEST, TrustAssessment(aal=3, inputs=("earlier",)))
+    assert later.aal == 3 and later.inputs[0] == "earlier"  # what an earlier evaluator found is refined, not replaced

@@ -100,8 +100,7 @@ class RulePolicy:
     ) -> Decision:
         self._check_binding(rule, principal)
         self._check_caller(rule, principal)
-        missing = [s for s in rule.scopes if s not in principal.scopes]
-        if missing:
+        if not principal.scopes.issuperset(rule.scopes):
             raise InsufficientScope(params={"scope": " ".join(rule.scopes)})
         self._check_authentication(rule, trust)
         if rule.owner is not None:

@@ -14,6 +14,8 @@ from .errors import UpstreamUnavailable
 from .models import ANONYMOUS_TRUST, Principal, RequestView, TrustAssessment
 from .typing import Clock, PluginDeps, TrustEvaluator
 
+_ASSESSED_MAX = 1024
+
 
 class MappingTrustEvaluator:
     """The default evaluator: reads the `[trust.acr]` and `[trust.amr]` tables."""
@@ -26,12 +28,27 @@ class MappingTrustEvaluator:
         self._acr = {v: (lv, f"acr={v}:aal{lv.aal}/ial{lv.ial}") for v, lv in config.acr.items()}
         self._amr = {m: (lv, f"amr={m}:aal{lv.aal}/ial{lv.ial}") for m, lv in config.amr.items()}
         self._clock = clock
+        # the assessment of a login without auth_time, first in the chain, depends on (acr, amr, binding) alone,
+        # and the same few combinations recur token after token: each is assessed once (bounded; emptied when full)
+        self._assessed: dict[tuple[str | None, tuple[str, ...], str | None], TrustAssessment] = {}
 
     def evaluate(
         self, principal: Principal | None, request: RequestView, current: TrustAssessment = ANONYMOUS_TRUST
     ) -> TrustAssessment:
         if principal is None:
             return current
+        token = principal.token
+        if token.auth_time is None and current is ANONYMOUS_TRUST:
+            key = (token.acr, token.amr, principal.binding)
+            assessed = self._assessed.get(key)
+            if assessed is None:
+                if len(self._assessed) >= _ASSESSED_MAX:
+                    self._assessed.clear()
+                assessed = self._assessed[key] = self._assess(principal, current)
+            return assessed
+        return self._assess(principal, current)
+
+    def _assess(self, principal: Principal, current: TrustAssessment) -> TrustAssessment:
         token = principal.token
         aal, ial = current.aal, current.ial  # refine what earlier evaluators found; never forget their reasons
         inputs: list[str] = list(current.inputs)
