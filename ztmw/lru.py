@@ -54,12 +54,15 @@ class LRU(Generic[K, V]):
         return value
 
     def put(self, key: K, value: V) -> None:
-        if key in self._entries:  # the old value leaves
+        entries = self._entries
+        if key in entries:  # the old value leaves; the key becomes the most recent
             self.removals += 1
-        self._entries[key] = value
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
+            entries[key] = value
+            entries.move_to_end(key)
+            return
+        entries[key] = value  # a new key is the most recent already
+        while len(entries) > self._max_entries:
+            entries.popitem(last=False)
             self.removals += 1
 
     def pop(self, key: K) -> None:
