@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover - the pipeline imports this module
 
 MemoKey = tuple[Hashable, str, str, "int | bytes", int]
 """(route object, method, raw path, and the Authorization value keyed-hashed twice): built by the adapter
-(`middleware._memo_key`). The route object because aiohttp resolves Host-based sub-apps to different routes;
+(`middleware._plain_request`). The route object because aiohttp resolves Host-based sub-apps to different routes;
 the raw path because it fixes the match info an owner rule reads.
 
 The value is held as two 64-bit SipHash outputs (`hash()` of `Bearer <token>` and of ` <token>`; CPython

@@ -179,8 +179,8 @@ _make_view = positional_factory(RequestView, (
 
 
 def _plain_view(request: web.Request, match_info: web.UrlMappingMatchInfo, value: str) -> RequestView:
-    """`request_view` of a plain request (`_plain_value`) without mTLS: what it would build, without looking
-    for what `_plain_value` ruled out (a DPoP header, a query or form token, a second Authorization)."""
+    """`request_view` of a plain request (`_plain_request`) without mTLS: what it would build, without looking
+    for what `_plain_request` ruled out (a DPoP header, a query or form token, a second Authorization)."""
     method = request.method
     return _make_view(method, request.rel_url.raw_path, _route_ref(match_info.route, method),
                       MappingProxyType(match_info), (value,), (), _peer(request.transport), None, False, False)
@@ -217,11 +217,10 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
         match_info = request.match_info
         if match_info.http_exception is not None:
             return await handler(request)  # no such route: aiohttp's own 404/405, untouched
-        key = outcome = None
-        plain = _plain_value(request)
-        if plain is not None:
-            value, path = plain
-            if recall is not None and (key := _memo_key(request, match_info, value, path)) is not None:
+        outcome = None
+        value, key = _plain_request(request, match_info)
+        if value is not None:
+            if recall is not None and key is not None:
                 entry = recall(key)
                 # the same bearer request was allowed before: replay its outcome, when it resolved to the same
                 # match info (an app middleware before this one may have cloned the request to another path
@@ -253,6 +252,8 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
                                 record(status, started)
                             except Exception:  # a third party's recorder that raises: never a 500 (SEC-07)
                                 pass
+            else:
+                key = None  # no memo: nothing to remember under it
             if immediate and (credential := plain_bearer(value, max_bytes=max_bytes)) is not None:
                 view = _plain_view(request, match_info, value)
                 outcome = pipeline.decide_plain(view, credential)
@@ -276,38 +277,39 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
     return zero_trust
 
 
-def _plain_value(request: web.Request) -> tuple[str, str] | None:
-    """The Authorization value and the raw path (without the query) of a plain request: one Authorization
-    header in the canonical `Bearer <token>` spelling, no DPoP header, no form body, no query token. Only such
-    a request is replayed from the memo or decided without awaiting; any other is decided in full. The path
-    is read off the request target as sent (yarl keeps it as is)."""
+_NOT_PLAIN: tuple[None, None] = (None, None)
+
+
+def _plain_request(request: web.Request, match_info: web.UrlMappingMatchInfo) -> tuple[str | None, MemoKey | None]:
+    """(Authorization value, memo key) of a plain request, (None, None) for any other.
+
+    A plain request has one Authorization header in the canonical `Bearer <token>` spelling, no DPoP header,
+    no form body and no query token: only such a request is replayed from the memo or decided without
+    awaiting; any other is decided in full. Its memo key is None unless its path (read off the request target
+    as sent: yarl keeps it as is) is in origin form, at most 1 KiB, without percent-encoding or a fragment
+    (other spellings of the same request are decided in full, so one token cannot fill the memo with spellings
+    of itself). The query is left out of the key: the decision never depends on it, but for an `access_token`
+    parameter, which makes the request not plain. See `memo.MemoKey`. (One function: the path of most
+    requests.)"""
     headers = request.headers
     authorization = headers.getall(_AUTHORIZATION, ())
     if len(authorization) != 1 or _DPOP in headers:
-        return None
+        return _NOT_PLAIN
     if _CONTENT_TYPE in headers and request.content_type == _FORM:  # a body token is looked for in full
-        return None
+        return _NOT_PLAIN
     value = authorization[0]
     if not value.startswith("Bearer ") or value[7:8] in _BLANK:
-        return None
+        return _NOT_PLAIN
     path = request.raw_path
     if "?" in path:
         path, _, query = path.partition("?")
         if ("access_token" in query or "%" in query) and _has_query_token(request.rel_url):
-            return None
-    return value, path
-
-
-def _memo_key(request: web.Request, match_info: web.UrlMappingMatchInfo, value: str, path: str) -> MemoKey | None:
-    """The memo key of a plain request (`_plain_value`) whose path is in origin form, at most 1 KiB, without
-    percent-encoding or a fragment (other spellings of the same request are decided in full, so one token
-    cannot fill the memo with spellings of itself). The query is left out: the decision never depends on it,
-    but for an `access_token` parameter, which `_plain_value` refused. See `memo.MemoKey`."""
+            return _NOT_PLAIN
     if path[:1] != "/" or "%" in path or "#" in path or len(path) > _MEMO_PATH_MAX:
-        return None
+        return value, None
     if _SIPHASH:  # see memo.MemoKey
-        return (match_info.route, request.method, path, hash(value), hash(value[6:]))
-    return (match_info.route, request.method, path, sha256(value.encode("utf-8", "surrogatepass")).digest(), 0)
+        return value, (match_info.route, request.method, path, hash(value), hash(value[6:]))
+    return value, (match_info.route, request.method, path, sha256(value.encode("utf-8", "surrogatepass")).digest(), 0)
 
 
 async def _has_body_token(request: web.Request) -> bool:
