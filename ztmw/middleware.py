@@ -232,7 +232,14 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
                             _publish(request, aged)
                             return await _call_handler(request, handler, pipeline, entry.view, aged, started)
                     else:
-                        _publish(request, entry.outcome)
+                        outcome = entry.outcome
+                        if _STORAGE:  # _publish, written out
+                            storage = request._state
+                            storage[PRINCIPAL] = outcome.principal
+                            storage[TRUST] = outcome.trust
+                            storage[DECISION] = outcome.decision
+                        else:  # pragma: no cover - an aiohttp that keeps request storage elsewhere
+                            _publish(request, outcome)
                         record = entry.record
                         if record is None:  # audit is off: nothing to record
                             return await handler(request)
