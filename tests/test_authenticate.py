@@ -10,7 +10,10 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 import ztmw
-from ztmw.cache import token_key
+from ztmw.authenticate import Authenticator, _immediate
+from ztmw.cache import MemoryVerificationCache, token_key
+from ztmw.errors import InvalidToken
+from ztmw.models import Credential
 from ztmw.testing import DevIssuer, FakeClock
 
 from .conftest import base_config, items_app
@@ -301,3 +304,84 @@ async def test_cnf_without_a_member_ztmw_understands_is_invalid_token(
                 assert 'error="invalid_token"' in challenges
     reason = bearer_reason if scheme == "Bearer" else dpop_reason
     assert [e["reason"] for e in events if e["event"] in ("ztmw.decision", "ztmw.security")] == [reason] * 2
+
+
+class _Verifying:
+    """A verifier with both ways to verify (what the checks below need of one)."""
+
+    name = "stub"
+
+    async def verify_token(self, token: str) -> Any:
+        raise InvalidToken("bad_signature")
+
+    def verify_now(self, token: str) -> Any:
+        raise InvalidToken("bad_signature")
+
+
+class _AddsACheck(_Verifying):
+    """A subclass that refuses more in verify_token: an inherited verify_now would skip that check."""
+
+    async def verify_token(self, token: str) -> Any:
+        raise InvalidToken("invalid_claim")
+
+
+class _Wrapping:
+    """A wrapper that passes everything else through to the verifier it wraps (verify_now included)."""
+
+    name = "wrapper"
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def verify_token(self, token: str) -> Any:
+        raise InvalidToken("invalid_claim")
+
+
+class _AwaitingNow(_Verifying):
+    async def verify_now(self, token: str) -> Any:  # type: ignore[override]
+        raise InvalidToken("bad_signature")
+
+    async def verify_token(self, token: str) -> Any:
+        raise InvalidToken("bad_signature")
+
+
+@pytest.mark.parametrize(("verifier", "immediate"), [
+    (_Verifying(), True), (_AddsACheck(), False), (_Wrapping(_Verifying()), False), (_AwaitingNow(), False),
+], ids=["own_verify_now", "subclass_overrides_verify_token", "pass_through_wrapper", "async_verify_now"])
+def test_verify_now_stands_in_for_verify_token_only_where_the_same_class_defines_both(
+    verifier: Any, immediate: bool, clock: FakeClock
+) -> None:
+    authenticator = Authenticator(token_verifiers=[verifier], binding_verifiers=[],
+                                  cache=MemoryVerificationCache(max_entries=10, max_ttl=60, clock=clock),
+                                  identity=None, clock=clock, logger=None)
+    assert authenticator.immediate is immediate
+    if not immediate:  # then a plain request is always left to verify_token
+        credential = Credential("bearer", "abc", token_key("abc"))
+        assert authenticator.authenticate_now(credential) is None
+
+
+async def test_a_verifier_subclass_that_refuses_more_is_asked_on_every_plain_request(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    """End to end: a bearer subclass adding a tenant check in verify_token refuses what the plain path would
+    otherwise have let through with the inherited verify_now."""
+    from ztmw_plugins.bearer import BearerVerifier
+
+    class TenantBearer(BearerVerifier):
+        async def verify_token(self, token: str) -> Any:
+            verified = await super().verify_token(token)
+            if verified.claims.get("tenant") != "acme":
+                raise InvalidToken("invalid_claim")
+            return verified
+
+    app = items_app()
+    pipeline = ztmw.setup(app, base_config(issuer), clock=clock)
+    bearer = pipeline.authenticator._token_verifiers[0]
+    bearer.__class__ = TenantBearer  # the same verifier, as its subclass a third party would ship
+    pipeline.authenticator._immediate = _immediate(bearer)  # what a pipeline built with it would hold
+    client = await aiohttp_client(app)
+    assert await status(client, issuer.mint(scope="items:read", claims={"tenant": "other"})) == 401
+    assert await status(client, issuer.mint(scope="items:read", claims={"tenant": "acme"})) == 200

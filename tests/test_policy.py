@@ -415,3 +415,21 @@ class TestStepUp:
         decision = decide(rule, principal(scopes=("x",), binding="dpop"),
                           trust(aal=2, ial=3, acr="urn:example:acr:bankid", auth_age=10, binding="dpop"))
         assert decision.allowed and decision.rule_id == "s" and decision.status == 200
+
+
+@pytest.mark.parametrize("container", [tuple, list, frozenset])
+def test_scopes_a_third_party_verifier_returns_in_any_container_are_checked_alike(container: type) -> None:
+    """`VerifiedToken.scopes` is a frozenset from the built-in verifiers; another verifier's tuple or list must
+    be checked the same way, never turned into a 500 (SEC-07)."""
+    rule = Rule(id="r", path="/things", scopes=("read",))
+
+    def holding(*scopes: str) -> Principal:
+        who = principal()
+        token = VerifiedToken(**{**{f: getattr(who.token, f) for f in who.token.__dataclass_fields__},
+                                 "scopes": container(scopes)})
+        return Principal(subject=who.subject, issuer=who.issuer, token=token, caller=who.caller,
+                         raw_subject=who.raw_subject)
+
+    assert decide(rule, holding("read", "write")).allowed
+    with pytest.raises(InsufficientScope):
+        decide(rule, holding("write"))

@@ -161,3 +161,11 @@ def test_one_evaluator_answers_each_login_as_a_fresh_one_would_whatever_it_asses
     assert kept.evaluate(aged, REQUEST).auth_age == 60
     later = kept.evaluate(principal(acr=BANKID), REQUEST, TrustAssessment(aal=3, inputs=("earlier",)))
     assert later.aal == 3 and later.inputs[0] == "earlier"  # what an earlier evaluator found is refined, not replaced
+
+
+def test_an_amr_list_from_another_verifier_is_assessed_as_a_tuple_would_be() -> None:
+    """Another verifier may hand `amr` over as a list (unhashable): assessed in full, never a 503."""
+    kept = MappingTrustEvaluator(CONFIG, FakeClock())
+    listed = principal(amr=("otp",))
+    object.__setattr__(listed.token, "amr", ["otp"])
+    assert kept.evaluate(listed, REQUEST) == kept.evaluate(principal(amr=("otp",)), REQUEST)

@@ -7,6 +7,7 @@ on every request. The downgrade rules of RFC 9449 §7.2 live here too, so no plu
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Mapping, Sequence
 
@@ -39,6 +40,21 @@ NEGATIVE_CACHEABLE = frozenset({
     "malformed_token", "bad_signature", "unsupported_algorithm", "wrong_token_type", "missing_claim",
     "invalid_claim", "audience_mismatch", "unknown_issuer", "unsupported_crit", "token_expired",
 })
+
+
+def _immediate(verifier: TokenVerifier) -> ImmediateVerifier | None:
+    """`verifier` when its `verify_now` may stand in for its `verify_token`: both defined by the same class
+    (a subclass or wrapper that adds a check to `verify_token` must not be skipped by a `verify_now` it
+    inherits or passes through), neither replaced on the instance, and `verify_now` not a coroutine."""
+    if not isinstance(verifier, ImmediateVerifier) or inspect.iscoroutinefunction(verifier.verify_now):
+        return None
+    own = getattr(verifier, "__dict__", {})
+    if "verify_now" in own or "verify_token" in own:
+        return None
+    mro = type(verifier).__mro__
+    defines_now = next((cls for cls in mro if "verify_now" in vars(cls)), None)
+    defines_token = next((cls for cls in mro if "verify_token" in vars(cls)), None)
+    return verifier if defines_now is not None and defines_now is defines_token else None
 
 
 @quick_init
@@ -85,9 +101,8 @@ class Authenticator:
         self._identity = identity
         self._clock = clock
         self._log = logger
-        only = self._token_verifiers[0]
         self._immediate: ImmediateVerifier | None = (
-            only if len(self._token_verifiers) == 1 and isinstance(only, ImmediateVerifier)
+            _immediate(self._token_verifiers[0]) if len(self._token_verifiers) == 1
             and shared_cache is None and identity is None else None)
 
     @property

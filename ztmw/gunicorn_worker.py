@@ -33,6 +33,10 @@ class GunicornWebWorker(_AiohttpWorker):
         if isinstance(made, web.Application):
             self.wsgi = self._safe_runner_factory(made)
         else:  # a runner of the factory's own, or something aiohttp's worker refuses with its own error
+            if isinstance(made, web.AppRunner) and not isinstance(made, ParserSafeAppRunner):
+                self.log.warning("the app factory returned its own %s: requests aiohttp's parser refuses are "
+                                 "answered with their bytes quoted; return a ztmw.ParserSafeAppRunner",
+                                 type(made).__name__)
             self.wsgi = _returning(made)
         await super()._run()
 

@@ -100,7 +100,8 @@ class RulePolicy:
     ) -> Decision:
         self._check_binding(rule, principal)
         self._check_caller(rule, principal)
-        if not principal.scopes.issuperset(rule.scopes):
+        scopes = principal.scopes  # a frozenset from the built-in verifiers; any container from another
+        if any(s not in scopes for s in rule.scopes):
             raise InsufficientScope(params={"scope": " ".join(rule.scopes)})
         self._check_authentication(rule, trust)
         if rule.owner is not None:

@@ -38,9 +38,12 @@ class MappingTrustEvaluator:
         if principal is None:
             return current
         token = principal.token
-        if token.auth_time is None and current is ANONYMOUS_TRUST:
-            key = (token.acr, token.amr, principal.binding)
-            assessed = self._assessed.get(key)
+        if token.auth_time is None and current is ANONYMOUS_TRUST and type(token.amr) is tuple:
+            key = (token.acr, token.amr, principal.binding)  # amr a tuple of str from the built-in verifiers
+            try:
+                assessed = self._assessed.get(key)
+            except TypeError:  # another verifier's unhashable value: assessed as it comes
+                return self._assess(principal, current)
             if assessed is None:
                 if len(self._assessed) >= _ASSESSED_MAX:
                     self._assessed.clear()
