@@ -208,6 +208,45 @@ async def call(client: Any, token: str | None = None, path: str = "/items", meth
         return response.status, body
 
 
+# -- the decision memo: an app that echoes what the handler was given, and remembered sightings ------------
+
+def memo_size(pipeline: ztmw.Pipeline) -> int:
+    assert pipeline.memo is not None
+    return len(pipeline.memo)
+
+
+def echo_app() -> web.Application:
+    """Answers with what the handler was given: principal, rule and match info (what an owner rule reads)."""
+
+    async def echo(request: web.Request) -> web.Response:
+        principal, decision = request[ztmw.PRINCIPAL], request[ztmw.DECISION]
+        return web.json_response({"sub": principal.subject if principal else None, "rule": decision.rule_id,
+                                  "match": dict(request.match_info)})
+
+    app = web.Application()
+    for path in ("/items", "/users/{user}/items", "/files/{name:.*}"):
+        app.router.add_get(path, echo)
+    app.router.add_route("*", "/any", echo)
+    return app
+
+
+def echo_config(issuer: DevIssuer, **sections: Any) -> dict[str, Any]:
+    config = base_config(issuer, **sections)
+    config["rules"] += [
+        {"id": "files", "path": "/files/{name:.*}", "methods": ["GET"], "scopes": ["items:read"]},
+        {"id": "any", "path": "/any", "scopes": ["items:read"]},  # every method
+    ]
+    return config
+
+
+async def warm(client: Any, pipeline: ztmw.Pipeline, token: str, path: str = "/items", **headers: Any) -> None:
+    """Two sightings: the second is a verification-cache hit and is remembered."""
+    before = memo_size(pipeline)
+    for _ in range(2):
+        assert (await call(client, token, path, **headers))[0] == 200
+    assert memo_size(pipeline) == before + 1
+
+
 # -- audit reasons and requests the checklist tests share ------------------------------------------------
 
 def reasons(events: list[Any]) -> list[str]:

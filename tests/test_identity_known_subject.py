@@ -19,10 +19,9 @@ from ztmw.config import IdentityLink
 from ztmw.errors import InvalidToken, UnknownSubject
 from ztmw.identity import ConfigIdentityResolver, IdentityChain
 from ztmw.testing import DevIssuer, FakeClock
+from ztmw.testing.http import free_port
 
-from .conftest import AUDIENCE, base_config, call, delete_prefix, protected
-from .test_memo import memo_size
-from .test_trust_e2e import closed_port
+from .conftest import AUDIENCE, base_config, call, delete_prefix, memo_size, protected
 
 ALICE_LOGIN, ALICE = "alice-login", "acct-alice"
 DESCRIPTION = "Token subject is not known here"
@@ -242,7 +241,7 @@ async def test_an_unreachable_redis_is_a_503_not_an_unknown_subject(
 ) -> None:
     """Needs no Redis: "cannot tell" must never be mistaken for "not known" (nor for "known")."""
     config = base_config(issuer, identity={"resolvers": ["config", "redis"], "require_known_subject": True},
-                         plugins={"redis": {"url": f"redis://127.0.0.1:{closed_port()}/15", "timeout": 0.5}})
+                         plugins={"redis": {"url": f"redis://127.0.0.1:{free_port()}/15", "timeout": 0.5}})
     client, _ = await protected(aiohttp_client, config, clock)
     response, event = await get(client, issuer.mint("mallory", scope="items:read"))
     assert response.status == 503

@@ -25,45 +25,20 @@ from .conftest import (
     base_config,
     call,
     decisions,
+    echo_app,
+    echo_config,
     introspection_endpoint,
+    memo_size,
     protected,
     raw,
     raw_get,
     staged_app,
+    warm,
     whoami_app,
     with_query,
 )
 
 pytestmark = pytest.mark.usefixtures("decision_path")  # decided without awaiting, and in full
-
-
-def memo_size(pipeline: ztmw.Pipeline) -> int:
-    assert pipeline.memo is not None
-    return len(pipeline.memo)
-
-
-def echo_app() -> web.Application:
-    """Answers with what the handler was given: principal, rule and match info (what an owner rule reads)."""
-
-    async def echo(request: web.Request) -> web.Response:
-        principal, decision = request[ztmw.PRINCIPAL], request[ztmw.DECISION]
-        return web.json_response({"sub": principal.subject if principal else None, "rule": decision.rule_id,
-                                  "match": dict(request.match_info)})
-
-    app = web.Application()
-    for path in ("/items", "/users/{user}/items", "/files/{name:.*}"):
-        app.router.add_get(path, echo)
-    app.router.add_route("*", "/any", echo)
-    return app
-
-
-def echo_config(issuer: DevIssuer, **sections: Any) -> dict[str, Any]:
-    config = base_config(issuer, **sections)
-    config["rules"] += [
-        {"id": "files", "path": "/files/{name:.*}", "methods": ["GET"], "scopes": ["items:read"]},
-        {"id": "any", "path": "/any", "scopes": ["items:read"]},  # every method
-    ]
-    return config
 
 
 async def test_the_second_sighting_is_remembered_and_replayed_with_the_same_answer(
@@ -259,14 +234,6 @@ async def test_sec_03_the_memo_holds_no_token(aiohttp_client: Any, issuer: DevIs
     dumped = repr(pipeline.memo._entries)  # type: ignore[union-attr]
     for part in (token, *token.split(".")):
         assert part not in dumped
-
-
-async def warm(client: Any, pipeline: ztmw.Pipeline, token: str, path: str = "/items", **headers: Any) -> None:
-    """Two sightings: the second is a verification-cache hit and is remembered."""
-    before = memo_size(pipeline)
-    for _ in range(2):
-        assert (await call(client, token, path, **headers))[0] == 200
-    assert memo_size(pipeline) == before + 1
 
 
 def window_around(now: float, *, minutes: int = 1) -> dict[str, str]:

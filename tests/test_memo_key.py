@@ -20,8 +20,7 @@ from aiohttp import web
 import ztmw
 from ztmw.testing import DevIssuer, FakeClock
 
-from .conftest import protected, raw, raw_get
-from .test_memo import echo_app, echo_config, memo_size, warm
+from .conftest import echo_app, echo_config, memo_size, protected, raw, raw_get, warm
 
 pytestmark = pytest.mark.usefixtures("decision_path")  # decided without awaiting, and in full
 

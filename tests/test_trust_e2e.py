@@ -11,7 +11,6 @@ Redis going away (503, fail closed).
 from __future__ import annotations
 
 import secrets
-import socket
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
@@ -417,18 +416,12 @@ async def test_a_link_removed_in_redis_takes_effect_on_the_next_request(
     assert (await api.bearer("GET", "/users/john/items", token)).status == 403
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.parametrize("resolvers", [["redis"], ["config", "redis"]])
 async def test_unreachable_redis_resolver_answers_503_never_200_or_500(
     aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, resolvers: list[str]
 ) -> None:
     # needs no Redis at all: nothing listens on the port, which is the point
-    url = f"redis://127.0.0.1:{closed_port()}/15"
+    url = f"redis://127.0.0.1:{free_port()}/15"
     links = [{"issuer": issuer.issuer, "subject": "someone-else", "account": "bob"}]
     api = await start(aiohttp_client, issuer, clock, identity={"links": links, "resolvers": resolvers},
                       plugins={"redis": {"url": url, "timeout": 0.5}})
