@@ -14,26 +14,10 @@ from ztmw.audit import AuditFanout, StructlogAuditSink, hash_subject, subject_fo
 from ztmw.models import AuditEvent
 from ztmw.testing import DevIssuer
 
+from .audit_events import allow_event, deny_security_event
 from .conftest import base_config
 
 pytestmark = pytest.mark.usefixtures("decision_path")  # decided without awaiting, and in full
-
-
-
-def allow_event(**overrides: Any) -> AuditEvent:
-    fields: dict[str, Any] = dict(
-        decision="allow", reason="allowed", status=200, method="GET", route="/users/{user}/transactions",
-        rule_id="own-transactions", subject=hash_subject("john"), client_id="app",
-        issuer="https://as.example.com", token_id="jti-1", binding="dpop", verifier="bearer", cache="hit",
-        aal=2, ial=1, duration_ms=0.25,
-    )
-    fields.update(overrides)
-    return AuditEvent(**fields)
-
-
-def deny_security_event() -> AuditEvent:
-    return AuditEvent(decision="deny", reason="dpop_bound_token_as_bearer", status=401, method="GET",
-                      route="/payments", rule_id="payments", security=True)
 
 
 class TestStructlogAuditSink:

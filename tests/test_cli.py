@@ -17,36 +17,7 @@ import pytest
 
 from ztmw.testing.http import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
-AUDIENCE = "https://api.example.com"
-
-
-def ztmw(*args: str, cwd: Path = ROOT, check: bool = False) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ztmw", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120, check=check)
-
-
-def write_config(path: Path, issuer_table: str, rules: str = "") -> Path:
-    path.write_text(f"""
-[resource]
-identifier = "{AUDIENCE}"
-public_origin = "http://127.0.0.1"
-
-{issuer_table}
-
-[[rules]]
-id = "hello"
-path = "/hello/{{name}}"
-methods = ["GET"]
-scopes = ["hello:read"]
-
-[[rules]]
-id = "open"
-path = "/open"
-public = true
-{rules}
-""", encoding="utf-8")
-    return path
+from .command import AUDIENCE, ROOT, issuer_table, write_config, ztmw
 
 
 @pytest.fixture
@@ -56,10 +27,6 @@ def keyfile(tmp_path: Path) -> tuple[Path, Path]:
     jwks = tmp_path / "jwks.json"
     jwks.write_text(ztmw("token", "jwks", "--key", str(key), check=True).stdout, encoding="utf-8")
     return key, jwks
-
-
-def issuer_table(jwks: Path) -> str:
-    return f'[[issuers]]\nissuer = "https://issuer.test"\njwks_file = "{jwks}"\nalgorithms = ["ES256"]\n'
 
 
 def test_check_lists_every_route_with_its_rule(tmp_path: Path, keyfile: tuple[Path, Path]) -> None:

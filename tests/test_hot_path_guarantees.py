@@ -24,7 +24,6 @@ from .test_cache import _walk
 pytestmark = pytest.mark.usefixtures("decision_path")  # decided without awaiting, and in full
 
 
-
 async def start(aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock, **sections: Any) -> tuple[Any, Any, str]:
     port = free_port()
     origin = f"http://127.0.0.1:{port}"

@@ -26,10 +26,10 @@ import ztmw
 from ztmw.config import IssuerConfig
 from ztmw.testing import DevIssuer, FakeClock
 
+from .command import write_config
+from .command import ztmw as ztmw_command
 from .conftest import AUDIENCE, items_app
 from .plugins.test_jwks import JWKSServer, cache_server, issuer_config, make_keyset, outcome  # noqa: F401
-from .test_cli import write_config
-from .test_cli import ztmw as ztmw_command
 
 TENANT = "/tenant1"
 OAUTH_PATH = "/.well-known/oauth-authorization-server" + TENANT

@@ -44,9 +44,9 @@ from ztmw.parser_rejection import (
 from ztmw.testing import DevIssuer
 from ztmw.testing.http import free_port
 
+from .command import ROOT, issuer_table
+from .command import ztmw as ztmw_cli
 from .raw_requests import leaked, new_marker, raw_exchange
-from .test_cli import ROOT, issuer_table
-from .test_cli import ztmw as ztmw_cli
 
 PARSERS = {"c-parser": {}, "python-parser": {"AIOHTTP_NO_EXTENSIONS": "1"}}
 MAX_FIELD_SIZE = 32768  # what `ztmw serve` gives aiohttp; its max_line_size stays aiohttp's 8190

@@ -14,7 +14,7 @@ from typing import Any
 import structlog
 import structlog.testing
 
-from tests.test_audit import allow_event
+from tests.audit_events import allow_event
 from ztmw import serve_logging
 from ztmw.audit import StructlogAuditSink
 
@@ -22,7 +22,7 @@ _CHILD = textwrap.dedent("""
     import asyncio, dataclasses, structlog
     from ztmw import serve_logging
     from ztmw.audit import StructlogAuditSink
-    from tests.test_audit import allow_event, deny_security_event
+    from tests.audit_events import allow_event, deny_security_event
 
     async def main():
         serve_logging.configure()
