@@ -17,6 +17,12 @@ from ztmw.testing import DevIssuer, FakeClock
 from ztmw.testing.certs import TestCA
 
 AUDIENCE = "https://api.example.com"
+METADATA_URL = AUDIENCE + "/.well-known/oauth-protected-resource"  # what base_config's resource publishes
+MINIMAL_CONFIG = ztmw.load_config({"resource": {"identifier": AUDIENCE}})  # for a plugin's deps alone
+# the DPoP end-to-end modules: the algorithms a DPoP challenge names by default, and the nonce settings
+DEFAULT_ALGS = "ES256 EdDSA PS256"
+NONCE_SECRET_ENV = "ZTMW_TEST_E2E_DPOP_NONCE_SECRET"
+NONCE_LIFETIME = 60
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 
 

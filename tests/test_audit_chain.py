@@ -32,7 +32,7 @@ from ztmw.registry import available
 from ztmw.testing import DevIssuer, FakeClock
 from ztmw.testing.lifetime import PluginLifetime
 
-from .conftest import base_config, items_app
+from .conftest import MINIMAL_CONFIG, base_config, items_app
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "k" * 32
@@ -441,7 +441,6 @@ def test_a_byte_change_that_parses_to_the_same_content_is_detected(before: bytes
 # -- the plugin factory ------------------------------------------------------------------------------------
 
 
-MINIMAL_CONFIG = ztmw.load_config({"resource": {"identifier": "https://api.example.com"}})
 
 
 @pytest.mark.parametrize(("settings_", "message"), [

@@ -25,8 +25,7 @@ from ztmw.models import AuditEvent
 from ztmw.testing import DevIssuer, FakeClock
 from ztmw.testing.lifetime import PluginLifetime
 
-from .conftest import base_config, items_app
-from .test_audit_chain import MINIMAL_CONFIG
+from .conftest import MINIMAL_CONFIG, base_config, items_app
 
 EVENT = AuditEvent(decision="allow", reason="allowed", status=200, method="GET", route="/items", rule_id="read",
                    subject="sha256:abc", client_id="demo-client", issuer="https://issuer.test", token_id="t1",

@@ -22,14 +22,15 @@ import ztmw
 from ztmw.testing import DevIssuer, DPoPKey, FakeClock
 from ztmw.testing.http import challenges, free_port
 
-from .conftest import base_config, dpop_headers, items_app
-
-METADATA_URL = "https://api.example.com/.well-known/oauth-protected-resource"
-DEFAULT_ALGS = "ES256 EdDSA PS256"
-NONCE_SECRET_ENV = "ZTMW_TEST_E2E_DPOP_NONCE_SECRET"
-NONCE_LIFETIME = 60
-
-
+from .conftest import (
+    DEFAULT_ALGS,
+    METADATA_URL,
+    NONCE_LIFETIME,
+    NONCE_SECRET_ENV,
+    base_config,
+    dpop_headers,
+    items_app,
+)
 
 
 @dataclass

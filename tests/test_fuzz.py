@@ -56,10 +56,9 @@ from ztmw.models import RequestView
 from ztmw.testing import DevIssuer, DPoPKey, FakeClock, TestCA
 from ztmw.testing.http import free_port
 
-from .conftest import AUDIENCE, items_app
+from .conftest import AUDIENCE, METADATA_URL, items_app
 from .test_challenge import parse_challenge
 
-METADATA_URL = "https://api.example.com/.well-known/oauth-protected-resource"
 DPOP_ALGS = "ES256 EdDSA PS256"
 CATALOGUE = {200, 400, 401, 403, 503}
 ERRORS_BY_STATUS = {

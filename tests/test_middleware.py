@@ -17,6 +17,7 @@ from ztmw.testing.http import challenges
 
 from .conftest import (
     AUDIENCE,
+    METADATA_URL,
     base_config,
     bearer_client,
     call,
@@ -31,7 +32,6 @@ from .conftest import (
 
 pytestmark = pytest.mark.usefixtures("decision_path")  # decided without awaiting, and in full
 
-METADATA_URL = "https://api.example.com/.well-known/oauth-protected-resource"
 
 
 @pytest.fixture

@@ -36,8 +36,17 @@ from ztmw.jws import parse_compact
 from ztmw.testing import ClientCert, DevIssuer, DPoPKey, FakeClock, TestCA
 from ztmw.testing.http import challenges, free_port
 
-from .conftest import AUDIENCE, base_config, dpop_headers, items_app, reasons
-from .test_dpop_e2e import DEFAULT_ALGS, METADATA_URL, NONCE_LIFETIME, NONCE_SECRET_ENV
+from .conftest import (
+    AUDIENCE,
+    DEFAULT_ALGS,
+    METADATA_URL,
+    NONCE_LIFETIME,
+    NONCE_SECRET_ENV,
+    base_config,
+    dpop_headers,
+    items_app,
+    reasons,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -22,12 +22,11 @@ import ztmw
 from ztmw.testing import DevIssuer, DPoPKey, FakeClock
 from ztmw.testing.http import challenges, free_port
 
-from .conftest import AUDIENCE, base_config, introspection_endpoint
+from .conftest import AUDIENCE, METADATA_URL, base_config, introspection_endpoint
 
 pytestmark = pytest.mark.usefixtures("decision_path")  # decided without awaiting, and in full
 
 
-METADATA_URL = AUDIENCE + "/.well-known/oauth-protected-resource"
 ALGS = "ES256 EdDSA PS256"
 LEEWAY = 30  # the issuer's default clock-skew allowance
 

@@ -26,12 +26,11 @@ from ztmw.audit import hash_subject
 from ztmw.testing import DevIssuer, DPoPKey, FakeClock
 from ztmw.testing.http import challenges, free_port
 
-from .conftest import AUDIENCE, base_config
+from .conftest import AUDIENCE, METADATA_URL, base_config
 
 pytestmark = pytest.mark.usefixtures("decision_path")  # decided without awaiting, and in full
 
 
-METADATA_URL = AUDIENCE + "/.well-known/oauth-protected-resource"
 ALGS = "ES256 EdDSA PS256"
 BANKID = "urn:example:acr:bankid"   # bank ID: eID with biometrics, the person is verified
 SOCIAL = "urn:example:acr:social"   # a social login: anyone can open the account
