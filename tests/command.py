@@ -16,6 +16,11 @@ def ztmw(*args: str, cwd: Path = ROOT, check: bool = False) -> subprocess.Comple
                           timeout=120, check=check)
 
 
+# the rules of the test apps' two routes (tests/factories.py), as TOML tables
+HELLO_RULE = '[[rules]]\nid = "hello"\npath = "/hello/{name}"\nmethods = ["GET"]\nscopes = ["hello:read"]\n'
+OPEN_RULE = '[[rules]]\nid = "open"\npath = "/open"\npublic = true\n'
+
+
 def write_config(path: Path, issuer_table: str, rules: str = "") -> Path:
     path.write_text(f"""
 [resource]
@@ -24,17 +29,8 @@ public_origin = "http://127.0.0.1"
 
 {issuer_table}
 
-[[rules]]
-id = "hello"
-path = "/hello/{{name}}"
-methods = ["GET"]
-scopes = ["hello:read"]
-
-[[rules]]
-id = "open"
-path = "/open"
-public = true
-{rules}
+{HELLO_RULE}
+{OPEN_RULE}{rules}
 """, encoding="utf-8")
     return path
 

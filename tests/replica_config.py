@@ -19,7 +19,8 @@ from typing import Any, AsyncIterator, Mapping
 
 from ztmw.testing.http import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+from .command import HELLO_RULE, OPEN_RULE, ROOT
+
 PUBLIC_ORIGIN = "https://api.example.com"  # the load balancer's origin, shared by every replica
 AUDIENCE = "https://api.example.com"
 START_TIMEOUT = 60.0
@@ -49,17 +50,8 @@ enabled = ["bearer", "dpop"]
 require_nonce = {"true" if require_nonce else "false"}
 replay_store = {_toml_string(replay_store)}
 
-[[rules]]
-id = "hello"
-path = "/hello/{{name}}"
-methods = ["GET"]
-scopes = ["hello:read"]
-
-[[rules]]
-id = "open"
-path = "/open"
-public = true
-""", encoding="utf-8")
+{HELLO_RULE}
+{OPEN_RULE}""", encoding="utf-8")
     return path
 
 

@@ -44,7 +44,7 @@ from ztmw.parser_rejection import (
 from ztmw.testing import DevIssuer
 from ztmw.testing.http import free_port
 
-from .command import ROOT, issuer_table
+from .command import HELLO_RULE, ROOT, issuer_table
 from .command import ztmw as ztmw_cli
 from .raw_requests import leaked, new_marker, raw_exchange
 
@@ -118,18 +118,13 @@ def write_config(tmp: Path) -> Path:
         enabled = ["bearer", "dpop"]
 
         {issuers}
-        [[rules]]
-        id = "hello"
-        path = "/hello/{{name}}"
-        methods = ["GET"]
-        scopes = ["hello:read"]
-
+        {hello}
         [[rules]]
         id = "upload"
         path = "/upload"
         methods = ["POST"]
         public = true
-        """).format(issuers=issuer_table(jwks)), encoding="utf-8")
+        """).format(issuers=issuer_table(jwks), hello=HELLO_RULE), encoding="utf-8")
     return config
 
 
