@@ -172,15 +172,16 @@ class Authenticator:
                     raise self._refused(key, [exc]) from None
                 if verified is None:
                     return None
-                if verified.cnf and self._bearer_binding_refusal(verified.cnf) is None:
-                    return None  # a binding verifier confirms it, awaiting: verified again there, and recorded so
+            refusal = self._bearer_binding_refusal(verified.cnf) if verified.cnf else None
+            if verified.cnf and refusal is None:
+                # a binding verifier confirms it, awaiting; a new result is not cached here, so the full
+                # pipeline verifies it again and records that it did
+                return None
+            if cache is None:
                 self._cache.set(key, verified)
                 cache = "miss"
             self._check_still_valid(verified)
-            if verified.cnf:
-                refusal = self._bearer_binding_refusal(verified.cnf)
-                if refusal is None:  # a binding verifier must confirm it, awaiting
-                    return None
+            if refusal is not None:
                 raise refusal
         except Exception as exc:
             raise self._refusal(exc, "bearer", cache) from None
@@ -308,8 +309,10 @@ class Authenticator:
         self, verified: VerifiedToken, credential: Credential, request: RequestView
     ) -> tuple[Binding | None, str | None, str | None]:
         cnf = verified.cnf
-        if credential.scheme == "bearer" and "jkt" in cnf:  # RFC 9449 §7.2: downgrade of a DPoP-bound token
-            raise TokenBindingMismatch("dpop_bound_token_as_bearer", scheme="bearer", security=True)
+        if credential.scheme == "bearer":  # RFC 9449 §7.2: a DPoP-bound token as Bearer is a downgrade
+            refusal = self._bearer_binding_refusal(cnf)
+            if refusal is not None:
+                raise refusal
         if credential.scheme == "dpop" and "jkt" not in cnf:  # DPOP-21: the scheme alone proves nothing
             raise InvalidToken("unbound_token_as_dpop", scheme="dpop")
         proof: Binding | None = None

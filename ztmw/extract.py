@@ -46,14 +46,10 @@ def extract_credential(
     if request.has_query_token or request.has_body_token:  # two transports in one request (RFC 6750 §2)
         raise InvalidRequest("multiple_authorization", scheme=scheme)
     token = rest.lstrip(" ")  # 1*SP: several spaces are valid, HTAB is not
-    try:
-        raw = token.encode("ascii")
-    except UnicodeEncodeError:
-        raise InvalidRequest("malformed_authorization", scheme=scheme) from None
-    body = raw.rstrip(b"=")
-    if not body or body.translate(None, _TOKEN68_CHARS):
+    digest = _b64token_digest(token)
+    if digest is None:
         raise InvalidRequest("malformed_authorization", scheme=scheme)
-    return Credential(scheme=scheme, token=token, digest=hashlib.sha256(raw).digest())
+    return Credential(scheme=scheme, token=token, digest=digest)
 
 
 def _scheme_of(line: str) -> str:
@@ -72,6 +68,12 @@ def plain_bearer(value: str, *, max_bytes: int = 8192) -> Credential | None:
     if len(value) > max_bytes or not value.startswith("Bearer "):
         return None
     token = value[7:]
+    digest = _b64token_digest(token)
+    return None if digest is None else Credential("bearer", token, digest)
+
+
+def _b64token_digest(token: str) -> bytes | None:
+    """The SHA-256 of `token` (its cache key, shared with DPoP `ath`) when it is a b64token, else None."""
     try:
         raw = token.encode("ascii")
     except UnicodeEncodeError:
@@ -79,4 +81,4 @@ def plain_bearer(value: str, *, max_bytes: int = 8192) -> Credential | None:
     body = raw.rstrip(b"=")
     if not body or body.translate(None, _TOKEN68_CHARS):
         return None
-    return Credential("bearer", token, hashlib.sha256(raw).digest())
+    return hashlib.sha256(raw).digest()

@@ -218,9 +218,9 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
         if match_info.http_exception is not None:
             return await handler(request)  # no such route: aiohttp's own 404/405, untouched
         outcome = None
-        value, key = _plain_request(request, match_info)
+        value, key = _plain_request(request, match_info, keyed=recall is not None)
         if value is not None:
-            if recall is not None and key is not None:
+            if key is not None and recall is not None:  # (a key is only made when there is a memo)
                 entry = recall(key)
                 # the same bearer request was allowed before: replay its outcome, when it resolved to the same
                 # match info (an app middleware before this one may have cloned the request to another path
@@ -232,14 +232,7 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
                             _publish(request, aged)
                             return await _call_handler(request, handler, pipeline, entry.view, aged, started)
                     else:
-                        outcome = entry.outcome
-                        if _STORAGE:  # _publish, written out
-                            storage = request._state
-                            storage[PRINCIPAL] = outcome.principal
-                            storage[TRUST] = outcome.trust
-                            storage[DECISION] = outcome.decision
-                        else:  # pragma: no cover - an aiohttp that keeps request storage elsewhere
-                            _publish(request, outcome)
+                        _publish(request, entry.outcome)
                         record = entry.record
                         if record is None:  # audit is off: nothing to record
                             return await handler(request)
@@ -259,8 +252,6 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
                                 record(status, started)
                             except Exception:  # a third party's recorder that raises: never a 500 (SEC-07)
                                 pass
-            else:
-                key = None  # no memo: nothing to remember under it
             if immediate and (credential := plain_bearer(value, max_bytes=max_bytes)) is not None:
                 view = _plain_view(request, match_info, value)
                 outcome = pipeline.decide_plain(view, credential)
@@ -287,8 +278,10 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
 _NOT_PLAIN: tuple[None, None] = (None, None)
 
 
-def _plain_request(request: web.Request, match_info: web.UrlMappingMatchInfo) -> tuple[str | None, MemoKey | None]:
-    """(Authorization value, memo key) of a plain request, (None, None) for any other.
+def _plain_request(request: web.Request, match_info: web.UrlMappingMatchInfo, *,
+                   keyed: bool) -> tuple[str | None, MemoKey | None]:
+    """(Authorization value, memo key) of a plain request, (None, None) for any other; no key unless `keyed`
+    (there is a memo to look it up in).
 
     A plain request has one Authorization header in the canonical `Bearer <token>` spelling, no DPoP header,
     no form body and no query token: only such a request is replayed from the memo or decided without
@@ -312,7 +305,7 @@ def _plain_request(request: web.Request, match_info: web.UrlMappingMatchInfo) ->
         path, _, query = path.partition("?")
         if ("access_token" in query or "%" in query) and _has_query_token(request.rel_url):
             return _NOT_PLAIN
-    if path[:1] != "/" or "%" in path or "#" in path or len(path) > _MEMO_PATH_MAX:
+    if not keyed or path[:1] != "/" or "%" in path or "#" in path or len(path) > _MEMO_PATH_MAX:
         return value, None
     if _SIPHASH:  # see memo.MemoKey
         return value, (match_info.route, request.method, path, hash(value), hash(value[6:]))
