@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as redis
+import structlog
 from aiohttp import web
 from structlog.testing import capture_logs
 
@@ -385,3 +386,26 @@ async def test_a_verifier_subclass_that_refuses_more_is_asked_on_every_plain_req
     client = await aiohttp_client(app)
     assert await status(client, issuer.mint(scope="items:read", claims={"tenant": "other"})) == 401
     assert await status(client, issuer.mint(scope="items:read", claims={"tenant": "acme"})) == 200
+
+
+class _Broken(_Verifying):
+    """A verifier with a bug: verify_now raises something that is no refusal."""
+
+    def verify_now(self, token: str) -> Any:
+        raise RuntimeError("bug")
+
+    async def verify_token(self, token: str) -> Any:
+        raise RuntimeError("bug")
+
+
+def test_sec_07_a_verify_now_that_raises_refuses_the_plain_request_never_allows_or_answers_500(
+    clock: FakeClock
+) -> None:
+    authenticator = Authenticator(token_verifiers=[_Broken()], binding_verifiers=[],
+                                  cache=MemoryVerificationCache(max_entries=10, max_ttl=60, clock=clock),
+                                  identity=None, clock=clock, logger=structlog.get_logger("test"))
+    assert authenticator.immediate
+    with capture_logs() as logs, pytest.raises(InvalidToken) as refused:
+        authenticator.authenticate_now(Credential("bearer", "abc", token_key("abc")))
+    assert (refused.value.reason, refused.value.scheme, refused.value.status) == ("verifier_error", "bearer", 401)
+    assert [entry["event"] for entry in logs] == ["ztmw.verifier_error"]

@@ -121,7 +121,7 @@ async def refuse_under(worker: str, dev_issuer: DevIssuer, tmp_path: Path, marke
     return answer, bytes(server.stdout + server.stderr)
 
 
-async def test_ztmw_worker_answers_a_parser_rejection_with_a_fixed_400_and_logs_no_request_byte(
+async def test_sec_03_ztmw_worker_answers_a_parser_rejection_with_a_fixed_400_and_logs_no_request_byte(
     dev_issuer: DevIssuer, tmp_path: Path
 ) -> None:
     marker = new_marker()
@@ -133,7 +133,7 @@ async def test_ztmw_worker_answers_a_parser_rejection_with_a_fixed_400_and_logs_
     assert b"HTTP parser rejected a request from 127.0.0.1: BadHttpMessage" in output
 
 
-async def test_setup_under_aiohttps_worker_keeps_the_line_out_of_gunicorns_log_but_not_out_of_its_answer(
+async def test_sec_03_setup_under_aiohttps_worker_keeps_the_line_out_of_gunicorns_log_but_not_its_answer(
     dev_issuer: DevIssuer, tmp_path: Path
 ) -> None:
     """What README's gunicorn section says: with aiohttp's own worker the log is clean, the answer is not."""

@@ -49,8 +49,8 @@ CASES = {
     "malformed": Case("/items", lambda i, o: "abc.def"),
     "unknown_issuer": Case("/items", lambda i, o: o.mint(scope="items:read")),
     "wrong_audience": Case("/items", lambda i, o: i.mint(scope="items:read", audience="https://elsewhere")),
-    "dpop_bound_as_bearer": Case("/items", lambda i, o: i.mint(scope="items:read", cnf={"jkt": "A" * 43})),
-    "unknown_binding": Case("/items", lambda i, o: i.mint(scope="items:read", cnf={"x5t#S256": "A" * 43})),
+    "resp_10_dpop_bound_as_bearer": Case("/items", lambda i, o: i.mint(scope="items:read", cnf={"jkt": "A" * 43})),
+    "mtls_15_unknown_binding": Case("/items", lambda i, o: i.mint(scope="items:read", cnf={"x5t#S256": "A" * 43})),
     "step_up_needed": Case("/strong", lambda i, o: i.mint(scope="items:read", acr="urn:pwd")),
     "step_up_met": Case("/strong", lambda i, o: i.mint(scope="items:read", acr="urn:mfa")),
     "client_token_on_user_rule": Case("/people", lambda i, o: i.mint("demo-client", scope="items:read")),
@@ -60,7 +60,7 @@ CASES = {
                       (("user", "bob"),)),
     "no_rule": Case("/admin", lambda i, o: i.mint(scope="items:read")),
     "expires_while_cached": Case("/items", lambda i, o: i.mint(scope="items:read", lifetime=60), later=120),
-    "login_in_the_future": Case("/items", lambda i, o: i.mint(scope="items:read", auth_time=i.clock() + 3600)),
+    "step_10_login_in_the_future": Case("/items", lambda i, o: i.mint(scope="items:read", auth_time=i.clock() + 3600)),
 }
 
 
@@ -134,12 +134,12 @@ async def test_the_allowed_case_is_allowed_and_the_refusals_refuse(
         "expired": (False, "token_expired", 401), "bad_signature": (False, "bad_signature", 401),
         "malformed": (False, "malformed_token", 401), "unknown_issuer": (False, "unknown_issuer", 401),
         "wrong_audience": (False, "audience_mismatch", 401),
-        "dpop_bound_as_bearer": (False, "dpop_bound_token_as_bearer", 401),
-        "unknown_binding": (False, "unsupported_binding", 401),
+        "resp_10_dpop_bound_as_bearer": (False, "dpop_bound_token_as_bearer", 401),
+        "mtls_15_unknown_binding": (False, "unsupported_binding", 401),
         "step_up_needed": (False, "insufficient_user_authentication", 401),
         "step_up_met": (True, "allowed", 200), "client_token_on_user_rule": (False, "user_required", 403),
         "owner": (True, "allowed", 200), "not_owner": (False, "not_owner", 403), "no_rule": (False, "no_rule", 403),
-        "expires_while_cached": (True, "allowed", 200), "login_in_the_future": (False, "invalid_claim", 401),
+        "expires_while_cached": (True, "allowed", 200), "step_10_login_in_the_future": (False, "invalid_claim", 401),
     }
 
 
