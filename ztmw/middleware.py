@@ -210,6 +210,7 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
     # (Pipeline.decide_plain); with mTLS its view would carry a certificate: decided in full
     immediate = pipeline.authenticator.immediate and not pipeline.mtls_enabled
     max_bytes = pipeline.config.limits.max_credential_bytes
+    decorates = pipeline.decorates_responses
 
     @web.middleware
     async def zero_trust(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -268,9 +269,22 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
             response = error_response(pipeline, outcome.error)
             pipeline.audit(view, outcome, response.status, started)
             return response
-        if key is not None:
+        if key is not None and outcome.cache == "hit":  # only a second sighting is remembered (memo.accepts)
             pipeline.remember(key, view, outcome)
-        return await _call_handler(request, handler, pipeline, view, outcome, started)
+        # _call_handler, written out: the path of every allowed request that is not a replay
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            if timed:
+                pipeline.audit(view, outcome, status, started)
+        if decorates and not response.prepared:
+            _decorate(pipeline, view, response)
+        return response
 
     return zero_trust
 
@@ -390,7 +404,7 @@ async def _call_handler(
     """The handler of an allowed request, its status audited (also when it raises), its response decorated."""
     response = await _handle_and_record(request, handler,
                                         lambda status: pipeline.audit(view, outcome, status, started))
-    if not response.prepared:
+    if pipeline.decorates_responses and not response.prepared:
         _decorate(pipeline, view, response)
     return response
 

@@ -143,6 +143,8 @@ class Pipeline:
             resource_metadata=config.metadata_url if config.metadata_enabled else None,
         )
         self._decorators = [p.instance for p in verifiers if isinstance(p.instance, ResponseDecorator)]
+        self.decorates_responses = bool(self._decorators) or (self.mtls_enabled and config.mtls.source == "header")
+        """Whether an allowed response gets headers of ztmw's own (a plugin's, a `Vary`): else it is left as is."""
         self.memo: DecisionMemo | None = None
         if config.cache.memo_entries > 0 and not self.mtls_enabled and plugins_are_memo_safe(
             [p.instance for p in evaluators] + self._decorators
