@@ -137,10 +137,10 @@ def strict_json_object(data: bytes) -> dict[str, Any]:
 
 # Checked headers by their base64url text: an issuer signs every token with one of a few headers (alg, kid,
 # typ), and a DPoP client every proof with one (typ, alg, jwk), so a JWS costs one dict lookup for its header.
-# Only small headers of scalar members or objects of scalars are kept (a caller gets its own copy of the
-# header, and a nested object is a read-only view); bounded, and emptied when full, so a flood of distinct
-# headers costs nothing but the parse it would have cost anyway.
-_HEADERS: dict[str, dict[str, Any]] = {}
+# Only small headers of scalar members or objects of scalars are kept, read-only all the way down (every JWS
+# with that header shares the one view); bounded, and emptied when full, so a flood of distinct headers costs
+# nothing but the parse it would have cost anyway.
+_HEADERS: dict[str, Mapping[str, Any]] = {}
 _HEADERS_MAX = 256
 _HEADER_MAX_CHARS = 512
 _SCALARS = (str, int, float, bool, type(None))
@@ -157,7 +157,7 @@ def parse_compact(token: str, *, max_bytes: int = 16384) -> CompactJWS:
     if not header_b64 or not payload_b64 or not signature_b64:
         raise MalformedJWS("not_a_jws")
     known = _HEADERS.get(header_b64)
-    header = strict_json_object(b64url_decode(header_b64)) if known is None else dict(known)
+    header: Mapping[str, Any] = strict_json_object(b64url_decode(header_b64)) if known is None else known
     claims = strict_json_object(b64url_decode(payload_b64))
     signature = b64url_decode(signature_b64)
     if known is None:
@@ -165,8 +165,8 @@ def parse_compact(token: str, *, max_bytes: int = 16384) -> CompactJWS:
         if len(header_b64) <= _HEADER_MAX_CHARS and all(_shareable(v) for v in header.values()):
             if len(_HEADERS) >= _HEADERS_MAX:
                 _HEADERS.clear()
-            _HEADERS[header_b64] = {name: MappingProxyType(dict(v)) if type(v) is dict else v
-                                    for name, v in header.items()}
+            _HEADERS[header_b64] = MappingProxyType({name: MappingProxyType(dict(v)) if type(v) is dict else v
+                                                     for name, v in header.items()})
     return _make_compact(header, claims, token[:len(header_b64) + len(payload_b64) + 1].encode("ascii"), signature)
 
 
@@ -177,7 +177,7 @@ def _shareable(value: Any) -> bool:
     return type(value) is dict and all(type(v) in _SCALARS for v in value.values())
 
 
-def _check_header(header: dict[str, Any]) -> None:
+def _check_header(header: Mapping[str, Any]) -> None:
     if not isinstance(header.get("alg"), str):
         raise MalformedJWS("missing_alg")
     if "crit" in header:  # no extensions are supported, so any crit is not understood (RFC 7515 §4.1.11)
