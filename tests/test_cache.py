@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Mapping
-from typing import Any, Iterator
 
 import pytest
 
 from ztmw.cache import MemoryVerificationCache, token_key
 from ztmw.models import VerifiedToken
+
+from .reachable import reachable
 
 NOW = 1_700_000_000.0
 TOKEN = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJqb2huIiwiZXhwIjoxNzAwMDAzNjAwfQ.c2lnbmF0dXJlLXZhbHVl"
@@ -194,36 +194,13 @@ class TestMaintenance:
         assert len(cache) == 0
 
 
-def _walk(obj: Any, seen: set[int] | None = None) -> Iterator[Any]:
-    """Everything reachable from obj: containers, dataclass fields (slots too), instance dicts."""
-    seen = seen if seen is not None else set()
-    if id(obj) in seen:
-        return
-    seen.add(id(obj))
-    yield obj
-    if isinstance(obj, (str, bytes, int, float, bool, type(None))):
-        return
-    if isinstance(obj, Mapping):
-        for key, value in obj.items():
-            yield from _walk(key, seen)
-            yield from _walk(value, seen)
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        for item in obj:
-            yield from _walk(item, seen)
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        for f in dataclasses.fields(obj):
-            yield from _walk(getattr(obj, f.name), seen)
-    elif hasattr(obj, "__dict__") and not callable(obj):
-        yield from _walk(vars(obj), seen)
-
-
 def test_sec_03_the_token_never_appears_in_the_cache_state() -> None:
     cache = make()
     cache.set(token_key(TOKEN), verified())
     cache.get(token_key(TOKEN))
     parts = [TOKEN] + TOKEN.split(".")
     found = []
-    for item in _walk(vars(cache)):
+    for item in reachable(vars(cache)):
         if isinstance(item, str) and any(p in item for p in parts):
             found.append(item)
         if isinstance(item, bytes) and any(p.encode() in item for p in parts):
@@ -233,15 +210,14 @@ def test_sec_03_the_token_never_appears_in_the_cache_state() -> None:
 
 def test_walk_helper_would_find_a_token() -> None:
     # the check above is only worth something if the walker reaches inside slotted dataclasses and dicts
-    reachable = list(_walk({"x": [verified(subject=TOKEN)]}))
-    assert TOKEN in reachable
+    found = list(reachable({"x": [verified(subject=TOKEN)]}))
+    assert TOKEN in found
 
 
 class TestSharedEntryFormat:
     """What one replica stores in Redis must read back as the same VerifiedToken on another (every field)."""
 
     def test_round_trip_keeps_every_field(self) -> None:
-        import dataclasses
         from types import MappingProxyType
 
         from ztmw.cache import dump_verified, load_verified

@@ -23,39 +23,13 @@ from ztmw.errors import (
     UseDPoPNonce,
 )
 
+from .challenge_syntax import parse_challenge
+
 REALM = "api"
 ALGS = ("ES256", "PS256")
 PRM = "https://api.example.com/.well-known/oauth-protected-resource"
 NONCE = "eyJ7S_zG.eyJH0-Z.HX4w-7v"
 DESCRIPTION_CHARSET = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]*")
-
-
-# -- a small RFC 9110 §11.2 challenge parser (one challenge per field line) --------------------------------
-
-_TOKEN = r"[A-Za-z0-9!#$%&'*+\-.^_`|~]+"
-_PARAM = re.compile(
-    rf'[ \t]*(?P<name>{_TOKEN})[ \t]*=[ \t]*(?:(?P<token>{_TOKEN})|"(?P<quoted>(?:[^"\\]|\\.)*)")[ \t]*'
-)
-
-
-def parse_challenge(value: str) -> tuple[str, list[tuple[str, str]]]:
-    """`scheme [1*SP auth-param *( "," auth-param )]` -> (scheme, [(name, value), ...]) in wire order."""
-    match = re.match(rf"({_TOKEN})(?: +|$)", value)
-    assert match, f"no auth-scheme in {value!r}"
-    scheme, rest = match.group(1), value[match.end():]
-    params: list[tuple[str, str]] = []
-    pos = 0
-    while pos < len(rest):
-        param = _PARAM.match(rest, pos)
-        assert param, f"bad auth-param at {rest[pos:]!r} in {value!r}"
-        raw = param.group("token") if param.group("token") is not None else param.group("quoted")
-        params.append((param.group("name").lower(), re.sub(r"\\(.)", r"\1", raw)))
-        pos = param.end()
-        if pos < len(rest):
-            assert rest[pos] == ",", f"expected ',' at {rest[pos:]!r} in {value!r}"
-            pos += 1
-            assert pos < len(rest), "trailing comma"
-    return scheme, params
 
 
 def challenges(response: ErrorResponse) -> dict[str, dict[str, str]]:

@@ -33,11 +33,11 @@ from ztmw.testing import DevIssuer, DPoPKey, FakeClock
 from ztmw.testing.http import free_port
 
 from .conftest import AUDIENCE, items_app, reasons
+from .guarded_http import GUARD, bearer, call
 
 FETCH_TIMEOUT = 0.5  # seconds for one JWKS fetch: a slow key server must cost a request this much, no more
 COOLDOWN = 30  # refetch_cooldown of the issuer under test
 CACHE_TTL = 120  # cache.max_ttl: how long a verified token is remembered at most
-GUARD = 20.0  # seconds after which a request counts as hung (generous: the point is "bounded", not "fast")
 REDIS_TIMEOUT = 0.3  # plugins.dpop.redis_timeout
 
 
@@ -143,20 +143,6 @@ async def protected_client(aiohttp_client: Any, keys: KeyServer, clock: FakeCloc
     app = items_app()
     ztmw.setup(app, fault_config(keys), clock=clock)
     return await aiohttp_client(app)
-
-
-Result = tuple[int, Any, str]
-
-
-async def call(client: Any, path: str = "/items", headers: dict[str, str] | None = None) -> Result:
-    async with asyncio.timeout(GUARD):  # a hang is a failure, not a slow test
-        response = await client.get(path, headers=headers or {})
-        body = await response.text()
-    return response.status, response.headers, body
-
-
-async def bearer(client: Any, token: str) -> tuple[int, Any, str]:
-    return await call(client, headers={"Authorization": f"Bearer {token}"})
 
 
 def forge(token: str) -> str:

@@ -56,8 +56,8 @@ from ztmw.models import RequestView
 from ztmw.testing import DevIssuer, DPoPKey, FakeClock, TestCA
 from ztmw.testing.http import free_port
 
+from .challenge_syntax import parse_challenge
 from .conftest import AUDIENCE, METADATA_URL, items_app
-from .test_challenge import parse_challenge
 
 DPOP_ALGS = "ES256 EdDSA PS256"
 CATALOGUE = {200, 400, 401, 403, 503}

@@ -19,7 +19,7 @@ from ztmw.testing import DevIssuer, DPoPKey, FakeClock
 from ztmw.testing.http import free_port
 
 from .conftest import base_config, items_app
-from .test_cache import _walk
+from .reachable import reachable
 
 pytestmark = pytest.mark.usefixtures("decision_path")  # decided without awaiting, and in full
 
@@ -89,7 +89,7 @@ async def test_sec_03_the_cache_never_stores_a_token(aiohttp_client: Any, issuer
         assert (await send(client, Authorization=f"Bearer {token}"))[0] == 200
     assert len(pipeline.cache) == 1 and pipeline.memo is not None and len(pipeline.memo) == 1
     stored = [pipeline.cache._lru._entries, pipeline.memo._entries]  # what the two caches hold, keys included
-    texts = [v for v in _walk(stored) if isinstance(v, (str, bytes))]
+    texts = [v for v in reachable(stored) if isinstance(v, (str, bytes))]
     assert texts, "the walk must reach the stored values"
     secrets = [token, *token.split(".")]
     for text in texts:

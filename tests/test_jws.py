@@ -31,7 +31,7 @@ from ztmw.testing import DevIssuer, FakeClock
 from ztmw.testing.http import challenges
 
 from .conftest import AUDIENCE, bearer_client
-from .test_faults import bearer
+from .guarded_http import bearer
 
 
 def b64(data: bytes) -> str:

@@ -32,6 +32,7 @@ from ztmw.testing import DevIssuer, DPoPKey, FakeClock, TestCA
 from ztmw.testing.http import free_port
 
 from .conftest import AUDIENCE
+from .reachable import texts_of
 
 pytestmark = pytest.mark.usefixtures("decision_path")  # decided without awaiting, and in full
 
@@ -54,44 +55,6 @@ class RecordCollector(logging.Handler):
         except Exception:  # a record whose args do not format is still inspected below
             text = repr(record.msg)
         self.texts.append(f"{record.name}: {text} | {record.args!r} | {record.__dict__!r}")
-
-
-def walk(obj: Any, out: list[str], seen: set[int] | None = None, depth: int = 0) -> None:
-    """Every value reachable from `obj` through attributes, slots, mappings and sequences, as text."""
-    seen = set() if seen is None else seen
-    if depth > 12 or id(obj) in seen:
-        return
-    seen.add(id(obj))
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        out.append(str(obj))
-        return
-    if isinstance(obj, (bytes, bytearray, memoryview)):
-        data = bytes(obj)
-        out.extend([repr(data), data.hex(), data.decode("latin-1"), base64.urlsafe_b64encode(data).decode()])
-        return
-    if isinstance(obj, dict) or hasattr(obj, "items") and callable(obj.items):
-        try:
-            items = list(obj.items())
-        except Exception:
-            items = []
-        for key, value in items:
-            walk(key, out, seen, depth + 1)
-            walk(value, out, seen, depth + 1)
-        return
-    if isinstance(obj, (list, tuple, set, frozenset)) or type(obj).__name__ == "deque":
-        for item in obj:
-            walk(item, out, seen, depth + 1)
-        return
-    out.append(repr(obj))
-    attributes: dict[str, Any] = dict(getattr(obj, "__dict__", {}))
-    for cls in type(obj).__mro__:
-        for name in getattr(cls, "__slots__", ()):
-            if hasattr(obj, name):
-                attributes[name] = getattr(obj, name)
-    for name, value in attributes.items():
-        if callable(value) and not hasattr(value, "__dict__"):
-            continue
-        walk(value, out, seen, depth + 1)
 
 
 @dataclass
@@ -224,9 +187,9 @@ async def test_no_secret_in_logs_responses_or_cache_internals(run: Run) -> None:
     authenticator = run.pipeline.authenticator
     for part in (run.pipeline.cache, getattr(authenticator, "_negative", None),
                  getattr(authenticator, "_shared", None)):
-        walk(part, internals)
+        texts_of(part, internals)
     for binding in getattr(authenticator, "_bindings", {}).values():
-        walk(getattr(binding, "_replay", None), internals)
+        texts_of(getattr(binding, "_replay", None), internals)
     assert any("VerifiedToken" in text for text in internals)  # the walk did reach the cached entries
 
     haystacks = {

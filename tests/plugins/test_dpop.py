@@ -517,14 +517,14 @@ async def test_dpop_11_previous_window_nonce_is_accepted_and_rolled_over(nonce_e
 async def test_sec_03_a_rolled_over_proof_is_remembered_by_digest_only(nonce_env: Env) -> None:
     """Between `confirm` and `response_headers` the verifier remembers which proof needs a fresh nonce: by a
     hash, so no proof sits in its memory (and a second response for the same proof gets no second nonce)."""
-    from tests.test_no_leaks import walk
+    from tests.reachable import texts_of
 
     nonce = (await nonce_env.reject(UseDPoPNonce, "dpop_nonce_required", nonce_env.proof())).nonce
     nonce_env.clock.now += 60
     proof = nonce_env.proof(nonce=nonce)
     assert await nonce_env.confirm(proof)
     texts: list[str] = []
-    walk(nonce_env.verifier, texts)
+    texts_of(nonce_env.verifier, texts)
     assert texts and not any(proof in text or proof.split(".")[2] in text for text in texts)
     request = RequestView("GET", PATH, None, dpop=(proof,))
     assert set(nonce_env.verifier.response_headers(request, True)) == {"DPoP-Nonce"}
