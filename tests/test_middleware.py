@@ -12,6 +12,7 @@ from structlog.testing import capture_logs
 
 import ztmw
 from ztmw.errors import InvalidDPoPProof
+from ztmw.models import RouteRef
 from ztmw.testing import DevIssuer, DPoPKey, FakeClock
 from ztmw.testing.http import challenges
 
@@ -119,6 +120,25 @@ async def test_route_without_rule_is_403_before_credentials(client: Any) -> None
     response = await get(client, "/admin")
     assert response.status == 403
     assert "WWW-Authenticate" not in response.headers
+
+
+async def test_route_refs_are_made_once_per_route_and_method_and_kept_by_their_pipeline(
+    aiohttp_client: Any, issuer: DevIssuer, clock: FakeClock
+) -> None:
+    """A route's RouteRef lives in the pipeline of its app (not in a module-wide table): it goes with the app."""
+    (first, first_pipeline), (second, second_pipeline) = [
+        await protected(aiohttp_client, base_config(issuer), clock) for _ in range(2)]
+    token = issuer.mint("ann", scope="items:read")
+    for _ in range(3):
+        assert (await call(first, token))[0] == 200
+    assert (await call(first, token, "/users/ann/items"))[0] == 200
+    refs = first_pipeline.route_refs
+    assert sorted((ref.method, ref.pattern) for ref in refs.values()) == [
+        ("GET", "/items"), ("GET", "/users/{user}/items")]
+    assert second_pipeline.route_refs == {}
+    assert (await call(second, token))[0] == 200
+    [ref] = second_pipeline.route_refs.values()
+    assert ref == RouteRef("GET", "/items") and all(ref is not other for other in refs.values())
 
 
 async def test_unknown_path_is_aiohttps_own_404(client: Any) -> None:

@@ -15,7 +15,7 @@ import time
 from hashlib import sha256
 from time import perf_counter
 from types import MappingProxyType
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, AsyncIterator, Awaitable, Callable, Hashable, Mapping
 
 from aiohttp import hdrs, web
 from multidict import istr
@@ -133,7 +133,7 @@ def request_view(
     route = None
     method = request.method
     if match_info.http_exception is None:
-        route = _route_ref(match_info.route, method)
+        route = _route_ref(pipeline.route_refs, match_info.route, method)
     transport = request.transport
     peer = _peer(transport)
     certificate = None
@@ -178,39 +178,41 @@ _make_view = positional_factory(RequestView, (
     "has_query_token", "has_body_token"))
 
 
-def _plain_view(request: web.Request, match_info: web.UrlMappingMatchInfo, value: str) -> RequestView:
+def _plain_view(request: web.Request, match_info: web.UrlMappingMatchInfo, value: str,
+                refs: dict[Hashable, RouteRef]) -> RequestView:
     """`request_view` of a plain request (`_plain_request`) without mTLS: what it would build, without looking
     for what `_plain_request` ruled out (a DPoP header, a query or form token, a second Authorization)."""
     method = request.method
-    return _make_view(method, request.rel_url.raw_path, _route_ref(match_info.route, method),
+    return _make_view(method, request.rel_url.raw_path, _route_ref(refs, match_info.route, method),
                       MappingProxyType(match_info), (value,), (), _peer(request.transport), None, False, False)
 
 
-_ROUTE_REFS: dict[tuple[web.AbstractRoute, str], RouteRef] = {}
 _ROUTE_REFS_MAX = 4096  # an app's routes times methods: a bound only against a pathological app
 
 
-def _route_ref(route: web.AbstractRoute, method: str) -> RouteRef:
+def _route_ref(refs: dict[Hashable, RouteRef], route: web.AbstractRoute, method: str) -> RouteRef:
     """The RouteRef of a matched route and the request's method, made once per pair (as the router's routes,
-    they are fixed once the app runs)."""
-    ref = _ROUTE_REFS.get((route, method))
+    they are fixed once the app runs) and kept in `refs`, the pipeline's: they go when its app goes."""
+    ref = refs.get((route, method))
     if ref is None:
-        if len(_ROUTE_REFS) >= _ROUTE_REFS_MAX:
-            _ROUTE_REFS.clear()
+        if len(refs) >= _ROUTE_REFS_MAX:
+            refs.clear()
         resource = route.resource
-        ref = _ROUTE_REFS[(route, method)] = RouteRef(method, resource.canonical if resource else "")
+        ref = refs[(route, method)] = RouteRef(method, resource.canonical if resource else "")
     return ref
 
 
 def zero_trust_middleware(pipeline: Pipeline) -> Any:
     """All stages in one middleware: decide, audit, then call the handler only when allowed."""
     recall = pipeline.memo.recall if pipeline.memo is not None else None
+    keyed = recall is not None
     timed = pipeline.audit_sink is not None  # the time a request took is only ever read by audit
     # a plain bearer request is decided without a coroutine per stage when nothing of it needs awaiting
     # (Pipeline.decide_plain); with mTLS its view would carry a certificate: decided in full
     immediate = pipeline.authenticator.immediate and not pipeline.mtls_enabled
     max_bytes = pipeline.config.limits.max_credential_bytes
     decorates = pipeline.decorates_responses
+    route_refs = pipeline.route_refs
 
     @web.middleware
     async def zero_trust(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -219,7 +221,7 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
         if match_info.http_exception is not None:
             return await handler(request)  # no such route: aiohttp's own 404/405, untouched
         outcome = None
-        value, key = _plain_request(request, match_info, keyed=recall is not None)
+        value, key = _plain_request(request, match_info, keyed)
         if value is not None:
             if key is not None and recall is not None:  # (a key is only made when there is a memo)
                 entry = recall(key)
@@ -233,7 +235,13 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
                             _publish(request, aged)
                             return await _call_handler(request, handler, pipeline, entry.view, aged, started)
                     else:
-                        _publish(request, entry.outcome)
+                        if _STORAGE:  # _publish, written out
+                            replayed, storage = entry.outcome, request._state
+                            storage[PRINCIPAL] = replayed.principal
+                            storage[TRUST] = replayed.trust
+                            storage[DECISION] = replayed.decision
+                        else:  # pragma: no cover - an aiohttp that keeps request storage elsewhere
+                            _publish(request, entry.outcome)
                         record = entry.record
                         if record is None:  # audit is off: nothing to record
                             return await handler(request)
@@ -254,7 +262,7 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
                             except Exception:  # a third party's recorder that raises: never a 500 (SEC-07)
                                 pass
             if immediate and (credential := plain_bearer(value, max_bytes=max_bytes)) is not None:
-                view = _plain_view(request, match_info, value)
+                view = _plain_view(request, match_info, value, route_refs)
                 outcome = pipeline.decide_plain(view, credential)
                 if outcome is not None:
                     _publish(request, outcome)
@@ -292,7 +300,7 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
 _NOT_PLAIN: tuple[None, None] = (None, None)
 
 
-def _plain_request(request: web.Request, match_info: web.UrlMappingMatchInfo, *,
+def _plain_request(request: web.Request, match_info: web.UrlMappingMatchInfo,
                    keyed: bool) -> tuple[str | None, MemoKey | None]:
     """(Authorization value, memo key) of a plain request, (None, None) for any other; no key unless `keyed`
     (there is a memo to look it up in).

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, cast
+from typing import Any, Awaitable, Callable, Hashable, cast
 
 import aiohttp
 import structlog
@@ -25,7 +25,16 @@ from .extract import extract_credential
 from .identity import IdentityChain
 from .memo import DecisionMemo, MemoEntry, MemoKey, plugins_are_memo_safe
 from .metadata import resource_metadata
-from .models import ANONYMOUS_TRUST, AuditEvent, Credential, Decision, Principal, RequestView, TrustAssessment
+from .models import (
+    ANONYMOUS_TRUST,
+    AuditEvent,
+    Credential,
+    Decision,
+    Principal,
+    RequestView,
+    RouteRef,
+    TrustAssessment,
+)
 from .policy import RulePolicy
 from .registry import LoadedPlugin, load_plugin
 from .trust import TrustChain
@@ -143,6 +152,8 @@ class Pipeline:
             resource_metadata=config.metadata_url if config.metadata_enabled else None,
         )
         self._decorators = [p.instance for p in verifiers if isinstance(p.instance, ResponseDecorator)]
+        self.route_refs: dict[Hashable, RouteRef] = {}
+        """The adapter's `RouteRef` per (route, method), made once per pair: kept here, so they go with the app."""
         self.decorates_responses = bool(self._decorators) or (self.mtls_enabled and config.mtls.source == "header")
         """Whether an allowed response gets headers of ztmw's own (a plugin's, a `Vary`): else it is left as is."""
         self.memo: DecisionMemo | None = None
