@@ -136,6 +136,7 @@ class AuditFanout:
         self._sinks = tuple(sinks)
         self._reusing = tuple(isinstance(sink, ReusingAuditSink) for sink in self._sinks)  # checked once
         self._only: ReusingAuditSink | None = None
+        self._prepare: Callable[[AuditEvent], Callable[[int, float], None]] | None = None
 
     async def start(self) -> None:
         """After the sinks started: one sink that reuses templates (the default) is called without the loop,
@@ -146,6 +147,8 @@ class AuditFanout:
             only = self._sinks[0]
             direct = only.direct() if isinstance(only, StructlogAuditSink) else None
             self._only = direct if direct is not None else only  # type: ignore[assignment]
+        # looked up once: a runtime Protocol check walks the class's members (microseconds, per memo entry)
+        self._prepare = self._only.prepare if isinstance(self._only, PreparingAuditSink) else None
 
     def emit(self, event: AuditEvent) -> None:
         only = self._only
@@ -165,10 +168,10 @@ class AuditFanout:
         """What records one replay of the decision in `template`: `record(status, started)` (`started`, the
         request's `time.perf_counter()`). The only sink's own prepared recorder when it has one (the default:
         a pre-rendered line noted per request), else `emit_again` with the time elapsed."""
-        only = self._only
-        if isinstance(only, PreparingAuditSink):
+        prepare = self._prepare
+        if prepare is not None:
             try:
-                return only.prepare(template)
+                return prepare(template)
             except Exception:  # a sink that cannot prepare still gets every replay, through emit_again
                 pass
 
