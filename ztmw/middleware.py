@@ -211,7 +211,6 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
     # (Pipeline.decide_plain); with mTLS its view would carry a certificate: decided in full
     immediate = pipeline.authenticator.immediate and not pipeline.mtls_enabled
     max_bytes = pipeline.config.limits.max_credential_bytes
-    decorates = pipeline.decorates_responses
     route_refs = pipeline.route_refs
 
     @web.middleware
@@ -245,7 +244,7 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
                         record = entry.record
                         if record is None:  # audit is off: nothing to record
                             return await handler(request)
-                        # _handle_and_record, written out: this is the path of most requests. Nothing to
+                        # _call_handler, written out: this is the path of most requests. Nothing to
                         # decorate: the memo only exists when decorators add nothing to plain bearer requests
                         # and mTLS is off.
                         status = 500
@@ -279,20 +278,7 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
             return response
         if key is not None and outcome.cache == "hit":  # only a second sighting is remembered (memo.accepts)
             pipeline.remember(key, view, outcome)
-        # _call_handler, written out: the path of every allowed request that is not a replay
-        status = 500
-        try:
-            response = await handler(request)
-            status = response.status
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        finally:
-            if timed:
-                pipeline.audit(view, outcome, status, started)
-        if decorates and not response.prepared:
-            _decorate(pipeline, view, response)
-        return response
+        return await _call_handler(request, handler, pipeline, view, outcome, started)
 
     return zero_trust
 
@@ -390,10 +376,14 @@ def _publish(request: web.Request, outcome: Outcome) -> None:
         request[DECISION] = outcome.decision
 
 
-async def _handle_and_record(
-    request: web.Request, handler: Handler, record: Callable[[int], None]
+async def _call_handler(
+    request: web.Request, handler: Handler, pipeline: Pipeline, view: RequestView | None, outcome: Outcome | None,
+    started: float,
 ) -> web.StreamResponse:
-    """Run the handler and record the status it produced, also when it raises (500, or the HTTPException's)."""
+    """The handler of a request let through, its status audited (also when it raises: 500, or the
+    HTTPException's). An allowed request (`view` and `outcome` given) also has its response decorated; without
+    them, the audit stage alone (`audit_middleware`) records what the other stages published. (No closure per
+    request: this is the path of every allowed request that is not replayed.)"""
     status = 500
     try:
         response = await handler(request)
@@ -402,19 +392,22 @@ async def _handle_and_record(
         status = exc.status
         raise
     finally:
-        record(status)
-    return response
-
-
-async def _call_handler(
-    request: web.Request, handler: Handler, pipeline: Pipeline, view: RequestView, outcome: Outcome, started: float
-) -> web.StreamResponse:
-    """The handler of an allowed request, its status audited (also when it raises), its response decorated."""
-    response = await _handle_and_record(request, handler,
-                                        lambda status: pipeline.audit(view, outcome, status, started))
-    if pipeline.decorates_responses and not response.prepared:
+        if view is None or outcome is None:  # the audit stage alone
+            _audit_published(request, pipeline, status, started)
+        elif pipeline.audit_sink is not None:
+            pipeline.audit(view, outcome, status, started)
+    if view is not None and pipeline.decorates_responses and not response.prepared:
         _decorate(pipeline, view, response)
     return response
+
+
+def _audit_published(request: web.Request, pipeline: Pipeline, status: int, started: float) -> None:
+    """The audit event of a request the stage middlewares decided, from what they published."""
+    if request.match_info.http_exception is None:
+        decision = request.get(DECISION) or Decision(False, "no_decision", None, status)
+        outcome = Outcome(decision, request.get(PRINCIPAL), request.get(TRUST) or ANONYMOUS_TRUST,
+                          request.get(_ERROR), request.get(_CACHE))
+        pipeline.audit(_bare_view(request), outcome, status, started)
 
 
 def _decorate(pipeline: Pipeline, view: RequestView, response: web.StreamResponse) -> None:
@@ -507,16 +500,7 @@ def audit_middleware(pipeline: Pipeline) -> Any:
 
     @web.middleware
     async def audit(request: web.Request, handler: Handler) -> web.StreamResponse:
-        started = time.perf_counter()
-
-        def record(status: int) -> None:
-            if request.match_info.http_exception is None:
-                decision = request.get(DECISION) or Decision(False, "no_decision", None, status)
-                outcome = Outcome(decision, request.get(PRINCIPAL), request.get(TRUST) or ANONYMOUS_TRUST,
-                                  request.get(_ERROR), request.get(_CACHE))
-                pipeline.audit(_bare_view(request), outcome, status, started)
-
-        return await _handle_and_record(request, handler, record)
+        return await _call_handler(request, handler, pipeline, None, None, time.perf_counter())
 
     return audit
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Hashable, cast
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Hashable, cast
 
 import aiohttp
 import structlog
@@ -25,16 +25,7 @@ from .extract import extract_credential
 from .identity import IdentityChain
 from .memo import DecisionMemo, MemoEntry, MemoKey, plugins_are_memo_safe
 from .metadata import resource_metadata
-from .models import (
-    ANONYMOUS_TRUST,
-    AuditEvent,
-    Credential,
-    Decision,
-    Principal,
-    RequestView,
-    RouteRef,
-    TrustAssessment,
-)
+from .models import ANONYMOUS_TRUST, AuditEvent, Credential, Decision, Principal, RequestView, TrustAssessment
 from .policy import RulePolicy
 from .registry import LoadedPlugin, load_plugin
 from .trust import TrustChain
@@ -46,6 +37,9 @@ from .typing import (
     ResponseDecorator,
     TokenVerifier,
 )
+
+if TYPE_CHECKING:  # pragma: no cover - only the adapter makes them
+    from .models import RouteRef
 
 METADATA_RULE_ID = RESERVED_RULE_PREFIX + "metadata"
 # 0.3 µs instead of 1 µs, once per decided request
