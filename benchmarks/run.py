@@ -84,6 +84,9 @@ SCENARIOS: list[Scenario] = [
     Scenario("ztmw-uncached", "ztmw bearer ES256, distinct tokens (every request a miss)", "ztmw",
              config={"verifiers": ["bearer"], "cache_entries": 1000}, headers="unique", audit=True,
              peer="pyjwt-es256"),
+    Scenario("ztmw-uncached-noaudit", "ztmw bearer ES256, distinct tokens, audit off (what a new decision's "
+             "audit line costs)", "ztmw", config={"verifiers": ["bearer"], "cache_entries": 1000, "audit": False},
+             headers="unique", peer="pyjwt-es256"),
     Scenario("ztmw-dpop-memory", "ztmw DPoP, fresh proof per request, memory replay store", "ztmw",
              config={"verifiers": ["bearer", "dpop"], "replay_store": "memory"}, headers="dpop", audit=True,
              peer="dpop-peer"),
