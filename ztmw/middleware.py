@@ -234,13 +234,7 @@ def zero_trust_middleware(pipeline: Pipeline) -> Any:
                             _publish(request, aged)
                             return await _call_handler(request, handler, pipeline, entry.view, aged, started)
                     else:
-                        if _STORAGE:  # _publish, written out
-                            replayed, storage = entry.outcome, request._state
-                            storage[PRINCIPAL] = replayed.principal
-                            storage[TRUST] = replayed.trust
-                            storage[DECISION] = replayed.decision
-                        else:  # pragma: no cover - an aiohttp that keeps request storage elsewhere
-                            _publish(request, entry.outcome)
+                        _publish(request, entry.outcome)
                         record = entry.record
                         if record is None:  # audit is off: nothing to record
                             return await handler(request)
@@ -422,7 +416,7 @@ def _decorate(pipeline: Pipeline, view: RequestView, response: web.StreamRespons
 
 def _vary_on_certificate_header(pipeline: Pipeline, response: web.StreamResponse) -> None:
     """RFC 9440 §2.4: any response may depend on a forwarded certificate, so caches must key on it."""
-    if pipeline.mtls_enabled and pipeline.config.mtls.source == "header":
+    if pipeline.varies_on_certificate_header:
         response.headers.add("Vary", pipeline.config.mtls.header)
 
 

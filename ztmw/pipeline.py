@@ -148,7 +148,9 @@ class Pipeline:
         self._decorators = [p.instance for p in verifiers if isinstance(p.instance, ResponseDecorator)]
         self.route_refs: dict[Hashable, RouteRef] = {}
         """The adapter's `RouteRef` per (route, method), made once per pair: kept here, so they go with the app."""
-        self.decorates_responses = bool(self._decorators) or (self.mtls_enabled and config.mtls.source == "header")
+        self.varies_on_certificate_header = self.mtls_enabled and config.mtls.source == "header"
+        """RFC 9440 §2.4: responses may depend on a forwarded certificate header, so they name it in `Vary`."""
+        self.decorates_responses = bool(self._decorators) or self.varies_on_certificate_header
         """Whether an allowed response gets headers of ztmw's own (a plugin's, a `Vary`): else it is left as is."""
         self.memo: DecisionMemo | None = None
         if config.cache.memo_entries > 0 and not self.mtls_enabled and plugins_are_memo_safe(
