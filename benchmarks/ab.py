@@ -16,18 +16,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
+from typing import Any
 
-from fixtures import PATH, free_port, make_material, write_lines, ztmw_config
-from run import LUA, _pin, cpu_seconds, run_wrk
+from fixtures import PATH, make_material, write_lines
+from run import LUA, Scenario, Server, cpu_seconds, run_wrk
 
-HERE = Path(__file__).resolve().parent
 SERVER_CPUS, GENERATOR_CPUS = {0}, {1}
 
 
@@ -40,29 +36,6 @@ def _build(spec: str) -> tuple[str, Path, bool]:
     if not (path / "ztmw" / "__init__.py").is_file():
         raise SystemExit(f"{spec!r}: {path} is not a ztmw checkout")
     return name, path, option == "noaudit"
-
-
-def _start(name: str, checkout: Path, config: str, work: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    config_file = work / f"{name}.toml"
-    config_file.write_text(config, encoding="utf-8")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(checkout), str(checkout / "plugins")]))
-    with open(work / f"{name}.audit.jsonl", "wb") as audit_lines, open(work / f"{name}.stderr", "wb") as errors:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ztmw", "serve", "apps:create_app", "--config", str(config_file),
-             "--host", "127.0.0.1", "--port", str(port)],
-            cwd=HERE, env=env, stdout=audit_lines, stderr=errors, stdin=subprocess.DEVNULL,
-            preexec_fn=_pin(SERVER_CPUS))
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return process, port
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise SystemExit(f"{name} did not start: {(work / f'{name}.stderr').read_text()[-2000:]}") from None
-            time.sleep(0.05)
 
 
 def main() -> None:
@@ -78,33 +51,42 @@ def main() -> None:
     unique = args.scenario == "unique"
     tokens = material.unique_tokens(20000) if unique else [material.token]
     lines = write_lines(work / "tokens.lines", [f"Authorization: Bearer {token}" for token in tokens])
-    servers = []
+    servers: list[tuple[str, Server]] = []
+    inherited = os.environ.get("PYTHONPATH")
     try:
         for name, checkout, noaudit in builds:
-            config = ztmw_config(material, verifiers=["bearer"], audit=not noaudit,
-                                 cache_entries=1000 if unique else None)
-            servers.append((name, *_start(name, checkout, config, work)))
+            config: dict[str, Any] = {"verifiers": ["bearer"], "audit": not noaudit}
+            if unique:
+                config["cache_entries"] = 1000
+            # run.py's server, with this build's packages first on the path it inherits
+            os.environ["PYTHONPATH"] = os.pathsep.join([str(checkout), str(checkout / "plugins")])
+            server = Server(Scenario(name, name, "ztmw", config=config, audit=not noaudit), material, work, "file",
+                            SERVER_CPUS)
+            servers.append((name, server))
+            server.wait_ready()
+        os.environ.pop("PYTHONPATH")
+        if inherited is not None:
+            os.environ["PYTHONPATH"] = inherited
         offset = 0
         costs: dict[str, list[float]] = {name: [] for name, _, _ in builds}
         for round_ in range(args.rounds):
             shift = round_ % len(servers)
-            for name, process, port in servers[shift:] + servers[:shift]:
-                before = cpu_seconds(process.pid)
+            for name, server in servers[shift:] + servers[:shift]:
+                before = cpu_seconds(server.process.pid)
                 result = run_wrk(["wrk", "-t2", "-c64", f"-d{args.duration}s", "--timeout", "5s", "-s", str(LUA),
-                                  f"http://127.0.0.1:{port}", "--", PATH, str(lines), "cycle", "0",
+                                  server.url, "--", PATH, str(lines), "cycle", "0",
                                   str(work / "wrk.done"), str(offset), "2"], None, args.duration + 60,
                                  GENERATOR_CPUS)
                 offset += result["requests"]  # the next build goes on with tokens none has seen
                 if result["err_status"]:
                     raise SystemExit(f"{name}: {result['err_status']} requests were refused")
-                costs[name].append((cpu_seconds(process.pid) - before) / result["requests"] * 1e6)
+                costs[name].append((cpu_seconds(server.process.pid) - before) / result["requests"] * 1e6)
                 print(f"round {round_ + 1}  {name:16} {costs[name][-1]:7.1f} us/req", flush=True)
         for name, values in costs.items():
             print(f"{name:16} median {statistics.median(values):7.1f} us/req  (min {min(values):.1f})")
     finally:
-        for _, process, _ in servers:
-            process.terminate()
-            process.wait(timeout=10)
+        for _, server in servers:
+            server.stop()
 
 
 if __name__ == "__main__":
