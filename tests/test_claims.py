@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from ztmw.claims import SharedValues, verified_token
+from ztmw.claims import SharedValues, VerifiedClaims, verified_token
 from ztmw.errors import InvalidToken
 
 
@@ -59,6 +59,44 @@ def test_per_token_values_are_not_pooled() -> None:
     a, b = build(claims_of(sub="carol")), build(claims_of(sub="carol"))
     assert a.subject == b.subject == "carol"
     assert a.subject is a.claims["sub"]  # one object per token, not a second copy
+
+
+def build_from_payload(claims: dict[str, Any]) -> Any:
+    payload = json.dumps(claims).encode()
+    return verified_token(
+        json.loads(payload), token="t", verifier="bearer", issuer=claims["iss"], audience=tuple(claims["aud"]),
+        expires_at=float(claims["exp"]), not_before=None, issued_at=float(claims["iat"]),
+        client_id=claims["client_id"], leeway=30.0, key_id="k1", key_thumbprint="tp", payload=payload,
+    )
+
+
+def test_claims_kept_as_their_payload_read_the_same() -> None:
+    claims = claims_of(nested={"a": [1, {"b": None}]}, flag=True)
+    token = build_from_payload(claims)
+    assert isinstance(token.claims, VerifiedClaims)
+    assert token.claims == claims and claims == token.claims and token.claims == build(claims).claims
+    assert list(token.claims) == list(claims) and len(token.claims) == len(claims)  # order kept
+    assert token.claims["groups"] == ["admins"] and token.claims.get("absent", 7) == 7 and "sub" in token.claims
+    assert dict(token.claims.items()) == claims and list(token.claims.values()) == list(claims.values())
+    with pytest.raises(TypeError):
+        token.claims["sub"] = "mallory"  # type: ignore[index]
+    with pytest.raises(TypeError):
+        hash(token.claims)
+
+
+def test_claims_kept_as_their_payload_share_names_and_values_once_read() -> None:
+    a, b = build_from_payload(claims_of()), build_from_payload(claims_of(sub="bob", jti="j-2"))
+    assert all(x is y for x, y in zip(a.claims, b.claims))  # the claim names
+    for name in ("iss", "client_id", "scope", "acr"):
+        assert a.claims[name] is b.claims[name]
+    assert a.claims["aud"] is not b.claims["aud"]  # lists stay per token
+
+
+def test_claims_kept_as_their_payload_equal_what_was_checked() -> None:
+    # the checked dict and the kept JSON are one payload: what a reader sees is what the checks saw
+    payload = b'{"iss":"https://as.example.com","sub":"alice","aud":"https://api.example.com","exp":2000000000}'
+    claims = VerifiedClaims(payload)
+    assert claims == json.loads(payload) and claims["sub"] == "alice"
 
 
 def test_checks_still_apply() -> None:

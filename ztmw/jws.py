@@ -66,10 +66,12 @@ class CompactJWS:
     claims: Mapping[str, Any]
     signing_input: bytes
     signature: bytes
+    payload: bytes = b""
+    """The payload's JSON as decoded from base64url (what `claims` was parsed from)."""
 
 
 # one per JWS parsed: 0.1 µs instead of 0.3
-_make_compact = positional_factory(CompactJWS, ("header", "claims", "signing_input", "signature"))
+_make_compact = positional_factory(CompactJWS, ("header", "claims", "signing_input", "signature", "payload"))
 
 
 def b64url_encode(data: bytes) -> str:
@@ -158,7 +160,8 @@ def parse_compact(token: str, *, max_bytes: int = 16384) -> CompactJWS:
         raise MalformedJWS("not_a_jws")
     known = _HEADERS.get(header_b64)
     header: Mapping[str, Any] = strict_json_object(b64url_decode(header_b64)) if known is None else known
-    claims = strict_json_object(b64url_decode(payload_b64))
+    payload = b64url_decode(payload_b64)
+    claims = strict_json_object(payload)
     signature = b64url_decode(signature_b64)
     if known is None:
         _check_header(header)
@@ -167,7 +170,8 @@ def parse_compact(token: str, *, max_bytes: int = 16384) -> CompactJWS:
                 _HEADERS.clear()
             _HEADERS[header_b64] = MappingProxyType({name: MappingProxyType(dict(v)) if type(v) is dict else v
                                                      for name, v in header.items()})
-    return _make_compact(header, claims, token[:len(header_b64) + len(payload_b64) + 1].encode("ascii"), signature)
+    return _make_compact(header, claims, token[:len(header_b64) + len(payload_b64) + 1].encode("ascii"), signature,
+                         payload)
 
 
 def _shareable(value: Any) -> bool:

@@ -108,7 +108,7 @@ class BearerVerifier:
         if not verify_signature(jws, found.key, alg):
             raise InvalidToken("bad_signature")
         # found.kid equals the token's kid when it names one: the JWKS's own string, shared by every cached token
-        return self._claims(token, jws.claims, issuer, iss, found.kid, found.thumbprint)
+        return self._claims(token, jws.claims, issuer, iss, found.kid, found.thumbprint, jws.payload)
 
     def _unexpected(self, exc: Exception) -> InvalidToken:
         self._log.error("bearer_unexpected_error", error=type(exc).__name__)
@@ -174,7 +174,7 @@ class BearerVerifier:
         return any(other.keys.knows(kid) for other in self._issuers.values() if other is not issuer)
 
     def _claims(self, token: str, claims: Mapping[str, Any], issuer: _Issuer, iss: str,
-                kid: str | None, key_thumbprint: str) -> VerifiedToken:
+                kid: str | None, key_thumbprint: str, payload: bytes) -> VerifiedToken:
         """The claim checks after the signature, in this order: required claims (AT-08), times (JOSE-14..16,
         AT-06), audience (JOSE-17, AT-04, BCP-09), client id, then the rest in `claims.verified_token`.
 
@@ -228,7 +228,7 @@ class BearerVerifier:
         return claims_.verified_token(
             claims, token=token, verifier="bearer", issuer=cfg.issuer, audience=audience, expires_at=exp,
             not_before=nbf, issued_at=iat, client_id=client_id, leeway=leeway, key_id=kid,
-            key_thumbprint=key_thumbprint,
+            key_thumbprint=key_thumbprint, payload=payload,
         )
 
 
