@@ -37,28 +37,33 @@ class _ExpiringLRU(Generic[V]):
     def __init__(self, *, max_entries: int, clock: Clock) -> None:
         self._entries: LRU[bytes, tuple[float, V]] = LRU(max_entries)
         self._clock = clock
+        # the map's own lookups, bound once: a request reads the caches once or twice, each a call less
+        self._peek = self._entries.peek
+        self._touch = self._entries.touch
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, key: bytes) -> V | None:
-        entry = self._entries.get(key)
+        entry = self._peek(key)
         if entry is None:
             return None
         if entry[0] <= self._clock():
             self._entries.pop(key)
             return None
+        self._touch(key)
         return entry[1]
 
     def holds(self, key: bytes, value: V) -> bool:
         """Whether this very value is held under `key` and unexpired (made the most recent): `get` and the
         identity check in one call on the decision memo's path; an expired entry is dropped as by `get`."""
-        entry = self._entries.get(key)
+        entry = self._peek(key)
         if entry is None or entry[1] is not value:
             return False
         if entry[0] <= self._clock():
             self._entries.pop(key)
             return False
+        self._touch(key)
         return True
 
     def expiry(self, key: bytes, value: V) -> float | None:
@@ -92,6 +97,8 @@ class MemoryVerificationCache:
         # the bounded map itself: while its `removals` count stands still, every value seen in it is still held
         # (the decision memo compares that count instead of looking its entry up on every replay)
         self.store = self._lru._entries
+        self._peek = self.store.peek
+        self._touch = self.store.touch
         self.hits = 0
         self.misses = 0
 
@@ -99,19 +106,26 @@ class MemoryVerificationCache:
         return len(self._lru)
 
     def get(self, key: bytes) -> VerifiedToken | None:
-        value = self._lru.get(key)
-        if value is None:
-            self.misses += 1
-        else:
-            self.hits += 1
-        return value
+        # _ExpiringLRU.get written out (the map's own lookups): the path of every request the memo does not answer
+        entry = self._peek(key)
+        if entry is not None:
+            if self._clock() < entry[0]:
+                self._touch(key)
+                self.hits += 1
+                return entry[1]
+            self.store.pop(key)
+        self.misses += 1
+        return None
 
     def set(self, key: bytes, value: VerifiedToken, until: float | None = None) -> None:
         """`until`: an earlier end for a result verified elsewhere (a replica's, through the shared level),
         so `max_ttl` counts from the verification, not from when this process learnt of it."""
         now = self._clock()
         expires = min(now + self._max_ttl, value.expires_at)
-        self._lru.put(key, value, expires if until is None else min(expires, until), now)
+        if until is not None and until < expires:
+            expires = until
+        if expires > now:
+            self.store.put(key, (expires, value))
 
     def held_until(self, key: bytes, value: VerifiedToken) -> float | None:
         """When this very result under `key` expires (None: it is not held), without counting a hit."""

@@ -23,7 +23,7 @@ class LRU(Generic[K, V]):
     `removals` counts values that left (dropped for the bound, popped, cleared, replaced by a write): a reader
     that saw a value and the same count later knows that value is still held, without looking."""
 
-    __slots__ = ("_entries", "_max_entries", "removals", "touch")
+    __slots__ = ("_entries", "_max_entries", "removals", "touch", "peek")
 
     def __init__(self, max_entries: int) -> None:
         self._entries: OrderedDict[K, V] = OrderedDict()
@@ -31,6 +31,8 @@ class LRU(Generic[K, V]):
         self.removals = 0
         self.touch: Callable[[K], None] = self._entries.move_to_end
         """`touch(key)`: make a held key the most recent (KeyError when it is not held); no wrapper call."""
+        self.peek: Callable[[K], V | None] = self._entries.get
+        """`peek(key)`: the value under `key` without making it more recent (None: not held); no wrapper call."""
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -42,10 +44,6 @@ class LRU(Generic[K, V]):
     def __contains__(self, key: K) -> bool:
         """Whether `key` is held, without making it more recent."""
         return key in self._entries
-
-    def peek(self, key: K) -> V | None:
-        """The value under `key` without making it more recent."""
-        return self._entries.get(key)
 
     def get(self, key: K) -> V | None:
         value = self._entries.get(key)
