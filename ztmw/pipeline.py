@@ -72,6 +72,7 @@ class Pipeline:
         logger: Any = None,
     ) -> None:
         self.config = config
+        self._audit_subject = config.audit.subject  # read once: every audit event asks
         self.clock = clock
         self.log = logger if logger is not None else structlog.get_logger("ztmw")
         self._startup: list[Callable[[], Awaitable[None]]] = []
@@ -301,29 +302,37 @@ class Pipeline:
         self.audit_sink.emit(self.audit_event(request, outcome, status, elapsed_ms(started)))
 
     def audit_event(self, request: RequestView, outcome: Outcome, status: int, duration_ms: float) -> AuditEvent:
-        principal, token = outcome.principal, outcome.principal.token if outcome.principal else None
+        decision, principal, route = outcome.decision, outcome.principal, request.route
         error = outcome.error
-        decision, trust = outcome.decision, outcome.trust
-        return _make_audit_event(  # every field, in AuditEvent's order (one per decided request)
+        security = error is not None and bool(getattr(error, "security", False))
+        if principal is None:  # every field, in AuditEvent's order (one per decided request)
+            return _make_audit_event(
+                "allow" if decision.allowed else "deny", decision.reason, status, request.method,
+                route.pattern if route else None, decision.rule_id,
+                None, None, None, None, None, None,  # subject, client_id, issuer, token_id, binding, verifier
+                outcome.cache, None, None, decision.failed_requirement, None, duration_ms, security,
+            )
+        token, trust = principal.token, outcome.trust
+        return _make_audit_event(
             "allow" if decision.allowed else "deny",  # decision
             decision.reason,  # reason
             status,  # status
             request.method,  # method
-            request.route.pattern if request.route else None,  # route
+            route.pattern if route else None,  # route
             decision.rule_id,  # rule_id
-            subject_for_audit(principal.subject if principal else None, self.config.audit.subject),  # subject
-            token.client_id if token else None,  # client_id
-            token.issuer if token else None,  # issuer
-            token.token_id if token else None,  # token_id
-            principal.binding if principal else None,  # binding
-            token.verifier if token else None,  # verifier
+            subject_for_audit(principal.subject, self._audit_subject),  # subject
+            token.client_id,  # client_id
+            token.issuer,  # issuer
+            token.token_id,  # token_id
+            principal.binding,  # binding
+            token.verifier,  # verifier
             outcome.cache,  # cache
-            trust.aal if principal else None,  # aal
-            trust.ial if principal else None,  # ial
+            trust.aal,  # aal
+            trust.ial,  # ial
             decision.failed_requirement,  # failed_requirement
-            trust.inputs if principal and trust.inputs else None,  # trust_inputs
+            trust.inputs or None,  # trust_inputs
             duration_ms,  # duration_ms
-            bool(getattr(error, "security", False)),  # security
+            security,  # security
         )
 
     def replayed(self, entry: MemoEntry) -> Outcome | None:
