@@ -433,3 +433,43 @@ def test_scopes_a_third_party_verifier_returns_in_any_container_are_checked_alik
     assert decide(rule, holding("read", "write")).allowed
     with pytest.raises(InsufficientScope):
         decide(rule, holding("write"))
+
+
+class TestRulesThatAskNothingOfTheCaller:
+    """A rule of the table with any binding, client, subject type and actor answers one shared allowed Decision;
+    every other requirement still applies, and a rule the policy does not hold is decided in full."""
+
+    def test_the_allowed_decision_is_shared_and_equal_to_a_fresh_one(self) -> None:
+        rule = Rule(id="r", path="/things", scopes=("read",))
+        policy = RulePolicy([rule])
+        first = policy.decide(rule, principal(scopes=("read",)), trust(), request())
+        again = policy.decide(rule, principal("mary", scopes=("read", "write")), trust(), request())
+        assert first is again and first == Decision(True, "allowed", "r")
+
+    def test_its_other_requirements_still_refuse(self) -> None:
+        owner = Rule(id="o", path="/users/{id}", owner="id", scopes=("read",), min_aal=2)
+        policy = RulePolicy([owner])
+        with pytest.raises(InsufficientScope):
+            policy.decide(owner, principal(scopes=()), trust(aal=2), request("/users/{id}", id="john"))
+        with pytest.raises(InsufficientUserAuthentication):
+            policy.decide(owner, principal(scopes=("read",)), trust(aal=1), request("/users/{id}", id="john"))
+        with pytest.raises(AccessDenied):
+            policy.decide(owner, principal(scopes=("read",)), trust(aal=2), request("/users/{id}", id="mary"))
+        assert policy.decide(owner, principal(scopes=("read",)), trust(aal=2),
+                             request("/users/{id}", id="john")).allowed
+
+    @pytest.mark.parametrize("asks", [
+        {"binding": "dpop"}, {"clients": ("other",)}, {"subject_type": "client"},
+        {"allow_delegation": False}, {"proven_caller": True},
+    ])
+    def test_a_rule_that_asks_something_of_the_caller_is_checked_in_full(self, asks: dict[str, Any]) -> None:
+        rule = Rule(id="r", path="/things", **asks)
+        who = principal(actor={"sub": "admin"}) if "allow_delegation" in asks else principal()
+        with pytest.raises((AccessDenied, InvalidToken)):
+            RulePolicy([rule]).decide(rule, who, trust(), request())
+
+    def test_a_rule_the_policy_does_not_hold_is_decided_in_full(self) -> None:
+        held = Rule(id="r", path="/things")
+        stranger = Rule(id="r", path="/things", clients=("other",))  # equal id, another object
+        with pytest.raises(AccessDenied):
+            RulePolicy([held]).decide(stranger, principal(), trust(), request())
