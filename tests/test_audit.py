@@ -202,3 +202,81 @@ async def test_sec_07_a_third_partys_recorder_that_raises_never_turns_a_replay_i
         async with client.get("/items", headers={"Authorization": f"Bearer {token}"}) as response:
             statuses.append(response.status)
     assert statuses == [200] * 4 and len(sink.events) == 2  # two full decisions, then replays
+
+
+async def test_a_new_decision_recorded_per_token_reads_as_its_event_would(aiohttp_client: Any, issuer: DevIssuer,
+                                                                         tmp_path: Any) -> None:
+    """A new token's decision goes through the jsonl sink's per-shape recorder: the same line as its AuditEvent
+    emitted (timestamp and duration aside), each with its own token id, also for tokens with `auth_time` (which
+    take the event path) and for a refusal."""
+    from aiohttp import web
+
+    import ztmw
+    from ztmw.audit_jsonl import JsonLinesAuditSink
+    from ztmw.testing import FakeClock
+
+    async def items(request: web.Request) -> web.Response:
+        return web.json_response([])
+
+    def protected(sink: Any) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/items", items)
+        ztmw.setup(app, base_config(issuer), clock=FakeClock(), audit_sink=sink)
+        return app
+
+    jsonl = JsonLinesAuditSink(tmp_path / "a.jsonl", buffer_bytes=0)
+    events = ListSink()  # no prepared recorders: every decision as its AuditEvent
+    tokens = [issuer.mint(scope="items:read"), issuer.mint(scope="items:read"),
+              issuer.mint(scope="items:read", sub="bob"), issuer.mint(scope="items:read", auth_time=1_700_000_000),
+              issuer.mint(scope="other")]
+    for sink in (jsonl, events):
+        client = await aiohttp_client(protected(sink))
+        assert [(await client.get("/items", headers={"Authorization": f"Bearer {token}"})).status
+                for token in tokens] == [200, 200, 200, 200, 403]
+    jsonl.close()
+    emitted = tmp_path / "b.jsonl"
+    reference = JsonLinesAuditSink(emitted, buffer_bytes=0)
+    for event in events.events:
+        reference.emit(event)
+    reference.close()
+
+    def comparable(path: Any) -> list[dict[str, Any]]:
+        return [{**json.loads(line), "timestamp": "", "duration_ms": 0} for line in path.read_text().splitlines()]
+
+    lines = comparable(tmp_path / "a.jsonl")
+    assert lines == comparable(emitted)
+    assert len({line["token_id"] for line in lines}) == 5 and [line["cache"] for line in lines] == ["miss"] * 5
+
+
+async def test_sec_07_a_per_token_recorder_that_raises_never_turns_a_decision_into_a_500(
+    aiohttp_client: Any, issuer: DevIssuer
+) -> None:
+    """SEC-07: a sink's per-token recorder must not raise; when one does anyway, the response stands."""
+    from aiohttp import web
+
+    import ztmw
+    from ztmw.testing import FakeClock
+
+    class RaisingPerToken(ListSink):
+        def emit_again(self, template: AuditEvent, status: int, duration_ms: float) -> None:
+            raise RuntimeError("sink bug")
+
+        def prepare(self, template: AuditEvent) -> Any:
+            raise RuntimeError("sink bug")
+
+        def prepare_per_token(self, template: AuditEvent) -> Any:
+            def record(token_id: str | None, status: int, started: float) -> None:
+                raise RuntimeError("sink bug")
+
+            return record
+
+    async def items(request: web.Request) -> web.Response:
+        return web.json_response([])
+
+    app = web.Application()
+    app.router.add_get("/items", items)
+    ztmw.setup(app, base_config(issuer), clock=FakeClock(), audit_sink=RaisingPerToken())
+    client = await aiohttp_client(app)
+    for _ in range(3):
+        response = await client.get("/items", headers={"Authorization": f"Bearer {issuer.mint(scope='items:read')}"})
+        assert response.status == 200

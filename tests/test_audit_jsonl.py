@@ -111,6 +111,54 @@ def test_a_batch_of_replays_across_a_second_or_mixed_with_events_renders_every_l
                "duration_ms": 0.25, "timestamp": ""} for line in lines)
 
 
+def test_a_per_token_recorder_writes_what_emit_writes_with_each_token_id(tmp_path: Path) -> None:
+    import time
+
+    sink = JsonLinesAuditSink(tmp_path / "a.jsonl", buffer_bytes=0, clock=FakeClock(1_700_000_000.5))
+    record = sink.prepare_per_token(replace(EVENT, token_id=None, status=0, duration_ms=0.0))
+    sink.emit(EVENT)
+    record("t1", 200, time.perf_counter())
+    record("t2", 403, time.perf_counter() - 0.0125)  # started 12.5 ms ago
+    record(None, 200, time.perf_counter())  # a token without a usable id: no token_id field, as emit writes it
+    sink.emit(replace(EVENT, token_id=None))
+    sink.close()
+    first, again, other, bare, emitted_bare = read_lines(tmp_path / "a.jsonl")
+    assert {**again, "duration_ms": 0.25} == first and 0 <= again["duration_ms"] < 1000
+    assert {**other, "token_id": "t1", "status": 200, "duration_ms": 0.25} == first
+    assert other["status"] == 403 and 12.5 <= other["duration_ms"] < 1000
+    assert {**bare, "duration_ms": 0.25} == emitted_bare and "token_id" not in bare
+    assert list(again) == list(first)  # the fields in the same order
+
+
+@given(st.text(max_size=40))
+def test_a_per_token_recorder_keeps_any_token_id_inside_its_json_string(token_id: str) -> None:
+    import tempfile
+    import time
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "a.jsonl"
+        sink = JsonLinesAuditSink(path, buffer_bytes=0, clock=FakeClock())
+        sink.prepare_per_token(replace(EVENT, token_id=None))(token_id, 200, time.perf_counter())
+        sink.emit(EVENT)
+        sink.close()
+        line, emitted = read_lines(path)
+        raw = path.read_bytes()
+    assert line["token_id"] == token_id  # whatever it holds, it stays inside its string
+    assert {**line, "token_id": "t1", "duration_ms": 0.25} == emitted
+    assert raw.isascii() and raw.count(b"\n") == 2  # two lines: control characters stay escaped
+
+
+def test_a_per_token_recorder_of_a_security_decision_is_written_at_once(tmp_path: Path) -> None:
+    import time
+
+    sink = JsonLinesAuditSink(tmp_path / "a.jsonl", buffer_bytes=1 << 20, clock=FakeClock())
+    record = sink.prepare_per_token(replace(EVENT, token_id=None, reason="odd", security=True))
+    record("t9", 200, time.perf_counter())
+    [line] = read_lines(tmp_path / "a.jsonl")
+    assert line["level"] == "warning" and line["token_id"] == "t9" and line["status"] == 200
+    sink.close()
+
+
 def test_a_prepared_replay_of_a_security_decision_is_written_at_once(tmp_path: Path) -> None:
     import time
 

@@ -17,7 +17,7 @@ import structlog
 
 from .config import check_plugin_settings
 from .models import AuditEvent
-from .typing import AuditSink, PluginDeps, PreparingAuditSink, ReusingAuditSink
+from .typing import AuditSink, PerTokenAuditSink, PluginDeps, PreparingAuditSink, ReusingAuditSink
 
 if TYPE_CHECKING:  # pragma: no cover - the jsonl sink imports this module
     from .audit_jsonl import JsonLinesAuditSink
@@ -137,6 +137,7 @@ class AuditFanout:
         self._reusing = tuple(isinstance(sink, ReusingAuditSink) for sink in self._sinks)  # checked once
         self._only: ReusingAuditSink | None = None
         self._prepare: Callable[[AuditEvent], Callable[[int, float], None]] | None = None
+        self._prepare_per_token: Callable[[AuditEvent], Callable[[str | None, int, float], None]] | None = None
 
     async def start(self) -> None:
         """After the sinks started: one sink that reuses templates (the default) is called without the loop,
@@ -149,6 +150,24 @@ class AuditFanout:
             self._only = direct if direct is not None else only  # type: ignore[assignment]
         # looked up once: a runtime Protocol check walks the class's members (microseconds, per memo entry)
         self._prepare = self._only.prepare if isinstance(self._only, PreparingAuditSink) else None
+        self._prepare_per_token = (self._only.prepare_per_token if isinstance(self._only, PerTokenAuditSink)
+                                   else None)
+
+    @property
+    def records_per_token(self) -> bool:
+        """Whether `per_token_recorder` can answer (one sink, which prepares per shape of new decision)."""
+        return self._prepare_per_token is not None
+
+    def per_token_recorder(self, template: AuditEvent) -> Callable[[str | None, int, float], None] | None:
+        """What records each new decision shaped like `template` (its token id None):
+        `record(token_id, status, started)`; None when the sinks cannot (then `emit` each event)."""
+        prepare = self._prepare_per_token
+        if prepare is None:
+            return None
+        try:
+            return prepare(template)
+        except Exception:  # a sink that cannot prepare still gets every decision, through emit
+            return None
 
     def emit(self, event: AuditEvent) -> None:
         only = self._only

@@ -6,6 +6,7 @@ error to render, so the adapter cannot accidentally turn a bad token into a 500 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ _make_audit_event = positional_factory(AuditEvent, (
     "decision", "reason", "status", "method", "route", "rule_id", "subject", "client_id", "issuer", "token_id",
     "binding", "verifier", "cache", "aal", "ial", "failed_requirement", "trust_inputs", "duration_ms", "security"))
 LINKING_RULE_ID = RESERVED_RULE_PREFIX + "linking"
+_SHAPES_MAX = 4096  # shapes of new decisions whose recorders are kept (users x routes x clients in use)
 
 
 @quick_init
@@ -73,6 +75,7 @@ class Pipeline:
     ) -> None:
         self.config = config
         self._audit_subject = config.audit.subject  # read once: every audit event asks
+        self._shapes: dict[tuple[Hashable, ...], Callable[[str | None, int, float], None]] = {}
         self.clock = clock
         self.log = logger if logger is not None else structlog.get_logger("ztmw")
         self._startup: list[Callable[[], Awaitable[None]]] = []
@@ -297,9 +300,44 @@ class Pipeline:
         return headers
 
     def audit(self, request: RequestView, outcome: Outcome, status: int, started: float) -> None:
-        if self.audit_sink is None:
+        sink = self.audit_sink
+        if sink is None:
             return
-        self.audit_sink.emit(self.audit_event(request, outcome, status, elapsed_ms(started)))
+        principal = outcome.principal
+        # a decision that let a principal in is recorded through what the sink prepared for its shape (every
+        # field but the token id), when it can: no AuditEvent, and its line is the shape's with the id put in.
+        # Not for a token with auth_time: its trust inputs name its age, a new shape every second.
+        if principal is not None and outcome.error is None and sink.records_per_token:
+            token = principal.token
+            if token.auth_time is None:
+                decision, trust, route = outcome.decision, outcome.trust, request.route
+                shape = (decision.allowed, decision.reason, decision.rule_id, decision.failed_requirement,
+                         request.method, route.pattern if route else None, principal.subject, token.client_id,
+                         token.issuer, token.verifier, principal.binding, outcome.cache, trust.aal, trust.ial,
+                         trust.inputs)
+                try:
+                    record = self._shapes.get(shape) or self._new_shape(shape, request, outcome)
+                except TypeError:  # an unhashable value from a third party's verifier or evaluator
+                    record = None
+                if record is not None:
+                    try:
+                        record(token.token_id, status, started)
+                    except Exception:  # a third party's recorder that raises: never a 500 (SEC-07)
+                        pass
+                    return
+        sink.emit(self.audit_event(request, outcome, status, elapsed_ms(started)))
+
+    def _new_shape(self, shape: tuple[Hashable, ...], request: RequestView,
+                   outcome: Outcome) -> Callable[[str | None, int, float], None] | None:
+        """What records the decisions of `shape` (bounded: emptied when full, as the sink's own tables)."""
+        assert self.audit_sink is not None
+        template = dataclasses.replace(self.audit_event(request, outcome, 0, 0.0), token_id=None)
+        record = self.audit_sink.per_token_recorder(template)
+        if record is not None:
+            if len(self._shapes) >= _SHAPES_MAX:
+                self._shapes.clear()
+            self._shapes[shape] = record
+        return record
 
     def audit_event(self, request: RequestView, outcome: Outcome, status: int, duration_ms: float) -> AuditEvent:
         decision, principal, route = outcome.decision, outcome.principal, request.route

@@ -171,6 +171,19 @@ class PreparingAuditSink(ReusingAuditSink, Protocol):
     def prepare(self, template: AuditEvent) -> Callable[[int, float], None]: ...
 
 
+@runtime_checkable
+class PerTokenAuditSink(PreparingAuditSink, Protocol):
+    """Optional: a sink that prepares, once per shape of new decision (every field but the token id, status and
+    duration), what records each of them, so a new token's decision costs no AuditEvent and no rendering of
+    what it shares with the last decision of the same shape.
+
+    `prepare_per_token(template)` (`template.token_id` is None) returns `record(token_id, status, started)`,
+    with `prepare`'s contract otherwise: called after the request with its status and `time.perf_counter()`
+    start, never raising."""
+
+    def prepare_per_token(self, template: AuditEvent) -> Callable[[str | None, int, float], None]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class PluginDeps:
     """What a plugin factory is handed, so plugins never reach into globals.
