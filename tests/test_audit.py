@@ -163,14 +163,26 @@ async def test_a_replay_recorder_is_the_only_sinks_prepared_one(tmp_path: Any) -
     assert event.status == 202 and event.duration_ms >= 2.0
 
 
-async def test_sec_07_a_third_partys_recorder_that_raises_never_turns_a_replay_into_a_500(
-    aiohttp_client: Any, issuer: DevIssuer
-) -> None:
-    """SEC-07: a sink's prepared recorder must not raise; when one does anyway, the response stands."""
+async def items_client(aiohttp_client: Any, issuer: DevIssuer, sink: Any) -> Any:
+    """A real server: `GET /items` (an empty JSON list) protected by ztmw, `sink` its only audit sink."""
     from aiohttp import web
 
     import ztmw
     from ztmw.testing import FakeClock
+
+    async def items(request: web.Request) -> web.Response:
+        return web.json_response([])
+
+    app = web.Application()
+    app.router.add_get("/items", items)
+    ztmw.setup(app, base_config(issuer), clock=FakeClock(), audit_sink=sink)
+    return await aiohttp_client(app)
+
+
+async def test_sec_07_a_third_partys_recorder_that_raises_never_turns_a_replay_into_a_500(
+    aiohttp_client: Any, issuer: DevIssuer
+) -> None:
+    """SEC-07: a sink's prepared recorder must not raise; when one does anyway, the response stands."""
 
     class RaisingRecorders:
         def __init__(self) -> None:
@@ -188,14 +200,8 @@ async def test_sec_07_a_third_partys_recorder_that_raises_never_turns_a_replay_i
 
             return record
 
-    async def items(request: web.Request) -> web.Response:
-        return web.json_response([])
-
-    app = web.Application()
-    app.router.add_get("/items", items)
     sink = RaisingRecorders()
-    ztmw.setup(app, base_config(issuer), clock=FakeClock(), audit_sink=sink)
-    client = await aiohttp_client(app)
+    client = await items_client(aiohttp_client, issuer, sink)
     token = issuer.mint(scope="items:read")
     statuses = []
     for _ in range(4):
@@ -209,20 +215,7 @@ async def test_a_new_decision_recorded_per_token_reads_as_its_event_would(aiohtt
     """A new token's decision goes through the jsonl sink's per-shape recorder: the same line as its AuditEvent
     emitted (timestamp and duration aside), each with its own token id, also for tokens with `auth_time` (which
     take the event path) and for a refusal."""
-    from aiohttp import web
-
-    import ztmw
     from ztmw.audit_jsonl import JsonLinesAuditSink
-    from ztmw.testing import FakeClock
-
-    async def items(request: web.Request) -> web.Response:
-        return web.json_response([])
-
-    def protected(sink: Any) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/items", items)
-        ztmw.setup(app, base_config(issuer), clock=FakeClock(), audit_sink=sink)
-        return app
 
     jsonl = JsonLinesAuditSink(tmp_path / "a.jsonl", buffer_bytes=0)
     events = ListSink()  # no prepared recorders: every decision as its AuditEvent
@@ -230,7 +223,7 @@ async def test_a_new_decision_recorded_per_token_reads_as_its_event_would(aiohtt
               issuer.mint(scope="items:read", sub="bob"), issuer.mint(scope="items:read", auth_time=1_700_000_000),
               issuer.mint(scope="other")]
     for sink in (jsonl, events):
-        client = await aiohttp_client(protected(sink))
+        client = await items_client(aiohttp_client, issuer, sink)
         assert [(await client.get("/items", headers={"Authorization": f"Bearer {token}"})).status
                 for token in tokens] == [200, 200, 200, 200, 403]
     jsonl.close()
@@ -252,10 +245,6 @@ async def test_sec_07_a_per_token_recorder_that_raises_never_turns_a_decision_in
     aiohttp_client: Any, issuer: DevIssuer
 ) -> None:
     """SEC-07: a sink's per-token recorder must not raise; when one does anyway, the response stands."""
-    from aiohttp import web
-
-    import ztmw
-    from ztmw.testing import FakeClock
 
     class RaisingPerToken(ListSink):
         def emit_again(self, template: AuditEvent, status: int, duration_ms: float) -> None:
@@ -270,13 +259,7 @@ async def test_sec_07_a_per_token_recorder_that_raises_never_turns_a_decision_in
 
             return record
 
-    async def items(request: web.Request) -> web.Response:
-        return web.json_response([])
-
-    app = web.Application()
-    app.router.add_get("/items", items)
-    ztmw.setup(app, base_config(issuer), clock=FakeClock(), audit_sink=RaisingPerToken())
-    client = await aiohttp_client(app)
+    client = await items_client(aiohttp_client, issuer, RaisingPerToken())
     for _ in range(3):
         response = await client.get("/items", headers={"Authorization": f"Bearer {issuer.mint(scope='items:read')}"})
         assert response.status == 200
