@@ -122,10 +122,7 @@ class MemoryVerificationCache:
         so `max_ttl` counts from the verification, not from when this process learnt of it."""
         now = self._clock()
         expires = min(now + self._max_ttl, value.expires_at)
-        if until is not None and until < expires:
-            expires = until
-        if expires > now:
-            self.store.put(key, (expires, value))
+        self._lru.put(key, value, expires if until is None else min(expires, until), now)
 
     def held_until(self, key: bytes, value: VerifiedToken) -> float | None:
         """When this very result under `key` expires (None: it is not held), without counting a hit."""

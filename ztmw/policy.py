@@ -68,9 +68,7 @@ class RulePolicy:
         # what a rule of this table that asks nothing of the caller (any binding, client, subject type, actor)
         # answers when it allows: one shared Decision, and the caller checks skipped (they could not refuse)
         self._caller_free: dict[int, Decision] = {
-            id(rule): Decision(True, "allowed", rule.id) for rule in self.rules
-            if rule.binding == "any" and not rule.clients and not rule.proven_caller
-            and rule.subject_type == "any" and rule.allow_delegation
+            id(rule): Decision(True, "allowed", rule.id) for rule in self.rules if not _asks_of_caller(rule)
         }
 
     def rule_for(self, route: RouteRef) -> Rule | None:
@@ -120,6 +118,7 @@ class RulePolicy:
                 raise AccessDenied("not_owner", params={"owner": "link_required"})
         return allowed or Decision(True, "allowed", rule.id)
 
+    # _asks_of_caller (below the class) says which rules these two checks can refuse: keep them in step
     def _check_binding(self, rule: Rule, principal: Principal) -> None:
         binding = principal.binding
         if rule.binding == "any":
@@ -167,3 +166,9 @@ class RulePolicy:
             params["max_age"] = str(rule.max_auth_age)
         return params
 
+
+def _asks_of_caller(rule: Rule) -> bool:
+    """Whether `_check_binding` or `_check_caller` can refuse a principal under `rule` (a binding, a client
+    list, a proven caller, a subject type, no delegation); a rule that asks none of it skips them."""
+    return (rule.binding != "any" or bool(rule.clients) or rule.proven_caller or rule.subject_type != "any"
+            or not rule.allow_delegation)
